@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless
+DEMO_DIR ?= demo-data
+
+.PHONY: setup system-packages demo test lint bench clean
+
+# PyEnchant needs libenchant and an en_US dictionary; METEOR and the PTB tokenizer need Java.
+system-packages:
+	@missing=""; \
+	for p in libenchant-2-2 hunspell-en-us; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/csmn: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: system-packages $(BIN)/csmn
+
+demo: setup
+	$(BIN)/csmn demo --out $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check csmn jobs tests bench
+
+bench: setup
+	$(BIN)/python bench/synth.py
+
+clean:
+	rm -rf $(DEMO_DIR) $(VENV)

@@ -1,0 +1,71 @@
+"""Records a stage could not use go to ``<root>/rejects/<stage>/`` with a reason, never nowhere.
+
+Rows follow ``schemas/reject.json``; a reason reads ``code: detail`` (``bad_json: Expecting
+value at line 1``) so that summaries can count by code. Stages collect them (in Ray Data, as
+a second output of a map) and write them with :func:`write_rejects`; summaries count them
+with :func:`count_rejects` so that records in = records out + records rejected can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from csmn import storage
+from csmn.schemas import conform, validate
+
+PAYLOAD_LIMIT = 2000
+
+
+def reject_row(
+    stage: str,
+    reason: str,
+    record_id: str | None = None,
+    source: str | None = None,
+    payload: Any = None,
+) -> dict[str, Any]:
+    if payload is not None and not isinstance(payload, str):
+        payload = json.dumps(payload, default=str, ensure_ascii=False)
+    if payload is not None and len(payload) > PAYLOAD_LIMIT:
+        payload = payload[:PAYLOAD_LIMIT] + "…"
+    return {
+        "stage": stage,
+        "record_id": None if record_id is None else str(record_id),
+        "reason": reason,
+        "source": source,
+        "payload": payload,
+        "rejected_at": datetime.now(UTC),
+    }
+
+
+def rejects_dir(root: str, stage: str) -> str:
+    return storage.join(root, "rejects", stage)
+
+
+def write_rejects(root: str, stage: str, rows: list[dict[str, Any]]) -> str | None:
+    """Write one Parquet part of reject rows; returns its URI (None when there is nothing)."""
+    if not rows:
+        return None
+    uri = storage.join(rejects_dir(root, stage), f"part-{uuid.uuid4().hex[:12]}.parquet")
+    storage.write_parquet(uri, conform(rows, "reject"))
+    return uri
+
+
+def read_rejects(root: str, stage: str) -> list[dict[str, Any]]:
+    directory = rejects_dir(root, stage)
+    if not storage.list_files(directory, suffix=".parquet"):
+        return []
+    return validate(storage.read_parquet(directory), "reject").to_pylist()
+
+
+def reason_code(reason: str) -> str:
+    """Reasons are written ``code: detail``; summaries count by the code."""
+    return reason.split(":", 1)[0].strip()
+
+
+def count_rejects(root: str, stage: str) -> Counter[str]:
+    """Reject counts by reason code for one stage."""
+    return Counter(reason_code(row["reason"]) for row in read_rejects(root, stage))

@@ -1,0 +1,39 @@
+"""Where a job runs: an in-process Ray by default, a cluster when ``RAY_ADDRESS`` is set.
+
+``ray job submit`` sets ``RAY_ADDRESS`` for the entry point, so the same ``jobs/*.py`` runs
+on a laptop and on a cluster unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start Ray in this process (once)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    log.info("starting an in-process Ray (set RAY_ADDRESS to use a cluster)")
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,197 @@
+"""One way to read, write and list any URI: a local path or ``s3://bucket/prefix``.
+
+Built on pyarrow filesystems so that Ray Data, pyarrow.parquet and the jobs all see the same
+store. The S3 endpoint comes from ``AWS_ENDPOINT_URL`` (a MinIO, moto or other compatible
+server), credentials from the standard AWS chain (environment, profile, instance role): never
+from the repository.
+
+Writes are atomic. On a local disk a file is written under a hidden temporary name in the
+same folder and renamed into place; an S3 object only becomes visible once its upload
+completes, so a reader never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://") or uri.startswith("s3a://")
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    if region:
+        kwargs["region"] = region
+    # pyarrow resolves credentials through the AWS SDK's default chain.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), region)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return the filesystem and the path inside it for ``uri``."""
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI segments; works for local paths and s3:// URIs alike."""
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> list[str]:
+    """Files under ``uri`` (sorted URIs), skipping hidden temporaries of unfinished writes."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [uri]
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    out = []
+    for item in fs.get_file_info(selector):
+        if item.type != pafs.FileType.File:
+            continue
+        name = posixpath.basename(item.path)
+        if name.startswith((".", "_")):
+            continue
+        if suffix and not name.endswith(suffix):
+            continue
+        out.append(_to_uri(uri, path, item.path))
+    return sorted(out)
+
+
+def _to_uri(base_uri: str, base_path: str, item_path: str) -> str:
+    rel = posixpath.relpath(item_path, base_path) if is_s3(base_uri) else os.path.relpath(
+        item_path, base_path
+    )
+    return join(base_uri, rel)
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def open_input(uri: str) -> IO[bytes]:
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+@contextmanager
+def atomic_output(uri: str) -> Iterator[IO[bytes]]:
+    """A writable binary stream that appears under ``uri`` only once closed without error."""
+    fs, path = resolve(uri)
+    if not is_s3(uri):
+        parent = os.path.dirname(path)
+        fs.create_dir(parent, recursive=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        stream = fs.open_output_stream(tmp)
+        try:
+            yield stream
+            stream.close()
+            os.replace(tmp, path)
+        except BaseException:
+            if not stream.closed:
+                stream.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    else:
+        # Buffer, then upload in one request on a clean exit: an error inside the block then
+        # leaves nothing behind, where a streamed multipart upload would be completed by close.
+        buffer = io.BytesIO()
+        yield buffer
+        with fs.open_output_stream(path) as stream:
+            stream.write(buffer.getvalue())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with atomic_output(uri) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file or every Parquet file under a folder as one table."""
+    files = list_files(uri, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files at {uri}")
+    tables = []
+    for file_uri in files:
+        fs, path = resolve(file_uri)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables)

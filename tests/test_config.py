@@ -1,0 +1,37 @@
+"""Config dataclasses: paper defaults <- YAML <- command line, with clear errors."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from csmn.config import add_config_arguments, config_from_args, load_config
+
+
+@dataclass
+class ExampleConfig:
+    learning_rate: float = 0.001
+    epochs: int = 20
+    widths: tuple[int, ...] = (3, 4, 5)
+    use_cnn: bool = True
+    name: str | None = None
+
+
+def test_defaults_yaml_then_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n  widths: [3, 4]\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExampleConfig)
+    args = parser.parse_args(["--learning-rate", "0.01", "--use-cnn", "false"])
+    config = config_from_args(ExampleConfig, args, str(path), section="train")
+    assert config == ExampleConfig(0.01, 5, (3, 4), False, None)
+
+
+def test_list_flags_and_unknown_keys(tmp_path):
+    assert load_config(ExampleConfig, overrides={"widths": "3,5"}).widths == (3, 5)
+    with pytest.raises(ValueError, match="unknown ExampleConfig field"):
+        load_config(ExampleConfig, overrides={"epoch": 3})
+    with pytest.raises(ValueError, match="epochs"):
+        load_config(ExampleConfig, overrides={"epochs": "many"})

@@ -1,0 +1,80 @@
+"""Storage round trips on a local folder and on S3 through a real HTTP endpoint (moto server)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from csmn import storage
+
+
+def _round_trip(root: str) -> None:
+    storage.write_text(storage.join(root, "a", "b.txt"), "héllo")
+    storage.write_json(storage.join(root, "a", "c.json"), {"x": [1, 2]})
+    table = pa.table({"k": ["a", "b"], "v": [1, 2]})
+    storage.write_parquet(storage.join(root, "t", "part-0.parquet"), table)
+    storage.write_parquet(storage.join(root, "t", "part-1.parquet"), table)
+
+    assert storage.read_text(storage.join(root, "a", "b.txt")) == "héllo"
+    assert storage.read_json(storage.join(root, "a", "c.json")) == {"x": [1, 2]}
+    assert storage.exists(storage.join(root, "a", "b.txt"))
+    assert not storage.exists(storage.join(root, "missing"))
+    assert storage.list_files(storage.join(root, "a")) == [
+        storage.join(root, "a", "b.txt"),
+        storage.join(root, "a", "c.json"),
+    ]
+    assert storage.list_files(root, suffix=".parquet") == [
+        storage.join(root, "t", "part-0.parquet"),
+        storage.join(root, "t", "part-1.parquet"),
+    ]
+    both = storage.read_parquet(storage.join(root, "t"))
+    assert both.num_rows == 4 and both.column("v").to_pylist() == [1, 2, 1, 2]
+    storage.delete(storage.join(root, "t"))
+    assert storage.list_files(root, suffix=".parquet") == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_parquet(storage.join(root, "t"))
+
+
+def test_local_round_trip(tmp_path):
+    _round_trip(str(tmp_path / "store"))
+
+
+def test_s3_round_trip(s3_bucket):
+    _round_trip(f"{s3_bucket}/prefix")
+
+
+def _failing_write(uri: str) -> None:
+    with pytest.raises(RuntimeError):
+        with storage.atomic_output(uri) as out:
+            out.write(b"half a file")
+            raise RuntimeError("killed mid-write")
+
+
+def test_failed_local_write_leaves_nothing_visible(tmp_path):
+    target = str(tmp_path / "out" / "x.bin")
+    storage.write_bytes(target, b"old")
+    _failing_write(target)
+    assert storage.read_bytes(target) == b"old"
+    assert os.listdir(tmp_path / "out") == ["x.bin"]  # no stray temporary either
+
+
+def test_failed_s3_write_leaves_nothing_visible(s3_bucket):
+    target = f"{s3_bucket}/x.bin"
+    _failing_write(target)
+    assert not storage.exists(target)
+    assert storage.list_files(s3_bucket) == []
+
+
+def test_hidden_temporaries_are_not_listed(tmp_path):
+    (tmp_path / ".part-0.parquet.abc.tmp").write_bytes(b"partial")
+    (tmp_path / "part-1.parquet").write_bytes(b"x")
+    assert storage.list_files(str(tmp_path)) == [str(tmp_path / "part-1.parquet")]
+
+
+def test_s3_credentials_come_from_the_environment_not_the_repo(s3_endpoint):
+    fs, path = storage.resolve("s3://bucket/key")
+    assert path == "bucket/key"
+    assert isinstance(fs, pa.fs.S3FileSystem)
+    assert s3_endpoint.startswith("http://127.0.0.1:")
