@@ -1,0 +1,3 @@
+from csmn.synth import main
+
+raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""Raw-archive readers: four layouts in, raw posts and reject rows out, nothing lost."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from csmn import readers, storage
+from csmn.rejects import reason_code
+from csmn.schemas import conform, load_schema
+
+STAMP = datetime(2015, 6, 1, 12, 30, tzinfo=UTC)
+
+
+def collect(archive: str, batch_size: int = 1000) -> tuple[list[dict], list[dict]]:
+    posts, rejects = [], []
+    for source in readers.list_sources(archive):
+        for batch_posts, batch_rejects in readers.parse_source(source, archive, batch_size):
+            assert len(batch_posts) + len(batch_rejects) <= batch_size
+            posts += batch_posts
+            rejects += batch_rejects
+    # Whatever comes out fits the contracts of the next stage.
+    conform(posts, "raw_post")
+    conform(rejects, "reject")
+    assert all(r["stage"] == "read" for r in rejects)
+    return posts, rejects
+
+
+def codes(rejects: list[dict]) -> Counter[str]:
+    return Counter(reason_code(r["reason"]) for r in rejects)
+
+
+GOOD_LINES = [
+    {"user_id": "u1", "post_id": "p1", "created_at": "2015-06-01T12:30:00Z",
+     "image": "images/u1/p1.jpg", "caption": "Sunny day at the beach ☀️",
+     "hashtags": ["#beach", "summer"]},
+    {"user_id": "u1", "post_id": "p2", "created_at": "2015-06-01T14:30:00+02:00",
+     "image": "images/u1/p2.jpg", "caption": "", "hashtags": []},
+    {"user_id": 42, "post_id": 7, "created_at": 1433161800, "image": "/abs/img.jpg",
+     "caption": "epoch seconds", "hashtags": ["#a"]},
+    {"user_id": "u2", "post_id": "p4", "created_at": 1433161800000.0,
+     "image": "s3://bucket/img.jpg", "caption": "epoch millis", "hashtags": []},
+    {"user_id": "u2", "post_id": "p5", "created_at": "2015-06-01 12:30:00",
+     "image": "images/u2/p5.jpg", "caption": "naive time is UTC", "hashtags": [" #x ", ""]},
+    {"user_id": "u2", "post_id": "p6", "created_at": None, "image": "images/u2/p6.jpg",
+     "caption": "no time", "hashtags": []},
+    {"user_id": "u2", "post_id": "p7", "image": "images/u2/p7.jpg", "caption": "time absent",
+     "hashtags": ["#b"], "likes": 12},
+]
+BAD_LINES = [
+    ('{"user_id": "u3", "post_id": "b1", "caption": "cut off', "bad_json", "b1"),
+    ("{'user_id': 'u3', 'post_id': 'b2'}", "bad_json", None),
+    ('["a", "list"]', "not_an_object", None),
+    (json.dumps({"user_id": "u3", "post_id": "b4", "image": "x.jpg", "caption": "no tags"}),
+     "missing_field", "b4"),
+    (json.dumps({"user_id": "u3", "post_id": "b5", "image": "x.jpg", "caption": 3,
+                 "hashtags": []}), "wrong_type", "b5"),
+    (json.dumps({"user_id": "u3", "post_id": "b6", "image": "x.jpg", "caption": "",
+                 "hashtags": "#a #b"}), "wrong_type", "b6"),
+    (json.dumps({"user_id": "u3", "post_id": "b7", "image": "x.jpg", "caption": "",
+                 "hashtags": [1, 2]}), "wrong_type", "b7"),
+    (json.dumps({"user_id": "u3", "post_id": "b8", "image": "x.jpg", "caption": "",
+                 "hashtags": [], "created_at": "last tuesday"}), "bad_timestamp", "b8"),
+    (json.dumps({"user_id": "u3", "post_id": "b9", "image": "x.jpg", "caption": "",
+                 "hashtags": [], "created_at": True}), "wrong_type", "b9"),
+    (json.dumps({"user_id": "", "post_id": "b10", "image": "x.jpg", "caption": "",
+                 "hashtags": []}), "missing_field", "b10"),
+    (json.dumps({"user_id": ["u3"], "post_id": "b11", "image": "x.jpg", "caption": "",
+                 "hashtags": []}), "wrong_type", "b11"),
+    (json.dumps({"user_id": "u3", "post_id": "b12", "image": None, "caption": "",
+                 "hashtags": []}), "missing_field", "b12"),
+]
+
+
+def write_jsonl(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in GOOD_LINES[:3]]
+    lines.append(b"")  # a blank line holds no record
+    lines += [line.encode() for line, _, _ in BAD_LINES]
+    lines.append(b'{"user_id": "u3", "post_id": "b13", "caption": "\xff\xfe"}')  # not UTF-8
+    lines += [json.dumps(r, ensure_ascii=False).encode() for r in GOOD_LINES[3:]]
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+
+
+def test_jsonl_posts_and_rejects_with_reasons(tmp_path):
+    write_jsonl(tmp_path / "posts" / "part-00000.jsonl")
+    archive = str(tmp_path)
+    assert readers.detect_layout(archive) == "jsonl"
+    posts, rejects = collect(archive, batch_size=4)
+    # Records in = posts + rejects (the blank line is no record).
+    assert len(posts) == len(GOOD_LINES) and len(rejects) == len(BAD_LINES) + 1
+    by_id = {p["post_id"]: p for p in posts}
+    assert by_id["p1"]["created_at"] == STAMP
+    assert by_id["p1"]["image"] == str(tmp_path / "images" / "u1" / "p1.jpg")
+    assert by_id["p1"]["hashtags"] == ["#beach", "summer"]
+    assert by_id["p1"]["caption"] == "Sunny day at the beach ☀️"
+    assert by_id["p2"]["created_at"] == STAMP and by_id["p2"]["caption"] == ""
+    assert by_id["7"]["user_id"] == "42" and by_id["7"]["created_at"] == STAMP
+    assert by_id["7"]["image"] == "/abs/img.jpg"
+    assert by_id["p4"]["created_at"] == STAMP and by_id["p4"]["image"] == "s3://bucket/img.jpg"
+    assert by_id["p5"]["created_at"] == STAMP and by_id["p5"]["hashtags"] == ["#x"]
+    assert by_id["p6"]["created_at"] is None and by_id["p7"]["created_at"] is None
+    assert "likes" not in by_id["p7"]
+
+    source = str(tmp_path / "posts" / "part-00000.jsonl")
+    expected = [(code, record_id) for _, code, record_id in BAD_LINES] + [("bad_encoding", "b13")]
+    assert [(reason_code(r["reason"]), r["record_id"]) for r in rejects] == expected
+    # Each reject says where it came from (file:line) and what it held.
+    assert rejects[0]["source"] == f"{source}:5"
+    assert rejects[0]["payload"].startswith('{"user_id": "u3"')
+    assert rejects[-1]["source"] == f"{source}:17"
+    assert all(": " in r["reason"] for r in rejects)
+    missing = next(r for r in rejects if r["record_id"] == "b4")
+    assert missing["reason"] == "missing_field: hashtags"
+
+
+def test_parquet_round_trip_and_bad_rows(tmp_path):
+    good = [
+        {"user_id": f"u{i % 3}", "post_id": f"p{i}", "created_at": STAMP,
+         "image": f"images/p{i}.jpg", "caption": f"caption {i}", "hashtags": ["#t", f"#n{i}"]}
+        for i in range(25)
+    ]
+    storage.write_parquet(str(tmp_path / "posts" / "part-00000.parquet"),
+                          conform(good, "raw_post"))
+    # A file from another exporter: epoch times, a null caption, an id column of ints.
+    other = pa.table({
+        "user_id": ["v1", "v1", None], "post_id": ["q1", "q2", "q3"],
+        "created_at": [1433161800, None, 1433161800], "image": ["a.jpg", "b.jpg", "c.jpg"],
+        "caption": ["fine", None, "no user"], "hashtags": [["#a"], [], []],
+    })
+    storage.write_parquet(str(tmp_path / "posts" / "part-00001.parquet"), other)
+    (tmp_path / "posts" / "part-00002.parquet").write_bytes(b"PAR1 not really parquet")
+    archive = str(tmp_path)
+    assert readers.detect_layout(archive) == "parquet"
+    posts, rejects = collect(archive, batch_size=10)
+    assert len(posts) == 26 and len(rejects) == 3
+    first = [p for p in posts if p["post_id"].startswith("p")]
+    assert [p["post_id"] for p in first] == [g["post_id"] for g in good]
+    for read, written in zip(first, good, strict=True):
+        assert {**read, "image": None} == {**written, "image": None}
+        assert read["image"] == str(tmp_path / written["image"])
+    assert next(p for p in posts if p["post_id"] == "q1")["created_at"] == STAMP
+    assert codes(rejects) == Counter({"missing_field": 2, "bad_file": 1})
+    assert {r["record_id"] for r in rejects} == {"q2", "q3", None}
+    assert any(r["source"].endswith("part-00001.parquet:2") for r in rejects)
+
+
+def test_layout_detection_and_unreadable_archives(tmp_path):
+    with pytest.raises(readers.ReadError):
+        readers.detect_layout(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(readers.ReadError, match="no posts"):
+        readers.detect_layout(str(tmp_path / "empty"))
+    single = tmp_path / "one" / "posts" / "only.jsonl"
+    single.parent.mkdir(parents=True)
+    single.write_text(json.dumps(GOOD_LINES[0]) + "\n")
+    assert readers.detect_layout(str(single)) == "jsonl"
+    assert readers.list_sources(str(single)) == [str(single)]
+    posts, rejects = readers.read_all(str(single))
+    # A single posts file still resolves images against its archive root.
+    assert posts[0]["image"] == str(tmp_path / "one" / "images" / "u1" / "p1.jpg")
+    assert rejects == []
+
+
+def make_instapic(root: Path) -> int:
+    """The authors' layout; returns how many records it holds."""
+    (root / "json").mkdir(parents=True)
+    (root / "images").mkdir()
+    data = {
+        "111": {
+            "901": {"caption": "my morning coffee with @anna #coffee", "tags": ["#coffee"]},
+            "902": {"caption": ["a", "list", "caption"]},
+            "903": {"tags": "#beach #sun"},
+            "904": {"caption": "no image for this one"},
+            "905": "not an object",
+            "906": {"likes": 3},
+            "907": {"caption": 12},
+        },
+        "222": {"911": {"caption": "from the second user", "tags": []}},
+        "333": ["users hold objects, not lists"],
+    }
+    (root / "json" / "insta-caption-train.json").write_text(json.dumps(data))
+    for name in ("111_@_901", "111_@_902", "111_@_903", "111_@_905", "222_@_911"):
+        (root / "images" / name).write_bytes(b"\xff\xd8 jpeg bytes")
+    (root / "json" / "insta-hashtag-test1.json").write_text('{"444": {"1": {"tags": ')
+    return 7 + 1 + 1 + 1  # posts + user 333 + the broken file
+
+
+def test_instapic_layout(tmp_path):
+    records = make_instapic(tmp_path)
+    archive = str(tmp_path)
+    assert readers.detect_layout(archive) == "instapic"
+    assert [Path(s).name for s in readers.list_sources(archive)] == [
+        "insta-caption-train.json", "insta-hashtag-test1.json"]
+    posts, rejects = collect(archive)
+    assert len(posts) + len(rejects) == records
+    by_id = {p["post_id"]: p for p in posts}
+    assert set(by_id) == {"901", "902", "903", "911"}
+    assert by_id["901"]["user_id"] == "111"
+    assert by_id["901"]["caption"] == "my morning coffee with @anna #coffee"
+    assert by_id["901"]["hashtags"] == ["#coffee"]
+    assert by_id["901"]["image"] == str(tmp_path / "images" / "111_@_901")
+    assert by_id["902"]["caption"] == "a list caption" and by_id["902"]["hashtags"] == []
+    assert by_id["903"]["caption"] == "" and by_id["903"]["hashtags"] == ["#beach", "#sun"]
+    assert all(p["created_at"] is None for p in posts)
+    assert codes(rejects) == Counter(
+        {"missing_image": 1, "wrong_type": 3, "missing_field": 1, "bad_json": 1})
+    by_record = {r["record_id"]: r for r in rejects}
+    assert "111_@_904" in by_record["904"]["reason"]
+    assert by_record["906"]["reason"].startswith("missing_field: caption and tags")
+    assert by_record["905"]["source"].endswith("insta-caption-train.json:111/905")
+
+
+def test_yfcc_layout(tmp_path):
+    (tmp_path / "json").mkdir()
+    (tmp_path / "images").mkdir()
+    url = "http://www.flickr.com/photos/12345678@N00/{}/"
+    data = {
+        "12345678@N00": [
+            {"title": "Sunset+at+the+beach", "description": "A+%3Cb%3Ewarm%3C%2Fb%3E+evening",
+             "user tags": "beach,new+york,sunset", "page url": url.format("5001"),
+             "date taken": "2010-05-29 11:42:18.0"},
+            {"title": "Plain title", "description": "", "user tags": ["a", "b c"],
+             "page url": url.format("5002")},
+            {"title": "no image", "description": "", "user tags": "",
+             "page url": url.format("5003")},
+            {"title": "no url", "description": "", "user tags": ""},
+            {"title": "odd url", "description": "", "user tags": "", "page url": "flickr"},
+            {"title": ["a", "list", "title"], "description": None, "user tags": None,
+             "page url": url.format("5006")},
+            {"title": 5, "page url": url.format("5007")},
+        ],
+        "999@N01": {"not": "a list"},
+    }
+    (tmp_path / "json" / "yfcc-caption-train.json").write_text(json.dumps(data))
+    for name in ("12345678@N00_5001", "12345678@N00_5002.jpg", "12345678@N00_5006",
+                 "12345678@N00_5007"):
+        (tmp_path / "images" / name).write_bytes(b"\xff\xd8")
+    archive = str(tmp_path)
+    assert readers.detect_layout(archive) == "yfcc"
+    posts, rejects = collect(archive)
+    assert len(posts) + len(rejects) == 7 + 1
+    by_id = {p["post_id"]: p for p in posts}
+    assert set(by_id) == {"5001", "5002", "5006"}
+    first = by_id["5001"]
+    assert first["user_id"] == "12345678@N00"
+    assert first["caption"] == "Sunset at the beach A warm evening"
+    assert first["hashtags"] == ["beach", "newyork", "sunset"]
+    assert first["created_at"] == datetime(2010, 5, 29, 11, 42, 18, tzinfo=UTC)
+    assert first["image"] == str(tmp_path / "images" / "12345678@N00_5001")
+    assert by_id["5002"]["hashtags"] == ["a", "bc"]
+    assert by_id["5002"]["image"].endswith("12345678@N00_5002.jpg")
+    assert by_id["5006"]["caption"] == "a list title" and by_id["5006"]["hashtags"] == []
+    assert codes(rejects) == Counter(
+        {"missing_image": 1, "missing_field": 1, "bad_url": 1, "wrong_type": 2})
+    assert {r["record_id"] for r in rejects} == {"5003", None, "5007"}
+
+
+def test_reads_jsonl_and_instapic_from_s3(tmp_path, s3_bucket):
+    local = tmp_path / "local"
+    write_jsonl(local / "posts" / "part-00000.jsonl")
+    archive = f"{s3_bucket}/raw"
+    storage.write_bytes(f"{archive}/posts/part-00000.jsonl",
+                        (local / "posts" / "part-00000.jsonl").read_bytes())
+    posts, rejects = collect(archive)
+    assert len(posts) == len(GOOD_LINES) and len(rejects) == len(BAD_LINES) + 1
+    by_id = {p["post_id"]: p for p in posts}
+    assert by_id["p1"]["image"] == f"{archive}/images/u1/p1.jpg"
+    assert rejects[0]["source"] == f"{archive}/posts/part-00000.jsonl:5"
+
+    insta = tmp_path / "insta"
+    records = make_instapic(insta)
+    for path in insta.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(f"{s3_bucket}/insta/{path.relative_to(insta)}", path.read_bytes())
+    posts, rejects = collect(f"{s3_bucket}/insta")
+    assert len(posts) + len(rejects) == records
+    assert {p["image"] for p in posts} == {
+        f"{s3_bucket}/insta/images/{n}"
+        for n in ("111_@_901", "111_@_902", "111_@_903", "222_@_911")
+    }
+
+
+def test_timestamps_and_image_resolution():
+    parse = readers.parse_timestamp
+    assert parse("2015-06-01T12:30:00Z") == STAMP
+    assert parse("2015-06-01T12:30:00") == STAMP
+    assert parse("1433161800") == STAMP
+    assert parse(1433161800000) == STAMP
+    assert parse(None) is None and parse("") is None
+    assert readers.resolve_image("images/a.jpg", "s3://b/arch") == "s3://b/arch/images/a.jpg"
+    assert readers.resolve_image("file:///x/y.jpg", "/z") == "/x/y.jpg"
+    assert readers.resolve_image("https://cdn/x.jpg", "/z") == "https://cdn/x.jpg"
+    assert load_schema("raw_post").names == [
+        "user_id", "post_id", "created_at", "image", "caption", "hashtags"]

@@ -1,0 +1,348 @@
+"""The synthetic archive: deterministic, shaped like InstaPIC, noisy as asked, streaming."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import math
+import os
+import re
+import tracemalloc
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import enchant
+import pytest
+from PIL import Image
+
+from csmn import readers, storage
+from csmn.rejects import reason_code
+from csmn.schemas import validate
+from csmn.synth import (
+    CATEGORIES,
+    FOREIGN_WORDS,
+    SynthConfig,
+    english_vocabulary,
+    length_cum_weights,
+    main,
+    write_archive,
+)
+
+EN_US = enchant.Dict("en_US")
+EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001faff\u200d\ufe0f]")
+LINK = re.compile(r"(https?://|www\.)")
+NO_NOISE = {
+    name: 0.0 for name in (
+        "too_few_users_rate", "too_many_users_rate", "spammer_users_rate", "non_english_rate",
+        "link_rate", "short_caption_rate", "long_caption_rate", "short_hashtags_rate",
+        "long_hashtags_rate", "mention_rate", "zwj_emoji_rate", "bare_hashtags_rate",
+        "broken_record_rate", "broken_image_rate",
+    )
+}
+
+
+def small_config(out: Path | str, **overrides) -> SynthConfig:
+    """A few users of ~20-40 posts with tiny images: seconds, not minutes."""
+    values = dict(
+        out=str(out), users=3, seed=7, posts_median=30, posts_sigma=0.3, posts_min=20,
+        posts_max=40, posts_per_shard=40, image_size=16, image_threads=2,
+        too_many_users_rate=0.0,  # 1,300+ posts each: only the test of user kinds wants them
+    )
+    values.update(overrides)
+    return SynthConfig(**values)
+
+
+def truth_posts(root: Path | str) -> list[dict]:
+    return validate(storage.read_parquet(storage.join(str(root), "truth", "posts")),
+                    "truth_post").to_pylist()
+
+
+def truth_users(root: Path | str) -> list[dict]:
+    return validate(storage.read_parquet(storage.join(str(root), "truth", "users")),
+                    "truth_user").to_pylist()
+
+
+def raw_lines(root: Path) -> dict[tuple[str, int], str]:
+    """(shard name, 1-based line) -> the line as written."""
+    lines = {}
+    for shard in sorted((root / "posts").glob("*.jsonl")):
+        for number, line in enumerate(shard.read_text(encoding="utf-8").splitlines(), 1):
+            lines[(shard.name, number)] = line
+    return lines
+
+
+def non_dictionary_share(caption: str) -> float:
+    """The paper's language test as the preprocessing applies it: hashtags, @names, emoji and
+    numbers are not words; a post is non-English above 20%."""
+    tokens = [t for t in caption.split() if not t.startswith(("#", "@")) and not EMOJI.search(t)]
+    words = [w for w in re.sub(r"[!.,?:;]", " ", " ".join(tokens)).split() if not w.isdigit()]
+    if not words:
+        return 0.0
+    return sum(not EN_US.check(w.lower()) for w in words) / len(words)
+
+
+def test_vocabularies_pass_and_fail_the_en_us_dictionary():
+    english = english_vocabulary()
+    assert len(CATEGORIES) == 27 and len(english) > 500
+    assert sorted(w for w in english if not EN_US.check(w)) == []
+    assert sorted(w for w in FOREIGN_WORDS
+                  if EN_US.check(w) or EN_US.check(w.capitalize())) == []
+    for category in CATEGORIES:
+        assert len(category.hashtags) == 10 and len(set(category.hashtags)) == 10
+
+
+def test_length_distribution_has_the_asked_mean():
+    for mean in (4.0, 7.5, 8.5, 12.0):
+        values, cumulative = length_cum_weights(mean)
+        weights = [b - a for a, b in zip([0.0] + cumulative[:-1], cumulative, strict=True)]
+        assert values[0] == 3 and values[-1] == 15
+        assert sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights) \
+            == pytest.approx(mean, abs=1e-3)
+
+
+def _files(root: Path, folder: str) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted((root / folder).rglob("*")) if p.is_file()
+    }
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+    first = write_archive(small_config(tmp_path / "a", broken_image_rate=0.1))
+    write_archive(small_config(tmp_path / "b", broken_image_rate=0.1))
+    write_archive(small_config(tmp_path / "c", seed=8, broken_image_rate=0.1))
+    a_posts, b_posts = _files(tmp_path / "a", "posts"), _files(tmp_path / "b", "posts")
+    a_images, b_images = _files(tmp_path / "a", "images"), _files(tmp_path / "b", "images")
+    assert len(a_posts) >= 2 and a_posts == b_posts
+    assert len(a_images) == first["images_written"] > 50 and a_images == b_images
+    assert truth_posts(tmp_path / "a") == truth_posts(tmp_path / "b")
+    assert truth_users(tmp_path / "a") == truth_users(tmp_path / "b")
+    c_posts, c_images = _files(tmp_path / "c", "posts"), _files(tmp_path / "c", "images")
+    assert c_posts != a_posts
+    shared = set(a_images) & set(c_images)
+    assert shared and all(a_images[k] != c_images[k] for k in list(shared)[:20])
+
+
+def test_lengths_and_noise_match_the_knobs_and_the_files(tmp_path):
+    rates = dict(
+        non_english_rate=0.1, link_rate=0.08, short_caption_rate=0.06, long_caption_rate=0.06,
+        short_hashtags_rate=0.07, long_hashtags_rate=0.05, mention_rate=0.1,
+        zwj_emoji_rate=0.1, bare_hashtags_rate=0.1, broken_record_rate=0.05,
+    )
+    config = small_config(
+        tmp_path, users=50, posts_median=60, posts_min=50, posts_max=80, posts_per_shard=1000,
+        write_images=False, too_few_users_rate=0, too_many_users_rate=0, spammer_users_rate=0,
+        **rates,
+    )
+    summary = write_archive(config)
+    truth = truth_posts(tmp_path)
+    assert summary["posts"] == len(truth) > 2500
+    assert summary["images_written"] == 0 and not (tmp_path / "images").exists()
+
+    # Every planted noise at the rate asked (binomial sd < 0.006 here).
+    counts = Counter(code for row in truth for code in row["noise"])
+    for code in ("non_english", "link", "short_caption", "long_caption", "short_hashtags",
+                 "long_hashtags", "mention", "zwj_emoji", "bare_hashtags"):
+        assert counts[code] / len(truth) == pytest.approx(rates[f"{code}_rate"], abs=0.025), code
+    broken = Counter(row["broken_record"] for row in truth if row["broken_record"])
+    assert sum(broken.values()) / len(truth) == pytest.approx(0.05, abs=0.015)
+    assert set(broken) == {"invalid_json", "missing_field", "wrong_type"}
+
+    # Paper Table 1: 8.55 words per caption and 7.45 hashtags per list, within 3..15.
+    unbroken = [r for r in truth if not r["broken_record"]]
+    plain_captions = [r["caption_words"] for r in unbroken
+                      if not {"short_caption", "long_caption"} & set(r["noise"])]
+    plain_tags = [r["hashtag_count"] for r in unbroken
+                  if not {"short_hashtags", "long_hashtags"} & set(r["noise"])]
+    assert sum(plain_captions) / len(plain_captions) == pytest.approx(8.5, abs=0.3)
+    assert sum(plain_tags) / len(plain_tags) == pytest.approx(7.5, abs=0.3)
+    assert min(plain_captions) >= 3 and max(plain_captions) <= 15
+    assert min(plain_tags) >= 3 and max(plain_tags) <= 15
+
+    # The files hold what the truth says.
+    lines = raw_lines(tmp_path)
+    assert len(lines) == len(truth)
+    for row in unbroken:
+        post = json.loads(lines[(row["shard"], row["line"])])
+        assert (post["user_id"], post["post_id"]) == (row["user_id"], row["post_id"])
+        caption, tags, noise = post["caption"], post["hashtags"], set(row["noise"])
+        assert len(caption.split()) == row["caption_words"] and len(tags) == row["hashtag_count"]
+        assert len(set(tags)) == len(tags)
+        if "non_english" in noise:
+            assert non_dictionary_share(caption) > 0.2, caption
+        elif "link" not in noise:
+            assert non_dictionary_share(caption) == 0.0, caption
+        assert bool(LINK.search(caption)) == ("link" in noise), caption
+        assert ("@" in caption) == ("mention" in noise), caption
+        assert ("\u200d" in caption) == ("zwj_emoji" in noise), caption
+        if "short_caption" in noise:
+            assert row["caption_words"] < 3
+        if "long_caption" in noise:
+            assert row["caption_words"] > 15
+        if "short_hashtags" in noise:
+            assert row["hashtag_count"] < 3
+        if "long_hashtags" in noise:
+            assert row["hashtag_count"] > 15
+        if tags:
+            assert all(t.startswith("#") for t in tags) == ("bare_hashtags" not in noise)
+        assert post["created_at"].endswith("Z")
+    for row in truth:
+        if row["broken_record"] == "invalid_json":
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(lines[(row["shard"], row["line"])])
+
+
+def test_signature_hashtags_are_personal_and_frequent(tmp_path):
+    write_archive(small_config(tmp_path, users=12, write_images=False, **NO_NOISE))
+    users = {row["user_id"]: row for row in truth_users(tmp_path)}
+    tags_by_user: dict[str, set[str]] = defaultdict(set)
+    posts_with_signature: Counter[str] = Counter()
+    posts_per_user: Counter[str] = Counter()
+    for line in raw_lines(tmp_path).values():
+        post = json.loads(line)
+        tags_by_user[post["user_id"]].update(post["hashtags"])
+        posts_per_user[post["user_id"]] += 1
+        signature = set(users[post["user_id"]]["signature_hashtags"])
+        posts_with_signature[post["user_id"]] += bool(signature & set(post["hashtags"]))
+    for user_id, row in users.items():
+        assert 2 <= len(row["signature_hashtags"]) <= 4
+        others = set().union(*(tags for uid, tags in tags_by_user.items() if uid != user_id))
+        # Nobody else writes them; the user writes them in most posts.
+        assert not set(row["signature_hashtags"]) & others
+        assert posts_with_signature[user_id] / posts_per_user[user_id] > 0.6
+        assert 1 <= len(row["favourite_categories"]) <= 3
+
+
+def test_user_kinds_have_their_post_counts(tmp_path):
+    config = small_config(
+        tmp_path, users=30, seed=3, write_images=False, posts_median=100, posts_sigma=0.8,
+        posts_min=75, posts_max=1000, posts_per_shard=5000, too_few_users_rate=0.2,
+        too_many_users_rate=0.1, spammer_users_rate=0.2,
+    )
+    summary = write_archive(config)
+    users = truth_users(tmp_path)
+    kinds = Counter(u["kind"] for u in users)
+    assert set(kinds) == {"regular", "too_few", "too_many", "spammer"}
+    assert summary["users_by_kind"] == dict(sorted(kinds.items()))
+    per_user = Counter(row["user_id"] for row in truth_posts(tmp_path))
+    bad = Counter(
+        row["user_id"] for row in truth_posts(tmp_path)
+        if {"non_english", "link"} & set(row["noise"])
+    )
+    for user in users:
+        n = per_user[user["user_id"]]
+        assert n == user["n_posts"]
+        if user["kind"] == "too_few":
+            assert n < 50
+        elif user["kind"] == "too_many":
+            assert n > 1000
+        else:
+            assert 75 <= n <= 1000
+        if user["kind"] == "spammer":
+            # Enough non-English/advertising posts to trip max(15, 0.15 x posts).
+            assert bad[user["user_id"]] > max(15, 0.15 * n)
+        else:
+            assert bad[user["user_id"]] <= max(15, 0.15 * n)
+
+
+def test_images_are_jpegs_and_broken_ones_broken_as_planted(tmp_path):
+    write_archive(small_config(tmp_path, broken_image_rate=0.25, image_size=24))
+    truth = truth_posts(tmp_path)
+    planted = Counter(row["broken_image"] for row in truth)
+    assert {"zero_byte", "truncated", "not_jpeg", "missing"} <= set(planted)
+    for row in truth:
+        path = tmp_path / row["image"]
+        kind = row["broken_image"]
+        if kind == "missing":
+            assert not path.exists()
+            continue
+        data = path.read_bytes()
+        if kind is None:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                assert image.format == "JPEG" and image.size == (24, 24)
+        elif kind == "zero_byte":
+            assert data == b""
+        else:
+            with pytest.raises(OSError):
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+
+
+def _peak_traced_bytes(config: SynthConfig) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        write_archive(config)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_stays_flat_as_the_archive_grows(tmp_path):
+    base = small_config(tmp_path / "warm", users=2, posts_per_shard=50, image_threads=2)
+    write_archive(base)  # fill the texture caches and import everything first
+    small = _peak_traced_bytes(replace(base, out=str(tmp_path / "small"), users=3))
+    large = _peak_traced_bytes(replace(base, out=str(tmp_path / "large"), users=15, seed=1))
+    # Five times the posts, about the same peak: one shard and a bounded image queue at a time.
+    assert large < 1.5 * small + 512 * 1024, (small, large)
+
+
+def test_writes_an_archive_to_s3(s3_bucket):
+    out = f"{s3_bucket}/archive"
+    summary = write_archive(small_config(out, users=2, broken_record_rate=0.05,
+                                         broken_image_rate=0.05))
+    shards = storage.list_files(storage.join(out, "posts"), suffix=".jsonl")
+    assert len(shards) == summary["shards"] >= 1
+    images = storage.list_files(storage.join(out, "images"), suffix=".jpg")
+    assert len(images) == summary["images_written"]
+    assert summary["images_written"] == summary["posts"] - summary["broken_images"].get(
+        "missing", 0)
+    assert storage.read_json(storage.join(out, "truth", "summary.json"))["posts"] == \
+        summary["posts"]
+    posts, rejects = readers.read_all(out)
+    assert len(posts) + len(rejects) == summary["posts"]
+    assert len(rejects) == sum(summary["broken_records"].values())
+    assert all(p["image"].startswith(f"{s3_bucket}/archive/images/") for p in posts)
+
+
+def test_cli_refuses_to_mix_archives_and_bad_knobs(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    args = ["--out", out, "--users", "2", "--posts-median", "25", "--posts-min", "20",
+            "--posts-max", "30", "--image-size", "16", "--write-images", "false"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["users"] == 2 and printed["posts"] > 0 and printed["posts_per_second"] > 0
+    assert main(args) == 2  # an archive is there already
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "true", "--seed", "5"]) == 0
+    assert main(["--out", out, "--non-english-rate", "1.5", "--overwrite", "true"]) == 2
+    assert "non_english_rate" in capsys.readouterr().err
+    assert main(["--users", "2"]) == 2  # no --out
+    config_file = tmp_path / "synth.yaml"
+    config_file.write_text(f"synth:\n  out: {out}\n  users: 1\n  posts_median: 25\n"
+                           "  posts_min: 20\n  posts_max: 30\n  write_images: false\n"
+                           "  overwrite: true\n")
+    assert main(["--config", str(config_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == 1
+
+
+def test_read_back_records_in_equal_posts_plus_rejects(tmp_path):
+    summary = write_archive(small_config(tmp_path, users=4, broken_record_rate=0.1,
+                                         write_images=False))
+    truth = {row["post_id"]: row for row in truth_posts(tmp_path)}
+    posts, rejects = readers.read_all(str(tmp_path))
+    assert len(posts) + len(rejects) == summary["posts"]
+    assert {p["post_id"] for p in posts} == {
+        pid for pid, row in truth.items() if not row["broken_record"]
+    }
+    expected = {"invalid_json": {"bad_json"}, "missing_field": {"missing_field"},
+                "wrong_type": {"wrong_type"}}
+    for reject in rejects:
+        shard, line = reject["source"].rsplit(":", 1)
+        row = next(r for r in truth.values()
+                   if r["shard"] == os.path.basename(shard) and r["line"] == int(line))
+        assert reason_code(reject["reason"]) in expected[row["broken_record"]], reject
+    assert math.isclose(len(rejects), sum(summary["broken_records"].values()))
