@@ -1,0 +1,372 @@
+"""Evaluation metrics of the paper (section 5.1), computed the way the authors computed them.
+
+Post generation: BLEU-1..4, METEOR, CIDEr and ROUGE-L from pycocoevalcap (Java METEOR 1.5 and
+the Stanford PTB tokenizer), one reference per post. Hashtag prediction: F1 between the
+predicted and the ground-truth hashtag sets of each post, averaged over posts.
+
+Emoji: the PTB tokenizer silently drops characters it cannot tokenize, emoji among them, so a
+prediction that differs from its reference only in an emoji would score as an exact match. The
+authors wrote each emoji as its escape text (``\\U0001f60d``) before scoring; so do we, in the
+references and in the predictions alike. PTB then splits the escape into ``\\`` and
+``u0001f60d``; we glue the two back into one token (``merge_emoji_escapes``), otherwise every
+emoji would add a spurious ``\\`` unigram that matches any other emoji.
+
+CIDEr takes its document frequencies from the evaluated set itself: CIDEr of one post, or of
+one user's few posts, is meaningless. CIDEr is therefore reported for a whole split only, never
+per post or per user.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Decoder markers that never belong to a prediction (``_UNK`` stays: it is a wrong guess).
+SPECIAL_TOKENS = frozenset({"_PAD", "_GO", "_EOS"})
+
+# "\ u0001f60d" as the PTB tokenizer writes an escaped emoji (lowercased, backslash split off).
+_SPLIT_ESCAPE = re.compile(r"\\ (u[0-9a-f]{4}(?:[0-9a-f]{4})?)\b")
+_METEOR_SEPARATOR = "|||"
+
+
+def escape_emoji(text: str) -> str:
+    """Write every non-ASCII character as its Python escape text (``😍`` -> ``\\U0001f60d``).
+
+    Preprocessing keeps no unicode but emoji, so this escapes the emoji (with their variation
+    selectors and zero-width joiners); newlines become spaces (one line per post for Java).
+    """
+    out = []
+    for char in text:
+        code = ord(char)
+        if code < 128:
+            out.append(" " if char in "\r\n" else char)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def merge_emoji_escapes(tokenized: str) -> str:
+    """Join PTB's ``\\ u0001f60d`` back into the single token ``\\u0001f60d``."""
+    return _SPLIT_ESCAPE.sub(r"\\\1", tokenized)
+
+
+def prediction_tokens(prediction: str | Sequence[str]) -> list[str]:
+    """The tokens of a prediction (a space-joined string or a token list), markers removed."""
+    tokens = prediction.split() if isinstance(prediction, str) else list(prediction)
+    return [t for t in tokens if t and t not in SPECIAL_TOKENS]
+
+
+# --------------------------------------------------------------------------- post metrics
+
+
+class CocoScorer:
+    """pycocoevalcap's scorers with one METEOR JVM kept for every call of ``score``.
+
+    METEOR's Java start-up takes seconds: create one scorer per job (or test module) and
+    score whole splits with it. Use as a context manager, or call ``close``.
+    """
+
+    def __init__(self) -> None:
+        self._meteor: Any = None
+
+    @property
+    def meteor(self) -> Any:
+        if self._meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._meteor = Meteor()
+        return self._meteor
+
+    def close(self) -> None:
+        if self._meteor is not None:
+            process = self._meteor.meteor_p
+            process.stdin.close()
+            process.kill()
+            process.wait()
+            self._meteor = None
+
+    def __enter__(self) -> CocoScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tokenize(self, texts: Sequence[str], merge_escapes: bool = True) -> list[str]:
+        """Emoji-escape then PTB-tokenize every text in ONE Java call; the order is kept."""
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        captions = {i: [{"caption": escape_emoji(text)}] for i, text in enumerate(texts)}
+        tokenized = PTBTokenizer().tokenize(captions)
+        if len(tokenized) != len(texts):
+            raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} of {len(texts)} lines")
+        out = [tokenized[i][0] for i in range(len(texts))]
+        return [merge_emoji_escapes(t) for t in out] if merge_escapes else out
+
+    def score(
+        self, references: Sequence[str], predictions: Sequence[str], merge_escapes: bool = True
+    ) -> PostScores:
+        """All post metrics of one split; one tokenizer and one METEOR request for all posts."""
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        if len(references) != len(predictions):
+            raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+        if not references:
+            raise ValueError("no posts to score")
+        n = len(references)
+        tokenized = self.tokenize(
+            [*references, *[" ".join(prediction_tokens(p)) for p in predictions]],
+            merge_escapes=merge_escapes,
+        )
+        gts = {i: [tokenized[i].replace(_METEOR_SEPARATOR, " ")] for i in range(n)}
+        res = {i: [tokenized[n + i].replace(_METEOR_SEPARATOR, " ")] for i in range(n)}
+        bleu, bleu_per_post = Bleu(4).compute_score(gts, res, verbose=0)
+        meteor, meteor_per_post = self.meteor.compute_score(gts, res)
+        rouge, rouge_per_post = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+        return PostScores(
+            bleu_1=float(bleu[0]),
+            bleu_2=float(bleu[1]),
+            bleu_3=float(bleu[2]),
+            bleu_4=float(bleu[3]),
+            meteor=float(meteor),
+            cider=float(cider),
+            rouge_l=float(rouge),
+            n_posts=n,
+            references_tokenized=[gts[i][0] for i in range(n)],
+            predictions_tokenized=[res[i][0] for i in range(n)],
+            bleu_per_post=np.asarray(bleu_per_post, dtype=np.float64).T,
+            meteor_per_post=np.asarray(meteor_per_post, dtype=np.float64),
+            rouge_l_per_post=np.asarray(rouge_per_post, dtype=np.float64),
+        )
+
+
+@dataclass
+class PostScores:
+    """Split-level post metrics (the paper's Table 2 columns) and per-post details.
+
+    ``cider`` exists for the split only: its document frequencies come from this split.
+    The per-post arrays (sentence BLEU-1..4 as columns, METEOR, ROUGE-L) serve breakdowns.
+    """
+
+    bleu_1: float
+    bleu_2: float
+    bleu_3: float
+    bleu_4: float
+    meteor: float
+    cider: float
+    rouge_l: float
+    n_posts: int
+    references_tokenized: list[str] = field(repr=False)
+    predictions_tokenized: list[str] = field(repr=False)
+    bleu_per_post: np.ndarray = field(repr=False)
+    meteor_per_post: np.ndarray = field(repr=False)
+    rouge_l_per_post: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "bleu_1": self.bleu_1,
+            "bleu_2": self.bleu_2,
+            "bleu_3": self.bleu_3,
+            "bleu_4": self.bleu_4,
+            "meteor": self.meteor,
+            "cider": self.cider,
+            "rouge_l": self.rouge_l,
+            "n_posts": self.n_posts,
+        }
+
+
+def score_posts(
+    references: Sequence[str],
+    predictions: Sequence[str] | Sequence[Sequence[str]],
+    scorer: CocoScorer | None = None,
+) -> PostScores:
+    """BLEU-1..4, METEOR, CIDEr (split-level only), ROUGE-L of one split, one reference each.
+
+    Pass a ``CocoScorer`` to reuse its METEOR JVM across calls; without one, a scorer is
+    started and closed for this call.
+    """
+    if scorer is not None:
+        return scorer.score(references, predictions)  # type: ignore[arg-type]
+    with CocoScorer() as own:
+        return own.score(references, predictions)  # type: ignore[arg-type]
+
+
+def corpus_bleu_1(
+    references_tokenized: Sequence[str], predictions_tokenized: Sequence[str]
+) -> float:
+    """pycocoevalcap's corpus BLEU-1 over already tokenized texts (no Java involved)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=1)
+    for reference, prediction in zip(references_tokenized, predictions_tokenized, strict=True):
+        scorer += (prediction, [reference])
+    score, _ = scorer.compute_score(option="closest", verbose=0)
+    return float(score[0])
+
+
+# ------------------------------------------------------------------------ hashtag metrics
+
+
+def hashtag_set(tags: str | Iterable[str]) -> set[str]:
+    """The set of hashtags of a post: ``#`` optional, case folded, markers dropped."""
+    tokens = tags.split() if isinstance(tags, str) else tags
+    out = set()
+    for token in tokens:
+        if not token or token in SPECIAL_TOKENS:
+            continue
+        tag = token.lstrip("#").lower()
+        if tag:
+            out.add(tag)
+    return out
+
+
+def hashtag_prf(
+    truth: str | Iterable[str], predicted: str | Iterable[str]
+) -> tuple[float, float, float]:
+    """(precision, recall, F1) of one post's predicted hashtag set against its true set.
+
+    Duplicates count once; all three are 0 when either set is empty or they do not overlap.
+    """
+    truth_set, predicted_set = hashtag_set(truth), hashtag_set(predicted)
+    hits = len(truth_set & predicted_set)
+    if hits == 0:
+        return 0.0, 0.0, 0.0
+    precision = hits / len(predicted_set)
+    recall = hits / len(truth_set)
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class HashtagScores:
+    """Per-post precision, recall and F1, averaged over the posts of the split (Table 3)."""
+
+    precision: float
+    recall: float
+    f1: float
+    n_posts: int
+    precision_per_post: np.ndarray = field(repr=False)
+    recall_per_post: np.ndarray = field(repr=False)
+    f1_per_post: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "n_posts": self.n_posts,
+        }
+
+
+def score_hashtags(
+    truths: Sequence[str | Sequence[str]], predictions: Sequence[str | Sequence[str]]
+) -> HashtagScores:
+    if len(truths) != len(predictions):
+        raise ValueError(f"{len(truths)} truths but {len(predictions)} predictions")
+    if not truths:
+        raise ValueError("no posts to score")
+    prf = np.array([hashtag_prf(t, p) for t, p in zip(truths, predictions, strict=True)])
+    return HashtagScores(
+        precision=float(prf[:, 0].mean()),
+        recall=float(prf[:, 1].mean()),
+        f1=float(prf[:, 2].mean()),
+        n_posts=len(truths),
+        precision_per_post=prf[:, 0],
+        recall_per_post=prf[:, 1],
+        f1_per_post=prf[:, 2],
+    )
+
+
+# ------------------------------------------------------------- context use and breakdowns
+
+
+def context_hits(
+    predictions: Sequence[str | Sequence[str]], contexts: Sequence[Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per post: (predicted tokens that are among the post's context words, predicted tokens).
+
+    These are the coloured words of the paper's Figure 4: what the model took from the user's
+    context memory. Tokens are compared exactly, as the vocabulary writes them.
+    """
+    if len(predictions) != len(contexts):
+        raise ValueError(f"{len(predictions)} predictions but {len(contexts)} contexts")
+    hits = np.zeros(len(predictions), dtype=np.int64)
+    totals = np.zeros(len(predictions), dtype=np.int64)
+    for i, (prediction, context) in enumerate(zip(predictions, contexts, strict=True)):
+        tokens = prediction_tokens(prediction)
+        context_set = set(context)
+        hits[i] = sum(token in context_set for token in tokens)
+        totals[i] = len(tokens)
+    return hits, totals
+
+
+def context_share(
+    predictions: Sequence[str | Sequence[str]], contexts: Sequence[Sequence[str]]
+) -> float:
+    """Share of all predicted tokens of a split that appear in their post's context words."""
+    hits, totals = context_hits(predictions, contexts)
+    total = int(totals.sum())
+    return float(hits.sum()) / total if total else 0.0
+
+
+@dataclass
+class UserMetrics:
+    """One user's numbers. No CIDEr here: it is meaningful per split only."""
+
+    user_id: str
+    n_posts: int
+    context_share: float
+    f1: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    bleu_1: float | None = None
+    rouge_l: float | None = None
+
+
+def per_user_metrics(
+    user_ids: Sequence[str],
+    predictions: Sequence[str | Sequence[str]],
+    contexts: Sequence[Sequence[str]],
+    hashtags: HashtagScores | None = None,
+    posts: PostScores | None = None,
+) -> list[UserMetrics]:
+    """Breakdown by user, most posts first: hashtag P/R/F1 averaged over the user's posts
+    and/or corpus BLEU-1 and mean ROUGE-L over the user's posts, plus the context share."""
+    n = len(user_ids)
+    for name, scores in (("hashtags", hashtags), ("posts", posts)):
+        if scores is not None and scores.n_posts != n:
+            raise ValueError(f"{name} scores cover {scores.n_posts} posts, user_ids {n}")
+    hits, totals = context_hits(predictions, contexts)
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, user_id in enumerate(user_ids):
+        rows_of[str(user_id)].append(i)
+    out = []
+    for user_id, rows in rows_of.items():
+        index = np.asarray(rows)
+        total = int(totals[index].sum())
+        metrics = UserMetrics(
+            user_id=user_id,
+            n_posts=len(rows),
+            context_share=float(hits[index].sum()) / total if total else 0.0,
+        )
+        if hashtags is not None:
+            metrics.f1 = float(hashtags.f1_per_post[index].mean())
+            metrics.precision = float(hashtags.precision_per_post[index].mean())
+            metrics.recall = float(hashtags.recall_per_post[index].mean())
+        if posts is not None:
+            metrics.bleu_1 = corpus_bleu_1(
+                [posts.references_tokenized[i] for i in rows],
+                [posts.predictions_tokenized[i] for i in rows],
+            )
+            metrics.rouge_l = float(posts.rouge_l_per_post[index].mean())
+        out.append(metrics)
+    out.sort(key=lambda m: (-m.n_posts, m.user_id))
+    return out
