@@ -1,0 +1,939 @@
+"""Preprocessing job: raw archive -> examples, vocabularies, user contexts, splits, manifest.
+
+``python jobs/preprocess.py --archive URI --out URI [--config FILE] [--field value ...]``
+(= ``csmn preprocess``). Ray Data throughout, in-process by default, a cluster when
+``RAY_ADDRESS`` is set. Each stage is a pure function over Arrow tables that Ray Data maps
+(and that :class:`LocalEngine` runs in a plain loop, for comparison and debugging):
+
+1. read + per-post features (``map_batches`` over the archive's sources, one task each):
+   :mod:`csmn.readers` parses; each post is checked, normalized (:mod:`csmn.text`) and tested
+   for English and links (:mod:`csmn.filters`). Reader rejects (stage ``read``) and records
+   preprocessing cannot use (stage ``preprocess``) are written to ``rejects/`` by the task.
+2. per-user filtering (``groupby("user_id").map_groups``, streaming from 1): duplicate posts
+   rejected, the rules of 3.1 applied per task; one row per user with its kept posts and
+   its counts per rule. Materialized: the later stages read it.
+3. splits, on the driver, from the per-user counts (:mod:`csmn.splits`).
+4. token counts and user frequencies of the training splits (``map_batches``, partial sums
+   added up on the driver) -> vocabularies (:mod:`csmn.vocab`) and IDF
+   (:mod:`csmn.user_context`).
+5. examples (``map_batches`` over users: leak-free contexts, token ids; each task writes its
+   own part files per task and split) and per-user contexts from all kept posts.
+
+Outputs under ``--out`` (the data root): ``examples/<task>/<split>/part-*.parquet``,
+``vocab/<name>.json``, ``contexts/<task>.parquet``, ``rejects/{read,preprocess}/``,
+``manifest.json`` (written last: a root without it is incomplete). A rerun first deletes
+these outputs (and only these: features and other stages' files stay). Part files are named
+by a digest of their content's keys, so a retried Ray task replaces its own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from csmn import storage
+from csmn.config import add_config_arguments, config_from_args, config_to_dict
+from csmn.filters import (
+    COMMON_RULES,
+    KEPT,
+    TASK_RULES,
+    TASKS,
+    FilterThresholds,
+    filter_user_posts,
+    is_advertisement,
+    is_non_english,
+)
+from csmn.rejects import count_rejects, reject_row
+from csmn.schemas import conform, record_problem
+from csmn.splits import (
+    BY_POSTS_SPLITS,
+    BY_USERS_SPLITS,
+    TRAIN,
+    TRAIN_BY_POSTS,
+    by_posts_fractions,
+    split_user_posts,
+    split_users,
+)
+from csmn.text import normalize_caption, normalize_hashtags
+from csmn.user_context import UserContext, count_tokens, fit_idf
+from csmn.vocab import Vocabulary, vocab_name
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+READ_STAGE = "read"
+PREPROCESS_STAGE = "preprocess"
+BY_POSTS_TASK = "hashtag"  # the task that also gets a split by posts (paper 5.1)
+SHUFFLE_STRATEGIES = ("sort_shuffle_pull_based", "sort_shuffle_push_based", "shuffle_v2",
+                      "hash_shuffle")
+
+
+@dataclass
+class PreprocessConfig:
+    """Paper defaults (3.1, 3.2, 4.1, 5.1); every field is also a ``--field-name`` flag."""
+
+    max_non_english_fraction: float = field(default=0.2, metadata={
+        "help": "a post is non-English when more than this share of its words is not en_US"})
+    max_flagged_posts_min: int = field(default=15, metadata={
+        "help": "a user loses all posts with more than max(this, fraction x #posts) "
+                "non-English or ad posts"})
+    max_flagged_posts_fraction: float = field(default=0.15, metadata={
+        "help": "see max_flagged_posts_min"})
+    min_tokens: int = field(default=3, metadata={"help": "fewest tokens of a caption/hashtag list"})
+    max_tokens: int = field(default=15, metadata={
+        "help": "most tokens of a caption/hashtag list (token_ids add _EOS: at most 16)"})
+    max_posts_per_user: int = field(default=1000, metadata={
+        "help": "posts kept per user (the most recent)"})
+    min_posts_per_user: int = field(default=50, metadata={
+        "help": "users with fewer kept posts are dropped"})
+    caption_vocab_size: int = field(default=40000, metadata={
+        "help": "post vocabulary size, special tokens included"})
+    hashtag_vocab_size: int = field(default=60000, metadata={
+        "help": "hashtag vocabulary size, special tokens included"})
+    context_size: int = field(default=60, metadata={
+        "help": "D, user context words (paper variants: 20, 80, 100)"})
+    seed: int = field(default=0, metadata={"help": "seed of the hash-based splits"})
+    train_user_fraction: float = field(default=0.9, metadata={
+        "help": "share of users (and, by posts, of each user's posts) in training"})
+    test_posts: int = field(default=5000, metadata={
+        "help": "posts the test split aims for (paper: 5K)"})
+    max_test_share: float = field(default=0.5, metadata={
+        "help": "on small data, the test split takes at most this share of held-out posts"})
+    by_posts_split: bool = field(default=True, metadata={
+        "help": "also split the hashtag task by posts (every user in train and test)"})
+    read_batch_size: int = field(default=1000, metadata={"help": "raw posts per parsed batch"})
+    users_per_batch: int = field(default=64, metadata={
+        "help": "users per batch in the per-user stages"})
+    user_partitions: int = field(default=0, metadata={
+        "help": "partitions of the groupby on users (0: the number of sources, at most 2 "
+                "per cluster CPU)"})
+    shuffle_strategy: str = field(default="sort_shuffle_pull_based", metadata={
+        "help": "Ray Data shuffle of the groupby on users: sort_shuffle_pull_based (plain "
+                "tasks, starts fast) or shuffle_v2 (hash shuffle actors, for very large data)"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_user_fraction < 1.0:
+            raise ValueError("train_user_fraction must be between 0 and 1")
+        if not 0.0 <= self.max_non_english_fraction <= 1.0:
+            raise ValueError("max_non_english_fraction must be between 0 and 1")
+        if self.min_tokens < 1 or self.max_tokens < self.min_tokens:
+            raise ValueError("need 1 <= min_tokens <= max_tokens")
+        if self.min_posts_per_user > self.max_posts_per_user:
+            raise ValueError("min_posts_per_user is larger than max_posts_per_user")
+        if min(self.caption_vocab_size, self.hashtag_vocab_size) < 5:
+            raise ValueError("a vocabulary needs room for the 4 special tokens and words")
+        if self.context_size < 1:
+            raise ValueError("context_size must be positive")
+        if self.shuffle_strategy not in SHUFFLE_STRATEGIES:
+            raise ValueError(f"shuffle_strategy must be one of {', '.join(SHUFFLE_STRATEGIES)}")
+
+    def thresholds(self) -> FilterThresholds:
+        names = {f.name for f in dataclasses.fields(FilterThresholds)}
+        return FilterThresholds(**{n: getattr(self, n) for n in names})
+
+    def vocab_size(self, task: str) -> int:
+        return self.caption_vocab_size if task == "caption" else self.hashtag_vocab_size
+
+
+# --------------------------------------------------------------------------- schemas
+_TS = pa.timestamp("us", tz="UTC")
+_STRINGS = pa.list_(pa.string())
+
+# Stage 1 output: one row per usable post.
+FEATURE_SCHEMA = pa.schema([
+    ("user_id", pa.string()),
+    ("post_id", pa.string()),
+    ("created_at", _TS),
+    ("image", pa.string()),
+    ("caption_tokens", _STRINGS),
+    ("hashtag_tokens", _STRINGS),
+    ("non_english", pa.bool_()),
+    ("advertisement", pa.bool_()),
+    ("source", pa.string()),
+])
+
+_KEPT_POST = pa.struct([
+    ("post_id", pa.string()),
+    ("created_at", _TS),
+    ("image", pa.string()),
+    ("tokens", _STRINGS),
+])
+
+
+def _count_columns() -> list[str]:
+    columns = ["posts", "duplicates", *COMMON_RULES, "either_kept"]
+    for task in TASKS:
+        columns += [f"{task}_{rule}" for rule in TASK_RULES] + [f"{task}_kept"]
+    return columns
+
+
+COUNT_COLUMNS = _count_columns()
+SUMMARY_COLUMNS = ["user_id", *COUNT_COLUMNS, *(f"{t}_lengths" for t in TASKS)]
+
+# Stage 2 output: one row per user, its kept posts per task and its counts per rule.
+USER_SCHEMA = pa.schema(
+    [("user_id", pa.string())]
+    + [(name, pa.int64()) for name in COUNT_COLUMNS]
+    + [(f"{task}_lengths", pa.list_(pa.int64())) for task in TASKS]
+    + [(f"{task}_posts", pa.list_(_KEPT_POST)) for task in TASKS]
+)
+
+TOKEN_STATS_SCHEMA = pa.schema([
+    ("vocab", pa.string()), ("token", pa.string()), ("count", pa.int64()), ("df", pa.int64()),
+])
+# Stage 5 output: per (task, user, split) the posts written; the by-users row of a user also
+# carries the user's context from all kept posts (for contexts/<task>.parquet).
+USER_SPLIT_SCHEMA = pa.schema([
+    ("task", pa.string()), ("user_id", pa.string()), ("split", pa.string()),
+    ("posts", pa.int64()), ("context_words", _STRINGS),
+])
+
+
+# --------------------------------------------------------------------------- rejects
+def _digest(parts: Iterable[str]) -> str:
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def write_reject_rows(rows: Sequence[dict[str, Any]], root: str, key: str) -> None:
+    """One Parquet part per stage under ``rejects/<stage>/``, named by a digest of ``key``
+    (where the rows come from: a source's batch, a user) and of the rows, so that a retried
+    task overwrites its own part instead of adding a second one."""
+    by_stage: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_stage[row["stage"]].append(row)
+    for stage, stage_rows in sorted(by_stage.items()):
+        name = _digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}"
+                               for r in stage_rows)])
+        uri = storage.join(root, "rejects", stage, f"part-{name}.parquet")
+        storage.write_parquet(uri, conform(stage_rows, "reject"))
+
+
+# --------------------------------------------------------------------------- stage 1
+def post_problem(post: dict[str, Any]) -> str | None:
+    """Why a parsed post cannot be used (``code: detail``), or None.
+
+    The reader checks the raw schema; this also catches what the schema allows but
+    preprocessing cannot use (blank ids or image) in case a reader lets it through.
+    """
+    problem = record_problem(post, "raw_post")
+    if problem:
+        return f"bad_record: {problem}"
+    for name in ("user_id", "post_id", "image"):
+        if not post[name].strip():
+            return f"empty_field: {name} is blank"
+    return None
+
+
+def post_features(post: dict[str, Any], max_non_english_fraction: float) -> dict[str, Any]:
+    caption = post.get("caption") or ""
+    return {
+        "user_id": post["user_id"],
+        "post_id": post["post_id"],
+        "created_at": post.get("created_at"),
+        "image": post["image"],
+        "caption_tokens": normalize_caption(caption),
+        "hashtag_tokens": normalize_hashtags(post.get("hashtags") or []),
+        "non_english": is_non_english(caption, max_non_english_fraction),
+        "advertisement": is_advertisement(caption),
+    }
+
+
+def features_table(
+    posts: Sequence[dict[str, Any]], source: str, max_non_english_fraction: float
+) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Stage 1 for one parsed batch: (features of the usable posts, preprocess rejects)."""
+    rows, rejects = [], []
+    for post in posts:
+        problem = post_problem(post)
+        if problem is not None:
+            record_id = post.get("post_id")
+            rejects.append(reject_row(
+                PREPROCESS_STAGE, problem,
+                record_id=None if record_id is None else str(record_id),
+                source=source, payload=post,
+            ))
+            continue
+        row = post_features(post, max_non_english_fraction)
+        row["source"] = source
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA), rejects
+
+
+def source_features(
+    source: str, archive: str, root: str, read_batch_size: int, max_non_english_fraction: float
+) -> Iterator[pa.Table]:
+    """Stage 1 for one source file of the archive; its rejects go to ``rejects/`` here."""
+    from csmn import readers
+
+    batches = readers.parse_source(source, archive, batch_size=read_batch_size)
+    for i, (posts, read_rejects) in enumerate(batches):
+        table, rejects = features_table(posts, source, max_non_english_fraction)
+        write_reject_rows([*read_rejects, *rejects], root, key=f"{source}#{i}")
+        yield table
+
+
+def features_of_sources(
+    batch: pa.Table, archive: str, root: str, read_batch_size: int,
+    max_non_english_fraction: float,
+) -> Iterator[pa.Table]:
+    """Ray Data batch function: a batch of source URIs -> stage 1 tables."""
+    for source in batch.column("source").to_pylist():
+        yield from source_features(source, archive, root, read_batch_size,
+                                   max_non_english_fraction)
+
+
+# --------------------------------------------------------------------------- stage 2
+def _content_key(row: dict[str, Any]) -> tuple:
+    created = row["created_at"]
+    return (
+        row["post_id"],
+        "" if created is None else created.isoformat(),
+        row["image"],
+        row["source"] or "",
+        " ".join(row["caption_tokens"]),
+        " ".join(row["hashtag_tokens"]),
+    )
+
+
+def summarize_user(group: pa.Table, thresholds: FilterThresholds, root: str) -> pa.Table:
+    """Stage 2: all the posts of one user -> one USER_SCHEMA row. Duplicate posts go to
+    ``rejects/preprocess``. The result does not depend on the order of the rows."""
+    rows = sorted(group.to_pylist(), key=_content_key)
+    user_id = rows[0]["user_id"]
+    posts: list[dict[str, Any]] = []
+    duplicates = []
+    seen: set[str] = set()
+    for row in rows:
+        if row["post_id"] in seen:
+            duplicates.append(reject_row(
+                PREPROCESS_STAGE,
+                f"duplicate_post: post {row['post_id']!r} of user {user_id!r} seen before; "
+                "the first by (time, image, source) is kept",
+                record_id=row["post_id"], source=row["source"],
+                payload={k: row[k] for k in ("user_id", "post_id", "created_at", "image")},
+            ))
+            continue
+        seen.add(row["post_id"])
+        posts.append(row)
+    write_reject_rows(duplicates, root, key=f"user:{user_id}")
+
+    statuses = filter_user_posts(posts, thresholds)
+    out: dict[str, Any] = {name: 0 for name in COUNT_COLUMNS}
+    out.update(user_id=user_id, posts=len(posts), duplicates=len(duplicates))
+    for status in statuses:
+        common = status["caption"]  # the common rules give both tasks the same status
+        if common in COMMON_RULES:
+            out[common] += 1
+        if KEPT in status.values():
+            out["either_kept"] += 1
+    for task in TASKS:
+        lengths = [0] * (thresholds.max_tokens + 1)
+        kept = []
+        for post, status in zip(posts, statuses, strict=True):
+            if status[task] == KEPT:
+                tokens = post[f"{task}_tokens"]
+                lengths[len(tokens)] += 1
+                kept.append({"post_id": post["post_id"], "created_at": post["created_at"],
+                             "image": post["image"], "tokens": tokens})
+            elif status[task] in TASK_RULES:
+                out[f"{task}_{status[task]}"] += 1
+        kept.sort(key=lambda p: p["post_id"])
+        out[f"{task}_kept"] = len(kept)
+        out[f"{task}_lengths"] = lengths
+        out[f"{task}_posts"] = kept
+    return pa.Table.from_pylist([out], schema=USER_SCHEMA)
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """What the driver decided between the per-user stages: splits, then vocabularies."""
+
+    seed: int
+    context_size: int
+    user_splits: dict[str, dict[str, str]]
+    by_posts: bool
+    by_posts_test_fraction: float = 0.0
+    by_posts_val_fraction: float = 0.0
+    vocabs: dict[str, Vocabulary] = field(default_factory=dict)
+    idf: dict[str, dict[str, float]] = field(default_factory=dict)
+    idf_docs: dict[str, int] = field(default_factory=dict)
+
+    def post_splits(self, user_id: str, post_ids: Sequence[str]) -> dict[str, str]:
+        return split_user_posts(user_id, post_ids, self.seed, self.by_posts_test_fraction,
+                                self.by_posts_val_fraction)
+
+    def context(self, name: str, token_lists: Iterable[Sequence[str]]) -> UserContext:
+        return UserContext(count_tokens(token_lists), self.idf[name], self.vocabs[name],
+                           self.context_size, self.idf_docs[name])
+
+
+_PLAN_CACHE: dict[str, Plan] = {}
+
+
+def _resolve_plan(plan: Any) -> Plan:
+    """A Plan, or an object ref to one, fetched once per worker process."""
+    if isinstance(plan, Plan):
+        return plan
+    import ray
+
+    key = plan.hex()
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = ray.get(plan)
+    return _PLAN_CACHE[key]
+
+
+def _user_rows(users: pa.Table) -> list[dict[str, Any]]:
+    return users.select(["user_id"] + [f"{t}_posts" for t in TASKS]).to_pylist()
+
+
+# --------------------------------------------------------------------------- stage 4
+def token_statistics(users: pa.Table, plan: Any) -> pa.Table:
+    """Token counts and document (user) frequencies of the training splits, per vocabulary,
+    for a batch of users (partial sums: the driver adds them up)."""
+    plan = _resolve_plan(plan)
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    doc_freq: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in _user_rows(users):
+        user_id = row["user_id"]
+        for task in TASKS:
+            posts = row[f"{task}_posts"]
+            if not posts:
+                continue
+            if plan.user_splits[task].get(user_id) == TRAIN:
+                doc = count_tokens(p["tokens"] for p in posts)
+                counts[task].update(doc)
+                doc_freq[task].update(doc.keys())
+            if task == BY_POSTS_TASK and plan.by_posts:
+                splits = plan.post_splits(user_id, [p["post_id"] for p in posts])
+                doc = count_tokens(
+                    p["tokens"] for p in posts if splits[p["post_id"]] == TRAIN_BY_POSTS
+                )
+                name = vocab_name(task, TRAIN_BY_POSTS)
+                counts[name].update(doc)
+                doc_freq[name].update(doc.keys())
+    rows = [
+        {"vocab": name, "token": token, "count": c, "df": doc_freq[name][token]}
+        for name, counter in counts.items()
+        for token, c in counter.items()
+    ]
+    return pa.Table.from_pylist(rows, schema=TOKEN_STATS_SCHEMA)
+
+
+# --------------------------------------------------------------------------- stage 5
+def _example(user_id: str, post: dict[str, Any], vocab: Vocabulary, words: list[str]) -> dict:
+    return {
+        "user_id": user_id,
+        "post_id": post["post_id"],
+        "created_at": post["created_at"],
+        "image": post["image"],
+        "text": " ".join(post["tokens"]),
+        "token_ids": vocab.encode(post["tokens"]),
+        "context_ids": [vocab.id_of(w) for w in words],
+        "context_words": words,
+    }
+
+
+def user_examples(
+    row: dict[str, Any], task: str, plan: Plan
+) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    """(the user's context from all kept posts, (split, example) for each kept post)."""
+    posts = row[f"{task}_posts"]
+    user_id = row["user_id"]
+    context = plan.context(task, (p["tokens"] for p in posts))
+
+    def examples() -> Iterator[tuple[str, dict]]:
+        split = plan.user_splits[task][user_id]
+        vocab = plan.vocabs[task]
+        for post in posts:
+            yield split, _example(user_id, post, vocab, context.without(post["tokens"]))
+        if task == BY_POSTS_TASK and plan.by_posts:
+            name = vocab_name(task, TRAIN_BY_POSTS)
+            splits = plan.post_splits(user_id, [p["post_id"] for p in posts])
+            # Split by posts, the user's known history is its training posts: they give the
+            # context (minus the post itself when it is one of them).
+            history = plan.context(
+                name, (p["tokens"] for p in posts if splits[p["post_id"]] == TRAIN_BY_POSTS))
+            for post in posts:
+                post_split = splits[post["post_id"]]
+                words = (history.without(post["tokens"]) if post_split == TRAIN_BY_POSTS
+                         else history.full())
+                yield post_split, _example(user_id, post, plan.vocabs[name], words)
+
+    return context.full(), examples()
+
+
+def examples_dir(root: str, task: str, split: str) -> str:
+    return storage.join(root, "examples", task, split)
+
+
+def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
+    """Stage 5 for a batch of users: build and write their examples; return, per task, user
+    and split, the posts written (and the user's full context, on its by-users row).
+
+    File names are a digest of the batch's users, so a retried task overwrites its own
+    files instead of adding duplicates.
+    """
+    plan = _resolve_plan(plan)
+    rows = _user_rows(users)
+    batch_id = _digest(r["user_id"] for r in rows)
+    by_part: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    out = []
+    for row in rows:
+        for task in TASKS:
+            if not row[f"{task}_posts"]:
+                continue
+            full_context, examples = user_examples(row, task, plan)
+            per_split: Counter[str] = Counter()
+            for split, example in examples:
+                by_part[(task, split)].append(example)
+                per_split[split] += 1
+            user_split = plan.user_splits[task][row["user_id"]]
+            for split, n in sorted(per_split.items()):
+                out.append({"task": task, "user_id": row["user_id"], "split": split,
+                            "posts": n,
+                            "context_words": full_context if split == user_split else None})
+    for (task, split), examples in sorted(by_part.items()):
+        uri = storage.join(examples_dir(root, task, split), f"part-{batch_id}.parquet")
+        storage.write_parquet(uri, conform(examples, "example"))
+    return pa.Table.from_pylist(out, schema=USER_SPLIT_SCHEMA)
+
+
+# --------------------------------------------------------------------------- engines
+class RayEngine:
+    """The stages on Ray Data (in-process Ray, or the cluster at RAY_ADDRESS)."""
+
+    name = "ray"
+
+    def __init__(self, config: PreprocessConfig):
+        import ray
+
+        from csmn.runtime import init_ray
+
+        init_ray()
+        self.ray = ray
+        self.config = config
+        self.users: Any = None
+
+    def summarize_users(self, sources: list[str], archive: str, root: str) -> list[dict]:
+        """Stages 1-2 in one streaming execution; returns each user's counts."""
+        from ray.data.context import ShuffleStrategy
+
+        ds = self.ray.data.from_items([{"source": s} for s in sources],
+                                      override_num_blocks=max(1, len(sources)))
+        # The dataset's own context (shared by the datasets derived from it): the process-wide
+        # default stays as it is for other jobs in this process.
+        ds.context.shuffle_strategy = ShuffleStrategy(self.config.shuffle_strategy)
+        posts = ds.map_batches(
+            features_of_sources, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"archive": archive, "root": root,
+                       "read_batch_size": self.config.read_batch_size,
+                       "max_non_english_fraction": self.config.max_non_english_fraction},
+        )
+        self.users = posts.groupby("user_id", num_partitions=self._partitions(sources)).map_groups(
+            summarize_user, batch_format="pyarrow",
+            fn_kwargs={"thresholds": self.config.thresholds(), "root": root},
+        ).materialize()
+        return self.users.select_columns(SUMMARY_COLUMNS).take_all()
+
+    def _partitions(self, sources: list[str]) -> int:
+        # Ray's default (up to 128 hash-shuffle aggregators) costs seconds of start-up on a
+        # small node; the sources bound the useful parallelism of this stage anyway.
+        if self.config.user_partitions > 0:
+            return self.config.user_partitions
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        return max(1, min(len(sources), 2 * cpus))
+
+    def token_statistics(self, plan: Plan) -> Iterator[dict]:
+        return self.users.map_batches(
+            token_statistics, batch_size=self.config.users_per_batch, batch_format="pyarrow",
+            fn_kwargs={"plan": self.ray.put(plan)},
+        ).iter_rows()
+
+    def write_examples(self, plan: Plan, root: str) -> list[dict]:
+        return self.users.map_batches(
+            write_examples, batch_size=self.config.users_per_batch, batch_format="pyarrow",
+            fn_kwargs={"plan": self.ray.put(plan), "root": root},
+        ).take_all()
+
+
+class LocalEngine:
+    """The same stage functions in a plain single-process loop (no Ray): for measuring the
+    cost of distribution, and for debugging."""
+
+    name = "local"
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.users: list[pa.Table] = []
+
+    def _user_batches(self) -> Iterator[pa.Table]:
+        size = self.config.users_per_batch
+        for i in range(0, len(self.users), size):
+            yield pa.concat_tables(self.users[i : i + size])
+
+    def summarize_users(self, sources: list[str], archive: str, root: str) -> list[dict]:
+        tables = [t for s in sources for t in source_features(
+            s, archive, root, self.config.read_batch_size, self.config.max_non_english_fraction)]
+        posts = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
+        posts = posts.sort_by("user_id")
+        thresholds = self.config.thresholds()
+        user_ids = posts.column("user_id").to_pylist()
+        self.users = []
+        start = 0
+        for i in range(1, len(user_ids) + 1):
+            if i == len(user_ids) or user_ids[i] != user_ids[start]:
+                group = posts.slice(start, i - start)
+                self.users.append(summarize_user(group, thresholds, root))
+                start = i
+        return [t.select(SUMMARY_COLUMNS).to_pylist()[0] for t in self.users]
+
+    def token_statistics(self, plan: Plan) -> Iterator[dict]:
+        for batch in self._user_batches():
+            yield from token_statistics(batch, plan).to_pylist()
+
+    def write_examples(self, plan: Plan, root: str) -> list[dict]:
+        return [r for b in self._user_batches() for r in write_examples(b, plan, root).to_pylist()]
+
+
+ENGINES = {"ray": RayEngine, "local": LocalEngine}
+
+
+# --------------------------------------------------------------------------- driver
+OWNED_OUTPUTS = ("examples", "vocab", "contexts", "rejects/read", "rejects/preprocess")
+
+
+def clear_outputs(root: str) -> None:
+    """Delete what a previous run wrote here (manifest first: no manifest = incomplete)."""
+    manifest = storage.join(root, "manifest.json")
+    if storage.exists(manifest):
+        storage.delete(manifest)
+    for name in OWNED_OUTPUTS:
+        uri = storage.join(root, *name.split("/"))
+        if storage.exists(uri):
+            storage.delete(uri)
+
+
+def _mean_median(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "median": 0.0}
+    return {"mean": round(statistics.fmean(values), 3),
+            "median": float(statistics.median(values))}
+
+
+def _histogram_mean_median(histogram: list[int]) -> dict[str, float]:
+    total = sum(histogram)
+    if not total:
+        return {"mean": 0.0, "median": 0.0}
+    mean = sum(i * n for i, n in enumerate(histogram)) / total
+
+    def value_at(rank: int) -> int:  # 0-based rank in sorted order
+        seen = 0
+        for i, n in enumerate(histogram):
+            seen += n
+            if seen > rank:
+                return i
+        return len(histogram) - 1
+
+    median = (value_at((total - 1) // 2) + value_at(total // 2)) / 2
+    return {"mean": round(mean, 3), "median": float(median)}
+
+
+def build_plan(users: list[dict], config: PreprocessConfig) -> Plan:
+    user_splits = {}
+    for task in TASKS:
+        counts = {u["user_id"]: u[f"{task}_kept"] for u in users if u[f"{task}_kept"] > 0}
+        user_splits[task] = split_users(counts, config.seed, config.train_user_fraction,
+                                        config.test_posts, config.max_test_share)
+    total = sum(u[f"{BY_POSTS_TASK}_kept"] for u in users)
+    test_fraction, val_fraction = by_posts_fractions(
+        total, config.train_user_fraction, config.test_posts, config.max_test_share)
+    return Plan(seed=config.seed, context_size=config.context_size, user_splits=user_splits,
+                by_posts=config.by_posts_split, by_posts_test_fraction=test_fraction,
+                by_posts_val_fraction=val_fraction)
+
+
+def vocab_names(config: PreprocessConfig) -> list[str]:
+    names = list(TASKS)
+    if config.by_posts_split:
+        names.append(vocab_name(BY_POSTS_TASK, TRAIN_BY_POSTS))
+    return names
+
+
+def add_vocabularies(plan: Plan, token_stats: Iterable[dict], config: PreprocessConfig) -> None:
+    """Vocabularies and IDF from the partial token statistics of the batches of users."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    doc_freq: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in token_stats:
+        counts[row["vocab"]][row["token"]] += row["count"]
+        doc_freq[row["vocab"]][row["token"]] += row["df"]
+    for name in vocab_names(config):
+        task = name.split("_", 1)[0]
+        vocab = Vocabulary.from_counts(counts[name], config.vocab_size(task))
+        if name == task:
+            n_docs = sum(1 for s in plan.user_splits[task].values() if s == TRAIN)
+        else:  # by posts every user has training posts
+            n_docs = len(plan.user_splits[task])
+        plan.vocabs[name] = vocab
+        plan.idf[name] = fit_idf(
+            {t: d for t, d in doc_freq[name].items() if vocab.is_word(t)}, n_docs)
+        plan.idf_docs[name] = n_docs
+
+
+def task_splits(task: str, config: PreprocessConfig) -> tuple[str, ...]:
+    if task == BY_POSTS_TASK and config.by_posts_split:
+        return BY_USERS_SPLITS + BY_POSTS_SPLITS
+    return BY_USERS_SPLITS
+
+
+def write_empty_splits(root: str, summary: list[dict], config: PreprocessConfig) -> None:
+    """A split without posts still gets a (valid, empty) part file so that it reads back."""
+    written = {(r["task"], r["split"]) for r in summary if r["posts"]}
+    for task in TASKS:
+        for split in task_splits(task, config):
+            if (task, split) not in written:
+                uri = storage.join(examples_dir(root, task, split), "part-empty.parquet")
+                storage.write_parquet(uri, conform([], "example"))
+
+
+def write_contexts(root: str, summary: list[dict]) -> dict[str, int]:
+    """``contexts/<task>.parquet``: each user's context from all of its kept posts."""
+    written = {}
+    for task in TASKS:
+        task_rows = sorted(
+            ({"user_id": r["user_id"], "context_words": r["context_words"]}
+             for r in summary if r["task"] == task and r["context_words"] is not None),
+            key=lambda r: r["user_id"],
+        )
+        storage.write_parquet(storage.join(root, "contexts", f"{task}.parquet"),
+                              conform(task_rows, "user_context"))
+        written[task] = len(task_rows)
+    return written
+
+
+def written_rejects(root: str) -> dict[str, dict[str, int]]:
+    """Reject counts by stage and reason code, from the files themselves."""
+    return {stage: dict(sorted(count_rejects(root, stage).items()))
+            for stage in (READ_STAGE, PREPROCESS_STAGE)}
+
+
+def build_manifest(
+    *,
+    archive: str,
+    root: str,
+    config: PreprocessConfig,
+    engine: str,
+    n_sources: int,
+    rejects: dict[str, dict[str, int]],
+    users: list[dict],
+    plan: Plan,
+    summary: list[dict],
+    contexts_written: dict[str, int],
+    seconds: float,
+) -> dict[str, Any]:
+    totals = {name: sum(u[name] for u in users) for name in COUNT_COLUMNS}
+    rejected = {stage: sum(codes.values()) for stage, codes in rejects.items()}
+    n_rejected = sum(rejected.values())
+    # Every record the readers saw is a reject, or a post of one user (duplicates included).
+    records_in = n_rejected + totals["posts"]
+
+    filtered: dict[str, dict[str, int]] = {}
+    steps: dict[str, list[dict[str, Any]]] = {}
+    balance: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    for task in TASKS:
+        filtered[task] = {rule: totals[rule] for rule in COMMON_RULES}
+        filtered[task].update({rule: totals[f"{task}_{rule}"] for rule in TASK_RULES})
+        remaining = records_in
+        task_steps = [{"step": "records in", "posts": remaining}]
+        for label, dropped in (
+            ("after read rejects", rejected[READ_STAGE]),
+            ("after preprocess rejects", rejected[PREPROCESS_STAGE] - totals["duplicates"]),
+            ("after duplicates", totals["duplicates"]),
+            *((f"after {rule}", filtered[task][rule]) for rule in COMMON_RULES),
+            *((f"after {rule}", filtered[task][rule]) for rule in TASK_RULES),
+        ):
+            remaining -= dropped
+            task_steps.append({"step": label, "posts": remaining})
+        steps[task] = task_steps
+        kept = totals[f"{task}_kept"]
+        n_filtered = sum(filtered[task].values())
+        balance[task] = {"records_in": records_in, "kept": kept, "filtered": n_filtered,
+                         "rejected": n_rejected,
+                         "balanced": records_in == kept + n_filtered + n_rejected}
+        per_user = [u[f"{task}_kept"] for u in users if u[f"{task}_kept"]]
+        histogram = [sum(h) for h in zip(*(u[f"{task}_lengths"] for u in users), strict=True)
+                     ] if users else []
+        stats[task] = {"posts": kept, "users": len(per_user),
+                       "posts_per_user": _mean_median(per_user),
+                       "words_per_post": _histogram_mean_median(histogram)}
+
+    splits: dict[str, dict[str, dict[str, int]]] = {}
+    for task in TASKS:
+        splits[task] = {}
+        for split in task_splits(task, config):
+            rows = [r for r in summary if r["task"] == task and r["split"] == split]
+            splits[task][split] = {"posts": sum(r["posts"] for r in rows), "users": len(rows)}
+
+    vocabularies = {}
+    for name, vocab in plan.vocabs.items():
+        task = name.split("_", 1)[0]
+        vocabularies[name] = {
+            "size": len(vocab), "max_size": config.vocab_size(task),
+            "path": f"vocab/{name}.json",
+            "fit_on": f"{task}/{TRAIN_BY_POSTS if name != task else TRAIN}",
+            "idf_documents": plan.idf_docs[name],
+        }
+    vocab_by_split = {task: {split: f"vocab/{vocab_name(task, split)}.json"
+                             for split in task_splits(task, config)} for task in TASKS}
+    return {
+        "version": MANIFEST_VERSION,
+        "created_at": datetime.now(UTC).isoformat(),
+        "archive": archive,
+        "root": root,
+        "engine": engine,
+        "seconds": round(seconds, 3),
+        "sources": n_sources,
+        "records": {"in": records_in, "rejected": rejected, "posts": totals["posts"],
+                    "duplicates": totals["duplicates"], "users": len(users)},
+        "rejects": rejects,
+        "filtered": filtered,
+        "steps": steps,
+        "balance": balance,
+        "stats": {**stats, "unique": {"posts": totals["either_kept"],
+                                      "users": sum(1 for u in users if u["either_kept"])}},
+        "splits": splits,
+        "by_posts_fractions": {"test": plan.by_posts_test_fraction,
+                               "val": plan.by_posts_val_fraction} if plan.by_posts else None,
+        "vocab": vocabularies,
+        "vocab_sizes": {name: len(v) for name, v in plan.vocabs.items()},
+        "vocab_by_split": vocab_by_split,
+        "context_size": config.context_size,
+        "contexts": {task: {"path": f"contexts/{task}.parquet", "users": n}
+                     for task, n in contexts_written.items()},
+        "config": config_to_dict(config),
+    }
+
+
+def preprocess(
+    archive: str, out: str, config: PreprocessConfig | None = None, engine: str = "ray"
+) -> dict[str, Any]:
+    """Run the whole job; returns the manifest (also written to ``<out>/manifest.json``)."""
+    from csmn import readers
+
+    config = config or PreprocessConfig()
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    started = time.perf_counter()
+    sources = readers.list_sources(archive)
+    if not sources:
+        raise FileNotFoundError(f"no sources to read in the archive {archive}")
+    if engine == "ray" and os.environ.get("RAY_ADDRESS") and not storage.is_s3(out):
+        log.warning("RAY_ADDRESS is set but --out %s is a local path: workers on other nodes "
+                    "write to their own disks; use s3:// or a shared mount", out)
+    clear_outputs(out)
+    runner = ENGINES[engine](config)
+    log.info("preprocessing %d source(s) of %s into %s (%s)", len(sources), archive, out,
+             engine)
+
+    users = runner.summarize_users(sources, archive, out)
+    rejects = written_rejects(out)
+    log.info("%d users, %d posts; rejects %s", len(users), sum(u["posts"] for u in users),
+             rejects)
+
+    plan = build_plan(users, config)
+    add_vocabularies(plan, runner.token_statistics(plan), config)
+    for name, vocab in plan.vocabs.items():
+        vocab.save(storage.join(out, "vocab", f"{name}.json"))
+    summary = runner.write_examples(plan, out)
+    write_empty_splits(out, summary, config)
+    contexts_written = write_contexts(out, summary)
+
+    manifest = build_manifest(
+        archive=archive, root=out, config=config, engine=engine, n_sources=len(sources),
+        rejects=rejects, users=users, plan=plan, summary=summary,
+        contexts_written=contexts_written, seconds=time.perf_counter() - started,
+    )
+    for task in TASKS:
+        if not manifest["balance"][task]["balanced"]:
+            raise RuntimeError(f"{task}: records in != kept + filtered + rejected: "
+                               f"{manifest['balance'][task]}")
+        if not manifest["stats"][task]["posts"]:
+            log.warning("%s: no post survived the filters (see manifest 'steps')", task)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    log.info("wrote %s/manifest.json in %.1fs", out, manifest["seconds"])
+    return manifest
+
+
+def load_manifest(root: str) -> dict[str, Any]:
+    return storage.read_json(storage.join(root, "manifest.json"))
+
+
+# --------------------------------------------------------------------------- CLI
+def _load_config(args: argparse.Namespace) -> PreprocessConfig:
+    section = None
+    if args.config:
+        loaded = yaml.safe_load(storage.read_text(args.config)) or {}
+        if isinstance(loaded, dict) and isinstance(loaded.get("preprocess"), dict):
+            section = "preprocess"
+    return config_from_args(PreprocessConfig, args, args.config, section=section)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csmn preprocess",
+        description="Filter, normalize, build vocabularies, user contexts and splits "
+                    "(Ray Data; in-process Ray unless RAY_ADDRESS is set).",
+    )
+    parser.add_argument("--archive", required=True, help="raw archive (local path or s3://)")
+    parser.add_argument("--out", required=True, help="data root to write (local or s3://)")
+    parser.add_argument("--config", help="YAML file: PreprocessConfig fields, top-level or "
+                                         "under a 'preprocess' section")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="ray",
+                        help="ray (default) or local: the same functions in one process")
+    parser.add_argument("--log-level", default="INFO")
+    add_config_arguments(parser, PreprocessConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from csmn.runtime import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = _load_config(args)
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        print(f"csmn preprocess: bad configuration: {err}", file=sys.stderr)
+        return 2
+    try:
+        manifest = preprocess(args.archive, args.out, config, engine=args.engine)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"csmn preprocess: {err}", file=sys.stderr)
+        return 1
+    for task in TASKS:
+        s = manifest["stats"][task]
+        split_posts = ", ".join(
+            f"{split}: {n['posts']}" for split, n in manifest["splits"][task].items())
+        print(f"{task}: {s['posts']} posts, {s['users']} users ({split_posts})")
+    print(f"manifest: {storage.join(args.out, 'manifest.json')}")
+    return 0

@@ -1,0 +1,97 @@
+"""User context (paper 4.1): the top-D TF-IDF tokens of a user's posts, best first.
+
+As in the authors' code each user is one document, term frequency is the raw count and the
+IDF is scikit-learn's smoothed one, ln((1 + n) / (1 + df)) + 1, fitted on the training users
+(the L2 normalization they applied does not change a user's ranking, so it is left out).
+Only vocabulary words can enter a context (special tokens and OOV tokens are skipped); ties
+are broken by the token string so that contexts are deterministic.
+
+Leak-free: the authors built a test user's context from the very posts being predicted.
+Here the context of a post comes from the user's counts MINUS the post's own counts, so a
+token that occurs only in that post can never be in its context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from csmn.vocab import Vocabulary
+
+
+def fit_idf(doc_freq: Mapping[str, int], n_docs: int) -> dict[str, float]:
+    """Smoothed IDF per token from document frequencies over ``n_docs`` training users."""
+    return {token: smoothed_idf(df, n_docs) for token, df in doc_freq.items()}
+
+
+def smoothed_idf(df: int, n_docs: int) -> float:
+    return math.log((1 + n_docs) / (1 + df)) + 1.0
+
+
+def count_tokens(token_lists: Iterable[Sequence[str]]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for tokens in token_lists:
+        counts.update(tokens)
+    return counts
+
+
+class UserContext:
+    """One user's counts, ranked once; contexts of single posts derived cheaply from them."""
+
+    def __init__(
+        self,
+        counts: Mapping[str, int],
+        idf: Mapping[str, float],
+        vocab: Vocabulary,
+        size: int,
+        n_docs: int = 0,
+    ):
+        self.counts = dict(counts)
+        self.idf = idf
+        self.size = size
+        self._default_idf = smoothed_idf(0, n_docs)
+        self._words = {t for t in self.counts if vocab.is_word(t)}
+        scored = [(self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        self._ranked = scored
+
+    def _score(self, token: str, count: int) -> float:
+        return count * self.idf.get(token, self._default_idf)
+
+    def full(self) -> list[str]:
+        """The context from all of the user's posts (for posts the user has not written yet)."""
+        return [t for _, t in self._ranked[: self.size]]
+
+    def without(self, post_tokens: Sequence[str]) -> list[str]:
+        """The context from the user's posts other than the one with ``post_tokens``.
+
+        Removing a post only lowers the scores of its own tokens, so the answer lies in the
+        first D + k entries of the full ranking (k = the post's distinct words): rescore
+        those k, re-sort that head, cut at D.
+        """
+        own = Counter(t for t in post_tokens if t in self._words)
+        head = self._ranked[: self.size + len(own)]
+        rescored = []
+        for score, token in head:
+            if token in own:
+                remaining = self.counts[token] - own[token]
+                if remaining < 0:
+                    raise ValueError(f"post token {token!r} is not counted in the user's counts")
+                if remaining == 0:
+                    continue
+                score = self._score(token, remaining)
+            rescored.append((score, token))
+        rescored.sort(key=lambda item: (-item[0], item[1]))
+        return [t for _, t in rescored[: self.size]]
+
+
+def top_context(
+    counts: Mapping[str, int],
+    idf: Mapping[str, float],
+    vocab: Vocabulary,
+    size: int,
+    n_docs: int = 0,
+) -> list[str]:
+    """Top-``size`` vocabulary words of ``counts`` by TF-IDF, best first (reference form)."""
+    return UserContext(counts, idf, vocab, size, n_docs).full()

@@ -1,0 +1,3 @@
+from csmn.preprocess import main
+
+raise SystemExit(main())
