@@ -24,7 +24,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         ray.init(address=address, log_to_driver=True)
         return
     log.info("starting an in-process Ray (set RAY_ADDRESS to use a cluster)")
+    # address="local": never attach to a cluster some other process left in /tmp/ray.
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=object_store_memory,
         include_dashboard=False,

@@ -9,13 +9,15 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_endpoint):
     """A real Ray, started once with 2 CPUs and a capped object store (it is not capped by
-    num_cpus, and an uncapped one takes 30% of RAM)."""
+    num_cpus, and an uncapped one takes 30% of RAM). The S3 endpoint starts first so that
+    Ray's workers inherit AWS_ENDPOINT_URL and its credentials, as they would on a cluster."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             object_store_memory=400 * 1024 * 1024,
             include_dashboard=False,
