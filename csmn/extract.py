@@ -1,0 +1,720 @@
+"""The feature extraction job: every image of the examples -> ResNet-101 pool5 / res5c features.
+
+A Ray Data pipeline (the model and the preprocessing themselves live in ``csmn.features``, which
+has no Ray in it)::
+
+    examples/*/*/part-*.parquet (column image) --read_parquet--> unique image URIs on the driver
+      minus images that already have features (finished parts) or were rejected before
+      --from_arrow--> map_batches(decode + resize + crop, CPU tasks)          uint8 crops
+      --> map_batches(ResNet-101 actor, ActorPoolStrategy, 1 GPU each if any)   float32 features
+      --> map_batches(write one Parquet part per layer + a rejects part, CPU tasks)
+      --> per-image outcomes back to the driver for the summary
+
+Output, for each layer in {pool5, res5c}: ``<root>/features/<layer>/part-<run>-<hash>.parquet``
+(schema ``features_<layer>``: image, feature) and ``<root>/features/<layer>/_meta.json``
+(weights, preprocessing, slots, the last run's counts; ``random_weights: true`` and a warning
+when the weights were random). Bad images go to ``<root>/rejects/extract_features/``.
+
+Reruns: parts are written atomically (see ``csmn.storage``), so a killed run leaves only whole
+parts; a rerun reads the image keys of the finished parts and computes only what is missing.
+Images rejected by an earlier run are not retried unless ``--retry-rejects`` (their reject rows
+are then replaced). Every image is accounted for: unique images = already done + previously
+rejected + written now + rejected now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from csmn import storage
+from csmn.config import add_config_arguments, config_from_args, config_to_dict
+from csmn.features import (
+    FEATURE_DIM,
+    LAYERS,
+    RANDOM_WEIGHTS_WARNING,
+    FeatureExtractor,
+    ImageRejected,
+    PreprocessConfig,
+    WeightsInfo,
+    WeightsUnavailable,
+    decode_image,
+    load_trunk,
+    read_image_bytes,
+    resolve_precision,
+)
+from csmn.rejects import rejects_dir
+from csmn.schemas import conform, load_schema, validate
+
+log = logging.getLogger(__name__)
+
+STAGE = "extract_features"
+OK = "ok"
+# Where the store is, which the storage layer reads. Workers of an already running Ray were
+# started before the driver set them, so the job hands them on. Credentials are not handed
+# on: a runtime env is shown by the dashboard and the job API, and workers find their own
+# through the AWS chain (instance role, profile, their environment).
+_STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
+@dataclass
+class ExtractConfig:
+    """Feature extraction settings; defaults follow the paper (ResNet-101, 256 -> 224 crop)."""
+
+    data: str = field(default="", metadata={"help": "data root (local or s3://) with examples/"})
+    layer: str = field(default="pool5", metadata={"help": "pool5 | res5c | both"})
+    weights: str = field(
+        default="imagenet",
+        metadata={
+            "help": "imagenet (torchvision IMAGENET1K_V1) | imagenet-v2 | PATH | URI of a "
+            "resnet101 state_dict | random (tests only)"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "init seed of random weights"})
+    batch_size: int = field(default=64, metadata={"help": "images per model forward pass"})
+    actors: int = field(
+        default=0, metadata={"help": "model actors; 0 = one per GPU, or 1 without GPUs"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16/fp16 autocast on GPU, fp32 on CPU) | ..."}
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "intra-op threads of a CPU actor; 0 = the node's cores"}
+    )
+    actor_memory_gb: float = field(
+        default=2.0, metadata={"help": "memory reserved per model actor (weights, activations)"}
+    )
+    decode_batch_size: int = field(default=32, metadata={"help": "images per decode batch"})
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
+    io_threads: int = field(default=8, metadata={"help": "concurrent image reads per task"})
+    rows_per_part: int = field(default=256, metadata={"help": "images per output part"})
+    resize_size: int = field(default=0, metadata={"help": "short side; 0 = the weights' (256)"})
+    crop_size: int = field(default=0, metadata={"help": "center crop; 0 = the weights' (224)"})
+    max_pixels: int = field(
+        default=PreprocessConfig.max_pixels, metadata={"help": "reject larger images"}
+    )
+    max_bytes: int = field(
+        default=PreprocessConfig.max_bytes, metadata={"help": "reject larger files"}
+    )
+    exif_transpose: bool = True
+    jpeg_draft: bool = field(
+        default=False, metadata={"help": "decode large JPEGs at reduced scale (faster)"}
+    )
+    retry_rejects: bool = field(
+        default=False, metadata={"help": "retry images an earlier run rejected"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "delete existing features of the layer(s) first"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.layer not in (*LAYERS, "both"):
+            raise ValueError(f"layer must be pool5, res5c or both, got {self.layer!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return LAYERS if self.layer == "both" else (self.layer,)
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.for_weights(
+            self.weights,
+            resize_size=self.resize_size,
+            crop_size=self.crop_size,
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+            exif_transpose=self.exif_transpose,
+            jpeg_draft=self.jpeg_draft,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers (no Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+def features_dir(root: str, layer: str) -> str:
+    return storage.join(root, "features", layer)
+
+
+def meta_uri(root: str, layer: str) -> str:
+    return storage.join(features_dir(root, layer), "_meta.json")
+
+
+def feature_schema(layer: str, slots: int = 49) -> pa.Schema:
+    """The Parquet schema of a layer's parts. The contract's res5c is 49 slots (224 crop); a
+    smaller crop (tests) stores ``slots x 2048`` floats under the same column names."""
+    schema = load_schema(f"features_{layer}")
+    if layer == "res5c" and slots != 49:
+        index = schema.get_field_index("feature")
+        feature = schema.field(index)
+        schema = schema.set(
+            index, feature.with_type(pa.list_(pa.float32(), slots * FEATURE_DIM))
+        )
+    return schema
+
+
+def _features_table(layer: str, images: list[str], values: np.ndarray, slots: int) -> pa.Table:
+    schema = feature_schema(layer, slots)
+    width = schema.field("feature").type.list_size
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.shape != (len(images), width):
+        raise ValueError(f"{layer}: features of shape {values.shape}, expected {width} per row")
+    feature = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+    table = pa.Table.from_arrays([pa.array(images, pa.string()), feature], schema=schema)
+    if slots == 49 or layer == "pool5":
+        return conform(table, f"features_{layer}")
+    return table
+
+
+def read_features(root: str, layer: str) -> tuple[list[str], np.ndarray]:
+    """All features of a layer: image keys and a float32 array ``[N, 2048]`` (pool5) or
+    ``[N, slots, 2048]`` (res5c). For small data and tests; training streams the parts."""
+    table = storage.read_parquet(features_dir(root, layer))
+    if layer == "pool5" or table.schema.field("feature").type.list_size == 49 * FEATURE_DIM:
+        table = validate(table, f"features_{layer}")
+    column = table.column("feature").combine_chunks()
+    width = column.type.list_size
+    values = column.values.to_numpy(zero_copy_only=False).reshape(len(table), width)
+    if layer == "res5c":
+        values = values.reshape(len(table), -1, FEATURE_DIM)
+    return table.column("image").to_pylist(), values
+
+
+def example_files(root: str) -> list[str]:
+    """``<root>/examples/<task>/<split>/part-*.parquet``."""
+    base = storage.join(root, "examples")
+    out = []
+    for uri in storage.list_files(base, suffix=".parquet"):
+        relative = uri[len(base):].strip("/").split("/")
+        if len(relative) == 3 and relative[2].startswith("part-"):
+            out.append(uri)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages. Plain functions and a class: Ray ships them to workers.
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], preprocess: PreprocessConfig, io_threads: int
+) -> dict[str, np.ndarray]:
+    """CPU stage: read (threads, since it waits on storage) then decode, resize, crop.
+
+    A bad image gets an ``error`` (``code: detail``) and zero pixels; the batch goes on.
+    """
+    images = [str(uri) for uri in batch["image"]]
+    crop = preprocess.crop_size
+    pixels = np.zeros((len(images), crop, crop, 3), np.uint8)
+    errors = [""] * len(images)
+
+    def read(uri: str) -> bytes | ImageRejected:
+        try:
+            return read_image_bytes(uri, preprocess.max_bytes)
+        except ImageRejected as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(images)))) as pool:
+        contents = list(pool.map(read, images))
+    for i, data in enumerate(contents):
+        try:
+            if isinstance(data, ImageRejected):
+                raise data
+            pixels[i] = decode_image(data, preprocess)
+        except ImageRejected as err:
+            errors[i] = err.reason
+        except Exception as err:  # one image never stops the job: anything else is a reject
+            errors[i] = f"decode_error: {type(err).__name__}: {err}"
+    out = {key: value for key, value in batch.items() if key != "image"}
+    out.update(
+        image=np.array(images, dtype=object),
+        pixels=pixels,
+        error=np.array(errors, dtype=object),
+    )
+    return out
+
+
+class FeatureActor:
+    """Model stage: one ResNet-101 per actor (per GPU), loaded once, applied batch by batch."""
+
+    def __init__(
+        self,
+        weights: str,
+        seed: int,
+        fingerprint: str,
+        layers: tuple[str, ...],
+        use_gpu: bool,
+        precision: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        torch_threads: int,
+    ) -> None:
+        import torch
+
+        if not use_gpu and torch_threads > 0:
+            # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); on a CPU node the model
+            # dominates the work, so it gets the cores while decode tasks interleave.
+            torch.set_num_threads(torch_threads)
+        trunk, info = load_trunk(weights, seed)
+        if info.fingerprint != fingerprint:
+            raise RuntimeError(
+                f"weights changed since the job started: {info.fingerprint} != {fingerprint}"
+            )
+        self.extractor = FeatureExtractor(
+            trunk, layers, "cuda" if use_gpu else "cpu", precision, mean, std, info
+        )
+        self.layers = layers
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = batch["error"]
+        ok = np.array([not e for e in errors], dtype=bool)
+        n = len(errors)
+        out = {key: value for key, value in batch.items() if key != "pixels"}
+        computed = self.extractor(batch["pixels"][ok]) if ok.any() else {}
+        for layer in self.layers:
+            if layer in computed:
+                values = np.zeros((n, computed[layer].shape[1]), np.float32)
+                values[ok] = computed[layer]
+            else:
+                width = FEATURE_DIM * (1 if layer == "pool5" else _slots(batch["pixels"]))
+                values = np.zeros((n, width), np.float32)
+            out[layer] = values
+        return out
+
+
+def _slots(pixels: np.ndarray) -> int:
+    return math.ceil(pixels.shape[1] / 32) ** 2
+
+
+def write_part(
+    batch: dict[str, np.ndarray], root: str, layers: tuple[str, ...], run_id: str, slots: int
+) -> dict[str, np.ndarray]:
+    """Write stage: one features part per layer and one rejects part; per-image outcomes out.
+
+    The part name hashes the batch's image keys, so a task Ray retries rewrites the same
+    file instead of adding a duplicate. Rejects are written first: a kill between the two
+    leaves the good images without features, and a rerun computes them.
+    """
+    from csmn.rejects import reject_row
+
+    images = [str(uri) for uri in batch["image"]]
+    errors = [str(e) for e in batch["error"]]
+    for layer in layers:
+        # fp16 overflow or a broken kernel: that image is rejected, the job goes on
+        finite = np.isfinite(batch[layer]).all(axis=1)
+        for i in np.flatnonzero(~finite):
+            if not errors[i]:
+                errors[i] = f"non_finite_features: {layer} (try --precision fp32 or bf16)"
+    digest = hashlib.sha1("\n".join(sorted(images)).encode("utf-8")).hexdigest()[:16]
+    name = f"part-{run_id}-{digest}.parquet"
+    bad = [i for i, e in enumerate(errors) if e]
+    if bad:
+        rows = [reject_row(STAGE, errors[i], record_id=images[i], source=images[i]) for i in bad]
+        storage.write_parquet(storage.join(rejects_dir(root, STAGE), name), conform(rows, "reject"))
+    for layer in layers:
+        needed = np.array([not e for e in errors], dtype=bool) & batch[f"need_{layer}"].astype(bool)
+        if not needed.any():
+            continue
+        keep = np.flatnonzero(needed)
+        table = _features_table(layer, [images[i] for i in keep], batch[layer][keep], slots)
+        storage.write_parquet(storage.join(features_dir(root, layer), name), table)
+    outcomes = [OK if not e else e.split(":", 1)[0].strip() for e in errors]
+    return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_runtime_env() -> dict[str, Any] | None:
+    env = {key: os.environ[key] for key in _STORAGE_ENV if os.environ.get(key)}
+    return {"env_vars": env} if env else None
+
+
+def _read_image_columns(
+    groups: dict[str, list[str]], runtime_env: dict[str, Any] | None
+) -> dict[str, list[str | None]]:
+    """The ``image`` column of every file of every group (examples, each layer's finished
+    parts) in one Ray Data read, gathered on the driver by group."""
+    import ray
+
+    uris = [uri for files in groups.values() for uri in files]
+    out: dict[str, list[str | None]] = {name: [] for name in groups}
+    if not uris:
+        return out
+    filesystem, _ = storage.resolve(uris[0])
+    group_of = {storage.resolve(uri)[1]: name for name, files in groups.items() for uri in files}
+    dataset = ray.data.read_parquet(
+        list(group_of), filesystem=filesystem, include_paths=True, runtime_env=runtime_env
+    ).select_columns(["image", "path"])
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        paths = batch.column("path").to_pylist()
+        for path, image in zip(paths, batch.column("image").to_pylist(), strict=True):
+            out[group_of[path]].append(image)
+    return out
+
+
+def _check_meta(root: str, layer: str, info: WeightsInfo, preprocess: PreprocessConfig) -> None:
+    """Refuse to mix features of different weights or preprocessing in one folder."""
+    directory = features_dir(root, layer)
+    parts = storage.list_files(directory, suffix=".parquet")
+    if not parts:
+        return
+    meta_path = meta_uri(root, layer)
+    if not storage.exists(meta_path):
+        raise ValueError(
+            f"{directory} holds {len(parts)} part(s) but no _meta.json: unknown weights. "
+            f"Pass --overwrite true to recompute them."
+        )
+    meta = storage.read_json(meta_path)
+    old_fingerprint = meta.get("weights", {}).get("fingerprint")
+    if old_fingerprint != info.fingerprint:
+        raise ValueError(
+            f"{directory} holds features from weights {old_fingerprint}, this run uses "
+            f"{info.fingerprint}. Pass --overwrite true to replace them, or the same --weights."
+        )
+    old = meta.get("preprocess", {})
+    new = preprocess.to_dict()
+    keys = ("resize_size", "crop_size", "mean", "std", "exif_transpose", "jpeg_draft")
+    changed = [k for k in keys if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+    if changed:
+        raise ValueError(
+            f"{directory} holds features made with other preprocessing ({', '.join(changed)}). "
+            f"Pass --overwrite true to replace them, or the same settings."
+        )
+
+
+def _write_meta(
+    root: str,
+    layer: str,
+    config: ExtractConfig,
+    info: WeightsInfo,
+    preprocess: PreprocessConfig,
+    precision: str,
+    status: str,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    import torch
+    import torchvision
+
+    grid = preprocess.grid
+    slots = 1 if layer == "pool5" else grid * grid
+    meta: dict[str, Any] = {
+        "layer": layer,
+        "schema": f"features_{layer}",
+        "feature_shape": [FEATURE_DIM] if layer == "pool5" else [slots, FEATURE_DIM],
+        "slots": slots,
+        "grid": grid,
+        "layout": (
+            "spatial mean of res5c"
+            if layer == "pool5"
+            else f"slot-major: reshape({slots}, {FEATURE_DIM}); slot j = y * {grid} + x"
+        ),
+        "model": "torchvision resnet101 conv1..layer4 (res5c = layer4 output after ReLU)",
+        "weights": info.to_dict(),
+        "random_weights": info.random,
+        "preprocess": preprocess.to_dict(),
+        "precision": precision,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "status": status,
+        "updated_at": datetime.now(UTC).isoformat(),
+        "config": config_to_dict(config),
+    }
+    if info.random:
+        meta["WARNING"] = RANDOM_WEIGHTS_WARNING
+    if summary is not None:
+        meta["last_run"] = summary
+    storage.write_json(meta_uri(root, layer), meta)
+
+
+def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] | None) -> str:
+    """The autocast the actors will use, resolved where they run (the driver may have no GPU)."""
+    import ray
+    import torch
+
+    def name(dtype: torch.dtype | None) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+    if not use_gpu:
+        return name(resolve_precision(requested, torch.device("cpu")))
+    if requested != "auto" or torch.cuda.is_available():
+        return name(resolve_precision(requested, torch.device("cuda")))
+
+    @ray.remote(num_gpus=1, num_cpus=0, runtime_env=runtime_env)
+    def probe() -> str:
+        import torch
+
+        return name(resolve_precision("auto", torch.device("cuda")))
+
+    return ray.get(probe.remote())
+
+
+def _cluster_plan(config: ExtractConfig) -> tuple[bool, int, int, int]:
+    """(use_gpu, actors, torch_threads, cpus) for the connected Ray cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if config.device == "cuda" and not gpus:
+        raise ValueError("--device cuda but the Ray cluster has no GPU")
+    use_gpu = gpus > 0 and config.device != "cpu"
+    actors = config.actors or (gpus if use_gpu else 1)
+    if use_gpu and actors > gpus:
+        raise ValueError(f"{actors} actors need {actors} GPUs; the cluster has {gpus}")
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    per_node = math.ceil(actors / nodes)
+    threads = config.torch_threads or max(1, (cpus // nodes) // per_node)
+    return use_gpu, actors, threads, cpus
+
+
+def _input_blocks(
+    todo: list[str], need: dict[str, set[str]], layers: tuple[str, ...], cpus: int
+) -> list[pa.Table]:
+    # Blocks small enough that every decode slot gets work, at most 256 images each.
+    rows = max(1, min(256, math.ceil(len(todo) / (4 * cpus))))
+    blocks = []
+    for start in range(0, len(todo), rows):
+        chunk = todo[start:start + rows]
+        columns = {"image": pa.array(chunk, pa.string())}
+        for layer in layers:
+            columns[f"need_{layer}"] = pa.array([uri in need[layer] for uri in chunk])
+        blocks.append(pa.table(columns))
+    return blocks
+
+
+def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[str, Any]:
+    """Run the job on the connected (or an in-process) Ray; returns the summary.
+
+    Ray Data's per-operator stats (where the time went) are logged at DEBUG level and
+    appended to ``stats`` when a list is given."""
+    import ray
+
+    from csmn.rejects import read_rejects
+    from csmn.runtime import init_ray
+
+    if not config.data:
+        raise ValueError("--data is required: the data root that holds examples/")
+    started = time.time()
+    root = config.data
+    layers = config.layers
+    preprocess = config.preprocess()
+    runtime_env = _worker_runtime_env()
+
+    # Weights first: a missing download should fail at once, not after the scan.
+    trunk, info = load_trunk(config.weights, config.seed)
+    del trunk
+    if info.random:
+        banner = "*" * 100
+        log.warning("\n%s\n*** %s\n%s", banner, RANDOM_WEIGHTS_WARNING, banner)
+
+    files = example_files(root)
+    if not files:
+        raise ValueError(f"no examples under {storage.join(root, 'examples')}/<task>/<split>/")
+    if config.overwrite:
+        for layer in layers:
+            log.warning("--overwrite: deleting %s", features_dir(root, layer))
+            storage.delete(features_dir(root, layer))
+    for layer in layers:
+        _check_meta(root, layer, info, preprocess)
+    if config.retry_rejects:
+        storage.delete(rejects_dir(root, STAGE))
+    rejected_before = {row["record_id"] for row in read_rejects(root, STAGE)}
+
+    init_ray()
+    groups = {"examples": files}
+    for layer in layers:
+        groups[layer] = storage.list_files(features_dir(root, layer), suffix=".parquet")
+    columns = _read_image_columns(groups, runtime_env)
+    references = columns["examples"]
+    unique = sorted({uri for uri in references if uri})
+    without_image = sum(1 for uri in references if not uri)
+    if without_image:
+        log.warning("%d example rows have no image reference; skipped", without_image)
+    done = {layer: set(columns[layer]) for layer in layers}
+
+    wanted = set(unique)
+    already_done = {uri for uri in unique if all(uri in done[layer] for layer in layers)}
+    previously_rejected = (wanted - already_done) & rejected_before
+    todo = [uri for uri in unique if uri not in already_done and uri not in previously_rejected]
+    need = {layer: {uri for uri in todo if uri not in done[layer]} for layer in layers}
+
+    use_gpu, actors, threads, cpus = _cluster_plan(config)
+    precision = _precision_name(config.precision, use_gpu, runtime_env)
+    for layer in layers:
+        _write_meta(root, layer, config, info, preprocess, precision, "running")
+
+    log.info(
+        "%d example rows, %d unique images: %d already have features, %d rejected before, "
+        "%d to compute on %d %s actor(s), batch %d",
+        len(references), len(unique), len(already_done), len(previously_rejected), len(todo),
+        actors, "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size,
+    )
+    outcomes: Counter[str] = Counter()
+    seen: set[str] = set()
+    if todo:
+        run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
+        slots = preprocess.grid**2
+        dataset = ray.data.from_arrow(_input_blocks(todo, need, layers, cpus))
+        dataset = dataset.map_batches(
+            decode_batch,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
+            num_cpus=config.decode_cpus,
+            runtime_env=runtime_env,
+        )
+        dataset = dataset.map_batches(
+            FeatureActor,
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={
+                "weights": config.weights,
+                "seed": config.seed,
+                "fingerprint": info.fingerprint,
+                "layers": layers,
+                "use_gpu": use_gpu,
+                "precision": precision,
+                "mean": preprocess.mean,
+                "std": preprocess.std,
+                "torch_threads": threads,
+            },
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            # Also keeps Ray Data from fusing the decode tasks into the actor on CPU nodes
+            # (it fuses maps whose resource requests are identical).
+            memory=int(config.actor_memory_gb * 1024**3),
+            runtime_env=runtime_env,
+        )
+        dataset = dataset.map_batches(
+            write_part,
+            batch_size=config.rows_per_part,
+            batch_format="numpy",
+            fn_kwargs={"root": root, "layers": layers, "run_id": run_id, "slots": slots},
+            num_cpus=0.25,
+            runtime_env=runtime_env,
+        )
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            outcomes.update(batch.column("outcome").to_pylist())
+            seen.update(batch.column("image").to_pylist())
+        operator_stats = dataset.stats()
+        log.debug("Ray Data stats:\n%s", operator_stats)
+        if stats is not None:
+            stats.append(operator_stats)
+
+    written = outcomes.pop(OK, 0)
+    rejected_now = sum(outcomes.values())
+    seconds = time.time() - started
+    summary: dict[str, Any] = {
+        "data": root,
+        "layers": list(layers),
+        "example_rows": len(references),
+        "example_rows_without_image": without_image,
+        "images": len(unique),
+        "already_done": len(already_done),
+        "previously_rejected": len(previously_rejected),
+        "to_compute": len(todo),
+        "written": written,
+        "rejected": rejected_now,
+        "rejects_by_code": dict(sorted(outcomes.items())),
+        "weights": info.name,
+        "weights_fingerprint": info.fingerprint,
+        "random_weights": info.random,
+        "device": "cuda" if use_gpu else "cpu",
+        "precision": precision,
+        "actors": actors,
+        "batch_size": config.batch_size,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(todo) / seconds, 2) if seconds > 0 else None,
+    }
+    balanced = (
+        len(unique)
+        == len(already_done) + len(previously_rejected) + written + rejected_now
+        and seen == set(todo)
+    )
+    summary["balanced"] = balanced
+    for layer in layers:
+        _write_meta(root, layer, config, info, preprocess, precision, "complete", summary)
+    if not balanced:
+        raise RuntimeError(f"images lost: records in != out + rejected: {summary}")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    if summary["random_weights"]:
+        lines.append("!" * 80)
+        lines.append(f"!!! {RANDOM_WEIGHTS_WARNING}")
+        lines.append("!" * 80)
+    codes = ", ".join(f"{k}: {v}" for k, v in summary["rejects_by_code"].items()) or "none"
+    lines += [
+        f"extract-features ({'+'.join(summary['layers'])}, weights {summary['weights']}, "
+        f"{summary['device']} {summary['precision']}, {summary['actors']} actor(s))",
+        f"  {summary['example_rows']} example rows -> {summary['images']} unique images",
+        f"  already had features: {summary['already_done']}, "
+        f"rejected by an earlier run: {summary['previously_rejected']}",
+        f"  computed now: {summary['written']}, rejected now: {summary['rejected']} ({codes})",
+        f"  images in = done before + rejected before + written + rejected: "
+        f"{summary['images']} = {summary['already_done']} + {summary['previously_rejected']} + "
+        f"{summary['written']} + {summary['rejected']}",
+        f"  {summary['seconds']} s, {summary['images_per_s']} images/s",
+    ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csmn extract-features",
+        description="ResNet-101 pool5/res5c features of every image of the examples (Ray Data).",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of ExtractConfig fields")
+    parser.add_argument("--config-section", default=None, help="top-level section of --config")
+    add_config_arguments(parser, ExtractConfig)
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    from csmn.runtime import setup_logging
+
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging()
+    try:
+        config = config_from_args(ExtractConfig, args, args.config, section=args.config_section)
+        summary = run_extract(config)
+    except (WeightsUnavailable, ValueError) as err:
+        print(f"csmn extract-features: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(json.dumps(summary, sort_keys=True))
+    return 0

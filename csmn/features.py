@@ -1,0 +1,513 @@
+"""ResNet-101 image features (paper 4.1): decode, preprocess, and the pool5 / res5c trunk.
+
+No Ray here: a GPU box without Ray imports this module to run the same model and the same
+preprocessing as the Ray Data job (``csmn.extract``), and tests call it directly.
+
+Layers. ``res5c`` is the output of torchvision's ``layer4`` (the last bottleneck block of
+stage 5, after its ReLU): 2048 x 7 x 7 at 224 pixels. ``pool5`` is its spatial mean, exactly
+what torchvision's ``avgpool`` computes before ``fc``. res5c is stored slot-major: slot
+``j = y * grid + x`` holds the 2048 channels of grid cell (y, x), so a stored row reshapes
+to ``(grid * grid, 2048)``.
+
+Weights. ``imagenet`` means torchvision's ``ResNet101_Weights.IMAGENET1K_V1``: the original
+ResNet-101 (He et al.) ImageNet weights, the closest to the Caffe model the paper used, and
+the ones whose evaluation transform is the paper's (resize short side 256, center crop 224).
+``imagenet-v2`` (IMAGENET1K_V2, better top-1 but trained with a newer recipe, evaluated at
+resize 232) is there on request. Otherwise a local path or URI of a ``state_dict`` saved from
+a torchvision ``resnet101`` (loaded with ``weights_only=True``), or ``random`` for tests: a
+seeded random initialisation that every caller reports loudly.
+
+Preprocessing is done on the CPU in two halves so that only uint8 pixels travel between
+processes: :func:`load_image` decodes, validates, resizes and center-crops to a uint8
+``crop x crop x 3`` array; :class:`FeatureExtractor` normalises on the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LAYERS = ("pool5", "res5c")
+FEATURE_DIM = 2048
+# ResNet-101's total stride: a crop of c pixels gives a (c / 32) x (c / 32) res5c grid.
+NETWORK_STRIDE = 32
+
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: these features come from a randomly initialised ResNet-101, not from "
+    "ImageNet training. They carry no visual meaning; use them for tests only."
+)
+
+_TORCHVISION_WEIGHTS = {
+    "imagenet": "IMAGENET1K_V1",
+    "imagenet-v1": "IMAGENET1K_V1",
+    "imagenet-v2": "IMAGENET1K_V2",
+}
+
+
+class ImageRejected(Exception):
+    """An image that cannot be turned into features; ``code`` names the reason for rejects/."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+class WeightsUnavailable(RuntimeError):
+    """No usable weights: the message says what to do instead."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+
+def _imagenet_transform(spec: str = "imagenet") -> Any:
+    name = _TORCHVISION_WEIGHTS.get(spec, "IMAGENET1K_V1")
+    return getattr(torchvision.models.ResNet101_Weights, name).transforms()
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes a uint8 crop. Defaults are the ImageNet-V1 evaluation transform."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Decompression-bomb guard: images with more pixels than this are rejected from their
+    # header, before any pixel is decoded. 64 MP covers 48 MP phone cameras.
+    max_pixels: int = 64_000_000
+    max_bytes: int = 64 * 1024 * 1024
+    # Phone photos store their rotation in EXIF; the features should see the upright image.
+    exif_transpose: bool = True
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the resize target): several
+    # times faster on large photos, at a small deviation from a full decode + resize.
+    jpeg_draft: bool = False
+
+    def __post_init__(self) -> None:
+        if self.crop_size < NETWORK_STRIDE:
+            raise ValueError(f"crop_size must be at least {NETWORK_STRIDE}, got {self.crop_size}")
+        if self.resize_size < self.crop_size:
+            raise ValueError(
+                f"resize_size ({self.resize_size}) must be >= crop_size ({self.crop_size})"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Side of the res5c grid (7 at 224)."""
+        return math.ceil(self.crop_size / NETWORK_STRIDE)
+
+    @classmethod
+    def for_weights(
+        cls, weights: str = "imagenet", resize_size: int = 0, crop_size: int = 0, **kwargs: Any
+    ) -> PreprocessConfig:
+        """The transform the weights expect (from torchvision's meta), sizes overridable
+        (0 keeps the weights' own). State dicts and random weights get ImageNet-V1's."""
+        transform = _imagenet_transform(weights)
+        return cls(
+            resize_size=resize_size or int(transform.resize_size[0]),
+            crop_size=crop_size or int(transform.crop_size[0]),
+            mean=tuple(float(v) for v in transform.mean),
+            std=tuple(float(v) for v in transform.std),
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["interpolation"] = "bilinear (PIL, antialiased)"
+        out["grid"] = self.grid
+        return out
+
+
+def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    # torchvision's rule for an int size: the short side becomes `short_side`, the long side
+    # int(short_side * long / short) (truncated, not rounded).
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    """Decode, validate, resize and center-crop; returns uint8 ``[crop, crop, 3]`` RGB.
+
+    Raises :class:`ImageRejected` for empty, non-image, truncated, corrupt or oversized data.
+    """
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    if len(data) > config.max_bytes:
+        raise ImageRejected("file_too_large", f"{len(data)} bytes > {config.max_bytes}")
+    with warnings.catch_warnings():
+        # PIL warns (and past 2x its limit raises) on huge images; the explicit check below
+        # rejects them first, from the header.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise ImageRejected("image_too_large", str(err)) from err
+        except UnidentifiedImageError as err:
+            raise ImageRejected("not_an_image", "not a format PIL can identify") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageRejected("corrupt_image", f"{type(err).__name__}: {err}") from err
+        with image:
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageRejected("corrupt_image", f"size {width}x{height}")
+            if width * height > config.max_pixels:
+                raise ImageRejected(
+                    "image_too_large", f"{width}x{height} pixels > {config.max_pixels}"
+                )
+            new_w, new_h = _resized_size(width, height, config.resize_size)
+            if new_w * new_h > config.max_pixels:
+                # A 1-pixel-high strip would resize to billions of pixels.
+                raise ImageRejected(
+                    "image_too_large",
+                    f"aspect ratio of {width}x{height} resizes to {new_w}x{new_h}",
+                )
+            try:
+                return _resize_and_crop(image, config)
+            except Image.DecompressionBombError as err:
+                raise ImageRejected("image_too_large", str(err)) from err
+            except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
+                message = f"{type(err).__name__}: {err}"
+                code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
+                raise ImageRejected(code, message) from err
+
+
+def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    if config.jpeg_draft and image.format == "JPEG":
+        width, height = image.size
+        image.draft("RGB", _resized_size(width, height, config.resize_size))
+    if config.exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    rgb = image.convert("RGB")
+    new_size = _resized_size(rgb.width, rgb.height, config.resize_size)
+    if new_size != rgb.size:
+        rgb = rgb.resize(new_size, Image.Resampling.BILINEAR)
+    crop = config.crop_size
+    # torchvision's center_crop offsets: int(round((size - crop) / 2)).
+    left = int(round((rgb.width - crop) / 2.0))
+    top = int(round((rgb.height - crop) / 2.0))
+    rgb = rgb.crop((left, top, left + crop, top + crop))
+    pixels = np.array(rgb, dtype=np.uint8)  # a writable copy (torch refuses read-only ones)
+    if pixels.shape != (crop, crop, 3):
+        raise ImageRejected("corrupt_image", f"decoded to shape {pixels.shape}")
+    return pixels
+
+
+def read_image_bytes(uri: str, max_bytes: int) -> bytes:
+    """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first)."""
+    from csmn import storage
+
+    try:
+        fs, path = storage.resolve(uri)
+        # One metadata request gives the size, so an oversized file is never downloaded.
+        with fs.open_input_file(path) as stream:
+            size = stream.size()
+            if size > max_bytes:
+                raise ImageRejected("file_too_large", f"{size} bytes > {max_bytes}")
+            return stream.read()
+    except ImageRejected:
+        raise
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise ImageRejected("missing_image", f"{type(err).__name__}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise ImageRejected("read_error", f"{type(err).__name__}: {err}") from err
+
+
+def load_image(uri: str, config: PreprocessConfig) -> np.ndarray:
+    """Read and preprocess one image (local path or URI); raises :class:`ImageRejected`."""
+    return decode_image(read_image_bytes(uri, config.max_bytes), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from; recorded in ``_meta.json`` and checked on a rerun."""
+
+    spec: str
+    source: str  # "torchvision" | "state_dict" | "random"
+    name: str
+    sha256: str | None = None
+    seed: int | None = None
+    url: str | None = None
+    random: bool = False
+    warning: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal fingerprints mean identical weights (features can be mixed across runs)."""
+        if self.random:
+            return f"random:seed={self.seed}"
+        return f"{self.source}:{self.sha256 or self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fingerprint"] = self.fingerprint
+        return out
+
+
+def _is_random(spec: str) -> bool:
+    return spec.strip().lower() == "random"
+
+
+def _no_weights_message(spec: str, err: BaseException) -> str:
+    name = _TORCHVISION_WEIGHTS.get(spec, "IMAGENET1K_V1")
+    url = getattr(torchvision.models.ResNet101_Weights, name).url
+    return (
+        f"could not get torchvision's ResNet-101 ImageNet weights ({name}): "
+        f"{type(err).__name__}: {err}. Without internet access: download {url} on a machine "
+        f"that has it, put the file in local or S3 storage and pass --weights <path or s3:// "
+        f"URI> (or place it in the torch hub cache, {torch.hub.get_dir()}/checkpoints/). "
+        f"Pass --weights random only for tests: the features are then meaningless."
+    )
+
+
+def load_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """The state_dict for ``spec`` (``imagenet[-v1|-v2]``, a path or a URI), with its info.
+
+    Raises :class:`WeightsUnavailable` with instructions when there is none.
+    """
+    spec = spec.strip()
+    if _is_random(spec):
+        raise ValueError("random weights have no state_dict; use build_resnet101_trunk")
+    if spec.lower() in _TORCHVISION_WEIGHTS:
+        name = _TORCHVISION_WEIGHTS[spec.lower()]
+        weights = getattr(torchvision.models.ResNet101_Weights, name)
+        try:
+            state_dict = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as err:  # urllib, ssl, socket and hash errors all mean "none here"
+            raise WeightsUnavailable(_no_weights_message(spec.lower(), err)) from err
+        info = WeightsInfo(
+            spec=spec,
+            source="torchvision",
+            name=f"ResNet101_Weights.{name}",
+            url=weights.url,
+            extra={"acc@1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]},
+        )
+        return state_dict, info
+    from csmn import storage
+
+    try:
+        data = storage.read_bytes(spec)
+    except FileNotFoundError as err:
+        raise WeightsUnavailable(
+            f"weights file not found: {spec}. Pass --weights imagenet (needs internet or the "
+            f"torch hub cache), a path or URI of a resnet101 state_dict, or --weights random "
+            f"(tests only)."
+        ) from err
+    except OSError as err:
+        raise WeightsUnavailable(f"cannot read weights {spec}: {err}") from err
+    try:
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors: a file that is not a state_dict
+        raise WeightsUnavailable(
+            f"{spec} is not a torch state_dict loadable with weights_only=True: {err}"
+        ) from err
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise WeightsUnavailable(f"{spec} holds a {type(state_dict).__name__}, not a state_dict")
+    info = WeightsInfo(
+        spec=spec,
+        source="state_dict",
+        name=spec,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return state_dict, info
+
+
+def random_weights_info(seed: int) -> WeightsInfo:
+    return WeightsInfo(
+        spec="random",
+        source="random",
+        name=f"random(seed={seed})",
+        seed=seed,
+        random=True,
+        warning=RANDOM_WEIGHTS_WARNING,
+    )
+
+
+def build_resnet101_trunk(state_dict: dict[str, torch.Tensor] | None, seed: int = 0) -> nn.Module:
+    """torchvision's ResNet-101 up to ``layer4`` (res5c), weights loaded, in eval mode.
+
+    ``state_dict=None`` gives a random initialisation from ``seed`` (reproducible on CPU).
+    ``fc.*`` keys are ignored; any other missing or unexpected key is an error.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        resnet = torchvision.models.resnet101(weights=None)
+    if state_dict is not None:
+        cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        try:
+            result = resnet.load_state_dict(cleaned, strict=False)
+        except RuntimeError as err:  # tensors of the wrong shape
+            raise WeightsUnavailable(
+                f"state_dict does not fit torchvision's resnet101: {err}"
+            ) from err
+        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise WeightsUnavailable(
+                "state_dict does not fit torchvision's resnet101: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    trunk = nn.Sequential(
+        resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+        resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
+    )
+    return trunk.eval().requires_grad_(False)
+
+
+def load_trunk(spec: str, seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """Trunk and weights info for a weights spec (``imagenet``, path/URI or ``random``)."""
+    if _is_random(spec):
+        log.warning("*** %s ***", RANDOM_WEIGHTS_WARNING)
+        return build_resnet101_trunk(None, seed), random_weights_info(seed)
+    state_dict, info = load_state_dict(spec)
+    return build_resnet101_trunk(state_dict), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. ``auto``: bf16 on GPUs that have it (else
+    fp16), fp32 on the CPU (bf16 matmuls are slow on CPUs without AMX)."""
+    precision = precision.lower()
+    if precision in ("fp32", "float32"):
+        return None
+    if precision in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if precision in ("fp16", "float16", "half"):
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+class FeatureExtractor:
+    """uint8 crops in, pool5 and/or res5c float32 features out; Ray-free.
+
+    ``__call__(pixels)`` takes ``[B, crop, crop, 3]`` uint8 (what :func:`load_image` gives)
+    and returns ``{"pool5": [B, 2048], "res5c": [B, grid*grid*2048]}`` (the layers asked for)
+    as float32 numpy arrays, res5c slot-major.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        layers: Sequence[str] = ("pool5",),
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        mean: Sequence[float] = PreprocessConfig.mean,
+        std: Sequence[float] = PreprocessConfig.std,
+        weights_info: WeightsInfo | None = None,
+    ) -> None:
+        unknown = [layer for layer in layers if layer not in LAYERS]
+        if unknown or not layers:
+            raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {layers}")
+        self.layers = tuple(layers)
+        self.weights_info = weights_info
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.trunk = trunk.to(self.device, memory_format=torch.channels_last).eval()
+        # Normalise in the uint8 domain: (x / 255 - mean) / std == (x - 255 mean) / (255 std).
+        shape = (1, 3, 1, 1)
+        self._offset = torch.tensor([255.0 * m for m in mean], device=self.device).view(shape)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device).view(
+            shape
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: str = "imagenet",
+        layers: Sequence[str] = ("pool5",),
+        device: str = "auto",
+        precision: str = "auto",
+        seed: int = 0,
+        preprocess: PreprocessConfig | None = None,
+    ) -> FeatureExtractor:
+        trunk, info = load_trunk(weights, seed)
+        preprocess = preprocess or PreprocessConfig.for_weights(weights)
+        return cls(trunk, layers, device, precision, preprocess.mean, preprocess.std, info)
+
+    @property
+    def precision_name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+    def to_input(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> normalised float32 NCHW on the device, channels_last (a permuted
+        NHWC tensor already has channels_last strides, so this copies nothing extra)."""
+        batch = torch.as_tensor(pixels)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [B, H, W, 3], got {batch.dtype} {tuple(batch.shape)}")
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = batch.permute(0, 3, 1, 2).float()
+        x = (x - self._offset) * self._scale
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def res5c_maps(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``[B, 2048, grid, grid]`` float32 on the device."""
+        x = self.to_input(pixels)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                maps = self.trunk(x)
+        else:
+            maps = self.trunk(x)
+        return maps.float()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        if len(pixels) == 0:
+            return {layer: np.zeros((0, FEATURE_DIM), np.float32) for layer in self.layers}
+        maps = self.res5c_maps(pixels)
+        out: dict[str, np.ndarray] = {}
+        if "pool5" in self.layers:
+            out["pool5"] = maps.mean(dim=(2, 3)).cpu().numpy()
+        if "res5c" in self.layers:
+            batch = maps.shape[0]
+            out["res5c"] = maps.permute(0, 2, 3, 1).reshape(batch, -1).cpu().numpy()
+        return out
+
+
+def res5c_slots(flat: np.ndarray) -> np.ndarray:
+    """A stored res5c row (or rows) as ``[..., slots, 2048]``."""
+    return np.asarray(flat).reshape(*np.shape(flat)[:-1], -1, FEATURE_DIM)

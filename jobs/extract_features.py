@@ -1,0 +1,3 @@
+from csmn.extract import main
+
+raise SystemExit(main())

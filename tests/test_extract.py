@@ -1,0 +1,212 @@
+"""The Ray Data extraction job end to end on a real local Ray and a real S3 (moto server).
+
+Random-weight (seeded) ResNet-101 and 64/56 crops (res5c 2 x 2) keep each run to seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from csmn import storage
+from csmn.extract import ExtractConfig, features_dir, main, read_features, run_extract
+from csmn.features import FEATURE_DIM, FeatureExtractor, build_resnet101_trunk, load_image
+from csmn.rejects import read_rejects
+from csmn.schemas import validate
+
+TINY = {"resize_size": 64, "crop_size": 56, "batch_size": 4, "decode_batch_size": 4}
+
+
+def _jpeg(seed: int, width: int = 90, height: int = 70) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(
+        buffer, format="JPEG"
+    )
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A decompression bomb's header: a PNG claiming width x height pixels, a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def _write_archive(root: str, good: int, bad: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Images and a minimal examples/ (user_id, post_id, image) under ``root``; each image is
+    referenced by two tasks/splits so the job must deduplicate. Returns the good image URIs
+    and the bad ones by the reject code they must get."""
+    good_uris = []
+    for i in range(good):
+        uri = storage.join(root, "images", f"good-{i}.jpg")
+        storage.write_bytes(uri, _jpeg(i, width=80 + 9 * i))
+        good_uris.append(uri)
+    bad_uris: dict[str, str] = {}
+    if bad:
+        jpeg = _jpeg(99)
+        contents = {
+            "empty_file": b"",
+            "not_an_image": b"just some text",
+            "truncated_image": jpeg[: len(jpeg) // 2],
+            "image_too_large": _png_header_only(30_000, 30_000),
+        }
+        for code, data in contents.items():
+            uri = storage.join(root, "images", f"{code}.jpg")
+            storage.write_bytes(uri, data)
+            bad_uris[uri] = code
+        bad_uris[storage.join(root, "images", "never-uploaded.jpg")] = "missing_image"
+    images = good_uris + list(bad_uris)
+    for task, split in (("caption", "train"), ("hashtag", "test_by_posts")):
+        table = pa.table(
+            {
+                "user_id": [f"u{i % 3}" for i in range(len(images))],
+                "post_id": [f"{task}-{i}" for i in range(len(images))],
+                "image": images,
+            }
+        )
+        storage.write_parquet(storage.join(root, "examples", task, split, "part-0.parquet"), table)
+    return good_uris, bad_uris
+
+
+def _config(root: str, **overrides) -> ExtractConfig:
+    values = {"data": root, "weights": "random", "seed": 5, **TINY, **overrides}
+    return ExtractConfig(**values)
+
+
+def test_job_writes_features_rejects_and_resumes(ray_session, tmp_path, capsys) -> None:
+    root = str(tmp_path / "data")
+    good, bad = _write_archive(root, good=5)
+
+    summary = run_extract(_config(root, layer="both", rows_per_part=2))
+    assert summary["example_rows"] == 2 * (len(good) + len(bad))
+    assert summary["images"] == len(good) + len(bad)
+    assert summary["written"] == len(good) and summary["rejected"] == len(bad)
+    assert summary["rejects_by_code"] == {code: 1 for code in bad.values()}
+    assert summary["balanced"] and summary["random_weights"]
+
+    # keys and shapes, per the contract
+    images, pool5 = read_features(root, "pool5")
+    res_images, res5c = read_features(root, "res5c")
+    assert sorted(images) == sorted(good) == sorted(res_images)
+    assert pool5.shape == (len(good), FEATURE_DIM) and res5c.shape == (len(good), 4, FEATURE_DIM)
+    table = validate(storage.read_parquet(features_dir(root, "pool5")), "features_pool5")
+    assert table.schema.field("feature").type == pa.list_(pa.float32(), 2048)
+    by_image = dict(zip(res_images, res5c, strict=True))
+    for image, vector in zip(images, pool5, strict=True):
+        np.testing.assert_allclose(vector, by_image[image].mean(axis=0), rtol=1e-5, atol=1e-5)
+
+    # the same model outside Ray gives the same features
+    extractor = FeatureExtractor(build_resnet101_trunk(None, seed=5), ("pool5",), device="cpu")
+    config = _config(root).preprocess()
+    direct = extractor(np.stack([load_image(uri, config) for uri in images]))["pool5"]
+    scale = np.abs(direct).max()
+    np.testing.assert_allclose(pool5 / scale, direct / scale, atol=1e-4)
+
+    # every bad image is one reject row with its reason code and image key
+    rejects = read_rejects(root, "extract_features")
+    assert {row["record_id"]: row["reason"].split(":")[0] for row in rejects} == bad
+    assert all(row["stage"] == "extract_features" for row in rejects)
+
+    # random weights are flagged loudly
+    for layer, slots in (("pool5", 1), ("res5c", 4)):
+        meta = storage.read_json(storage.join(features_dir(root, layer), "_meta.json"))
+        assert meta["random_weights"] is True and "RANDOM WEIGHTS" in meta["WARNING"]
+        assert meta["weights"]["fingerprint"] == "random:seed=5"
+        assert meta["slots"] == slots and meta["status"] == "complete"
+        assert meta["preprocess"]["crop_size"] == 56
+
+    # a kill: one part lost, a layer's part missing, a half-written temporary left behind
+    pool5_parts = storage.list_files(features_dir(root, "pool5"), suffix=".parquet")
+    res5c_parts = storage.list_files(features_dir(root, "res5c"), suffix=".parquet")
+    assert len(pool5_parts) == len(res5c_parts) >= 3
+    lost = set(storage.read_parquet(pool5_parts[0]).column("image").to_pylist())
+    storage.delete(pool5_parts[0])
+    half_done = set(storage.read_parquet(res5c_parts[-1]).column("image").to_pylist())
+    storage.delete(res5c_parts[-1])
+    temp = os.path.join(features_dir(root, "pool5"), ".part-x.parquet.1234.tmp")
+    with open(temp, "wb") as stray:
+        stray.write(b"PAR1 half a file")
+
+    rerun = run_extract(_config(root, layer="both", rows_per_part=2))
+    assert rerun["to_compute"] == rerun["written"] == len(lost | half_done)
+    assert rerun["already_done"] == len(good) - len(lost | half_done)
+    assert rerun["previously_rejected"] == len(bad) and rerun["rejected"] == 0
+    assert rerun["balanced"]
+    images_after, pool5_after = read_features(root, "pool5")
+    res_after, res5c_after = read_features(root, "res5c")
+    assert sorted(images_after) == sorted(good) == sorted(res_after)  # no duplicates either
+    before = dict(zip(images, pool5, strict=True))
+    for image, vector in zip(images_after, pool5_after, strict=True):
+        np.testing.assert_allclose(vector, before[image], rtol=1e-5, atol=1e-4)
+    assert len(read_rejects(root, "extract_features")) == len(bad)
+
+    # nothing missing: nothing computed; the command prints the summary, random loudly
+    capsys.readouterr()
+    argv = ["--data", root, "--weights", "random", "--seed", "5"]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out
+    assert f"{len(good) + len(bad)} = {len(good)} + {len(bad)} + 0 + 0" in out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["to_compute"] == 0 and last["images"] == len(good) + len(bad)
+
+    # other weights never mix into the same folder
+    with pytest.raises(ValueError, match="overwrite"):
+        run_extract(_config(root, layer="pool5", seed=6))
+
+
+def test_job_reads_images_from_s3_with_a_saved_state_dict(
+    ray_session, s3_bucket, tmp_path
+) -> None:
+    root = f"{s3_bucket}/csmn"
+    good, bad = _write_archive(root, good=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        resnet = torchvision.models.resnet101(weights=None)
+    weights_path = tmp_path / "resnet101-test.pth"
+    torch.save(resnet.state_dict(), weights_path)
+
+    code = main(
+        [
+            "--data", root, "--layer", "res5c", "--weights", str(weights_path),
+            "--resize-size", "64", "--crop-size", "56", "--batch-size", "2", "--actors", "1",
+        ]
+    )
+    assert code == 0
+    images, res5c = read_features(root, "res5c")
+    assert sorted(images) == sorted(good) and res5c.shape == (3, 4, FEATURE_DIM)
+    assert all(uri.startswith("s3://") for uri in images)
+    rejects = read_rejects(root, "extract_features")
+    assert {row["record_id"]: row["reason"].split(":")[0] for row in rejects} == bad
+    meta = storage.read_json(storage.join(features_dir(root, "res5c"), "_meta.json"))
+    assert meta["random_weights"] is False and "WARNING" not in meta
+    assert meta["weights"]["source"] == "state_dict"
+    assert meta["weights"]["name"] == str(weights_path) and len(meta["weights"]["sha256"]) == 64
+    assert meta["last_run"]["written"] == 3 and meta["last_run"]["rejected"] == len(bad)
+
+
+def test_clear_errors_before_any_work(tmp_path, capsys) -> None:
+    root = str(tmp_path / "data")
+    _write_archive(root, good=1, bad=False)
+    assert main(["--data", root, "--weights", str(tmp_path / "nowhere.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "weights file not found" in err and "--weights random" in err
+    assert main(["--data", root, "--layer", "fc7", "--weights", "random"]) == 2
+    assert "layer must be" in capsys.readouterr().err
+    assert not storage.exists(storage.join(root, "features"))
