@@ -1,0 +1,199 @@
+"""Batched greedy decoding (the paper's inference, 4.2) and batched beam search.
+
+Both decode many posts at once and are incremental: the image and context memories, with
+their memory-CNN products, are computed once per post, and each generated word adds one slot
+to the output memory (its products computed once, like a KV cache); no step recomputes the
+prefix. Decoding stops at ``_EOS`` or after ``max_length`` tokens (16 in the paper).
+
+For hashtags the paper removes duplicates after decoding (``dedupe=True``);
+``block_repeats=True`` instead forbids a post's already emitted words while decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from csmn.model import CSMN, EOS_ID, GO_ID, PAD_ID
+
+# Never generated: padding and the start symbol are not words.
+DEFAULT_BANNED_IDS: tuple[int, ...] = (PAD_ID, GO_ID)
+
+
+@dataclass
+class DecodeResult:
+    """Decoded posts. ``token_ids[i]``: post i's words, without ``_EOS`` (deduplicated when
+    asked). ``attention[type]``: [B, steps, slots] for ``image``, ``context`` and ``output``
+    (the types the model has), one row per decoding step, zero after the post ended.
+    ``scores``: the sum of the chosen words' log-probabilities, ``_EOS`` included.
+    ``lengths``: decoding steps per post (``_EOS`` step included)."""
+
+    token_ids: list[list[int]]
+    scores: Tensor
+    lengths: Tensor
+    attention: dict[str, Tensor]
+
+
+def dedupe(token_ids: Sequence[int]) -> list[int]:
+    """First occurrence of each id, in order (the paper's hashtag post-processing)."""
+    seen: set[int] = set()
+    kept = []
+    for token in token_ids:
+        if token not in seen:
+            seen.add(token)
+            kept.append(token)
+    return kept
+
+
+def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int],
+               block_repeats: bool) -> Tensor:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    if banned_ids:
+        log_probs[:, list(banned_ids)] = float("-inf")
+    if block_repeats and history is not None and history.shape[1] > 0:
+        # history holds only real words (finished rows are not decoded further).
+        log_probs.scatter_(1, history, float("-inf"))
+    return log_probs
+
+
+def _finish(history: Tensor, scores: Tensor, lengths: Tensor,
+            attention: dict[str, Tensor], dedupe_tokens: bool) -> DecodeResult:
+    token_ids = []
+    for row, length in zip(history.tolist(), lengths.tolist(), strict=True):
+        words = [t for t in row[:length] if t not in (EOS_ID, PAD_ID)]
+        token_ids.append(dedupe(words) if dedupe_tokens else words)
+    return DecodeResult(token_ids, scores, lengths, attention)
+
+
+@torch.no_grad()
+def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
+                  max_length: int | None = None, *, block_repeats: bool = False,
+                  dedupe_tokens: bool = False,
+                  banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
+    """The paper's inference: the most probable word at every step, for a batch of posts.
+    Posts that have emitted ``_EOS`` leave the batch once half of it is done, so the last
+    steps cost only what the unfinished posts need."""
+    max_length = _check_length(model, max_length)
+    state = model.start_decoding(image_features, context_ids)
+    batch = state.batch_size
+    device = image_features.device
+    history = torch.full((batch, max_length), PAD_ID, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    attention = _empty_attention(model, batch, max_length, device)
+    rows = torch.arange(batch, device=device)  # the post of each row of ``state``
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    previous = torch.full((batch,), GO_ID, dtype=torch.long, device=device)
+    for step in range(max_length):
+        logits, step_attention, state = model.decode_step(state, previous)
+        log_probs = _log_probs(logits, history[rows, :step], banned_ids, block_repeats)
+        best, token = log_probs.max(dim=-1)
+        live = alive.nonzero().squeeze(1)
+        posts = rows[live]
+        history[posts, step] = token[live]
+        scores[posts] += best[live]
+        lengths[posts] = step + 1
+        for name, weights in step_attention.items():
+            attention[name][posts, step] = weights[live].float()
+        alive &= token != EOS_ID
+        if not bool(alive.any()):
+            break
+        # Finished rows ride along (their words are not recorded) until half the rows are
+        # done; then the batch is compacted, which copies the cached memories once.
+        previous = torch.where(alive, token, EOS_ID)
+        if int(alive.sum()) * 2 <= alive.numel():
+            keep = alive.nonzero().squeeze(1)
+            state, rows, previous = state.index_select(keep), rows[keep], previous[keep]
+            alive = alive[keep]
+    return _finish(history, scores, lengths, attention, dedupe_tokens)
+
+
+@torch.no_grad()
+def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
+                beam_width: int = 5, max_length: int | None = None, *,
+                block_repeats: bool = False, dedupe_tokens: bool = False,
+                length_penalty: float = 0.0,
+                banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
+    """Beam search over a batch of posts (beam_width hypotheses each, all in one batch).
+    A finished hypothesis keeps its score and competes with the open ones; the answer is the
+    best of the final beams by ``score / length ** length_penalty`` (0: plain log-probability,
+    so beam width 1 is greedy decoding)."""
+    max_length = _check_length(model, max_length)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    state = model.start_decoding(image_features, context_ids)
+    batch = state.batch_size
+    width = beam_width
+    device = image_features.device
+    state = state.index_select(torch.arange(batch, device=device).repeat_interleave(width))
+    flat = batch * width
+    vocab = model.config.vocab_size
+    # Only the first beam of each post is alive at the start: all beams are the same there.
+    beam_scores = torch.full((batch, width), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    history = torch.full((flat, 0), PAD_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(flat, dtype=torch.bool, device=device)
+    lengths = torch.zeros(flat, dtype=torch.long, device=device)
+    attention = {name: torch.zeros(flat, 0, slots, device=device)
+                 for name, slots in model.config.memory_slots.items()}
+    previous = torch.full((flat,), GO_ID, dtype=torch.long, device=device)
+    base = (torch.arange(batch, device=device) * width).unsqueeze(1)
+    for _ in range(max_length):
+        logits, step_attention, state = model.decode_step(state, previous)
+        log_probs = _log_probs(logits, history, banned_ids, block_repeats)
+        # A finished hypothesis extends only by padding, at no cost.
+        log_probs[finished] = float("-inf")
+        log_probs[finished, PAD_ID] = 0.0
+        candidates = beam_scores.unsqueeze(-1) + log_probs.view(batch, width, vocab)
+        beam_scores, best = candidates.view(batch, width * vocab).topk(width, dim=-1)
+        origin = (base + best // vocab).view(-1)
+        token = (best % vocab).view(-1)
+        state = state.reorder_output_memory(origin)  # origin stays within each post
+        was_finished = finished[origin]
+        history = torch.cat([history[origin], token.unsqueeze(1)], dim=1)
+        lengths = torch.where(was_finished, lengths[origin], lengths[origin] + 1)
+        for name, weights in step_attention.items():
+            step_weights = weights.float()[origin].masked_fill(was_finished.unsqueeze(1), 0.0)
+            attention[name] = torch.cat([attention[name][origin], step_weights.unsqueeze(1)],
+                                        dim=1)
+        finished = was_finished | (token == EOS_ID)
+        if bool(finished.all()):
+            break
+        previous = torch.where(finished, EOS_ID, token)
+    normalized = beam_scores / lengths.view(batch, width).clamp(min=1).float() ** length_penalty
+    chosen = (torch.arange(batch, device=device) * width + normalized.argmax(dim=-1))
+    return _finish(history[chosen], beam_scores.view(-1)[chosen], lengths[chosen],
+                   {name: a[chosen] for name, a in attention.items()}, dedupe_tokens)
+
+
+def decode(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
+           beam_width: int = 1, **options: object) -> DecodeResult:
+    """Greedy decoding for beam_width 1 (the paper), beam search otherwise."""
+    if beam_width == 1:
+        options.pop("length_penalty", None)
+        return greedy_decode(model, image_features, context_ids, **options)  # type: ignore[arg-type]
+    return beam_search(model, image_features, context_ids, beam_width,
+                       **options)  # type: ignore[arg-type]
+
+
+def _check_length(model: CSMN, max_length: int | None) -> int:
+    limit = model.config.max_length
+    if max_length is None:
+        return limit
+    if not 1 <= max_length <= limit:
+        # The output memory has max_length slots; a longer sequence has nowhere to go.
+        raise ValueError(f"max_length must be in 1..{limit}, got {max_length}")
+    return max_length
+
+
+def _empty_attention(model: CSMN, batch: int, steps: int,
+                     device: torch.device) -> dict[str, Tensor]:
+    return {name: torch.zeros(batch, steps, slots, device=device)
+            for name, slots in model.config.memory_slots.items()}
+
+
+__all__ = ["DEFAULT_BANNED_IDS", "DecodeResult", "beam_search", "decode", "dedupe",
+           "greedy_decode"]
