@@ -1,0 +1,213 @@
+"""Training data: examples joined with image features through Ray Data, collated into tensors.
+
+The examples of a task/split (``<root>/examples/<task>/<split>/``) are small (ids and a few
+dozen token ids per post); the features (``<root>/features/<layer>/``, 8 KiB per image for
+pool5, 392 KiB for res5c) are what is big. So the join streams the feature files through Ray
+Data and looks each feature batch up in the examples table, which is broadcast once through
+the object store. ``Dataset.join`` would hash-shuffle both sides and needs polars, which the
+project does not install.
+
+An example whose image has no feature row is *skipped*: it is counted and reported (the
+feature extractor wrote the failed image to its own rejects), never silently lost:
+``examples = joined + skipped_no_features``.
+
+:func:`collate_batch` is plain numpy/torch; :class:`Collate` binds it for Ray's iterators.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from csmn import storage
+from csmn.model import GO_ID, PAD_ID
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+TASKS = ("hashtag", "caption")
+FEATURE_DIMS = {"pool5": 2048, "res5c": 49 * 2048}
+# The columns training needs; user ids, dates and texts stay behind in the examples table.
+TRAINING_COLUMNS = ("image", "context_ids", "token_ids")
+
+
+@dataclass
+class JoinStats:
+    """What the join did with the examples of one split."""
+
+    split: str
+    examples: int
+    joined: int
+    skipped_no_features: int
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"split": self.split, "examples": self.examples, "joined": self.joined,
+                "skipped_no_features": self.skipped_no_features}
+
+
+def examples_uri(root: str, task: str, split: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return storage.join(root, "examples", task, split)
+
+
+def features_uri(root: str, layer: str) -> str:
+    if layer not in FEATURE_DIMS:
+        raise ValueError(f"image layer must be one of {sorted(FEATURE_DIMS)}, got {layer!r}")
+    return storage.join(root, "features", layer)
+
+
+def read_examples(root: str, task: str, split: str, limit: int | None = None) -> pa.Table:
+    """The training columns of one split (first ``limit`` rows, for a validation sample)."""
+    uri = examples_uri(root, task, split)
+    if not storage.list_files(uri, suffix=".parquet"):
+        raise FileNotFoundError(f"no examples at {uri}: run preprocessing first")
+    table = storage.read_parquet(uri, columns=list(TRAINING_COLUMNS))
+    if limit is not None and table.num_rows > limit:
+        table = table.slice(0, limit)
+    return table.combine_chunks()
+
+
+def _lookup_examples(features: pa.Table, examples: pa.Table) -> pa.Table:
+    """Ray Data batch function: the examples whose image is in this feature batch, each
+    with its feature (an inner join keyed on ``image``; an image shared by several examples
+    yields several rows)."""
+    # For every example, the row of its image in this feature batch (null: not here).
+    position = pc.index_in(examples.column("image"), value_set=features.column("image"))
+    present = pc.is_valid(position)
+    matched = examples.filter(present)
+    feature = features.column("feature").take(pc.filter(position, present))
+    return matched.append_column("feature", feature)
+
+
+def joined_dataset(
+    root: str, task: str, split: str, layer: str, limit: int | None = None,
+) -> tuple[ray.data.Dataset, JoinStats]:
+    """Examples of ``task``/``split`` joined with ``layer`` features, materialized.
+
+    Materialized once here, before the trainer's workers take their CPUs: every epoch then
+    reads the object store instead of re-running the join (and Ray Data never waits for a
+    CPU that the workers hold). A driver that trains several times (a notebook, the tests)
+    joins unchanged files only once per Ray session.
+    """
+    import ray
+
+    example_files = storage.list_files(examples_uri(root, task, split), suffix=".parquet")
+    feature_dir = features_uri(root, layer)
+    feature_files = storage.list_files(feature_dir, suffix=".parquet")
+    key = (ray.get_runtime_context().get_job_id(), task, split, layer, limit,
+           _fingerprint(example_files), _fingerprint(feature_files))
+    if key in _JOIN_CACHE:
+        return _JOIN_CACHE[key]
+    examples = read_examples(root, task, split, limit)
+    if not feature_files:
+        raise FileNotFoundError(f"no {layer} features at {feature_dir}: run extract-features")
+    fs, paths = _paths(feature_files)
+    features = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "feature"])
+    # Ray Data stores the examples table in the object store once for all the tasks.
+    joined = features.map_batches(
+        _lookup_examples, fn_kwargs={"examples": examples}, batch_format="pyarrow",
+        batch_size=1024,
+    ).materialize()
+    joined_count = joined.count()
+    # Unique keys on the examples side would be wrong (two posts may share an image); unique
+    # keys on the feature side are the extractor's contract, and this checks it.
+    if joined_count > examples.num_rows:
+        raise ValueError(f"{feature_dir}: {joined_count} joined rows for {examples.num_rows} "
+                         "examples: the feature table has duplicate images")
+    stats = JoinStats(split, examples.num_rows, joined_count, examples.num_rows - joined_count)
+    if stats.skipped_no_features:
+        log.warning("%s/%s: %d of %d examples skipped: no %s features for their image",
+                    task, split, stats.skipped_no_features, stats.examples, layer)
+    while len(_JOIN_CACHE) >= _JOIN_CACHE_SIZE:  # oldest out: a few joins, not every one
+        _JOIN_CACHE.pop(next(iter(_JOIN_CACHE)))
+    _JOIN_CACHE[key] = (joined, stats)
+    return joined, stats
+
+
+_JOIN_CACHE: dict[tuple, tuple[Any, JoinStats]] = {}
+_JOIN_CACHE_SIZE = 4
+
+
+def _fingerprint(uris: list[str]) -> tuple:
+    """Paths, sizes and modification times: a changed file means a new join."""
+    if not uris:
+        return ()
+    fs, paths = _paths(uris)
+    return tuple((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(paths))
+
+
+def _paths(uris: list[str]) -> tuple[Any, list[str]]:
+    resolved = [storage.resolve(u) for u in uris]
+    return resolved[0][0], [path for _, path in resolved]
+
+
+def _rows(column: Any) -> list[np.ndarray]:
+    """A batch column of lists (object array of arrays, or a 2-D array) as a list of rows."""
+    if isinstance(column, np.ndarray) and column.dtype != object:
+        if column.ndim < 2:
+            raise ValueError(f"expected a column of lists, got an array of shape {column.shape}")
+        return list(column)
+    return [np.asarray(row) for row in column]
+
+
+def pad_rows(rows: list[np.ndarray], length: int) -> np.ndarray:
+    """Rows of ids, 0-padded (or cut, for contexts longer than D) to ``length``."""
+    out = np.full((len(rows), length), PAD_ID, dtype=np.int64)
+    for i, row in enumerate(rows):
+        row = np.asarray(row, dtype=np.int64)[:length]
+        out[i, : len(row)] = row
+    return out
+
+
+def collate_batch(
+    batch: dict[str, Any], context_size: int, max_length: int = 16, image_layer: str = "pool5",
+) -> dict[str, torch.Tensor]:
+    """A numpy batch of joined rows -> model tensors.
+
+    ``image_features`` [B, 2048] (pool5) or [B, 49, 2048] (res5c, slot-major);
+    ``context_ids`` [B, D] 0-padded; ``input_ids`` = ``_GO`` + token_ids[:-1] and
+    ``targets`` = token_ids, both 0-padded to ``max_length`` (token_ids end with ``_EOS``).
+    """
+    tokens = _rows(batch["token_ids"])
+    too_long = [len(t) for t in tokens if len(t) > max_length]
+    if too_long:
+        raise ValueError(f"token_ids longer than max_length {max_length}: {too_long[:5]}")
+    if any(len(t) == 0 for t in tokens):
+        raise ValueError("an example has no token_ids (at least _EOS is expected)")
+    targets = pad_rows(tokens, max_length)
+    inputs = np.full_like(targets, PAD_ID)
+    inputs[:, 0] = GO_ID
+    for i, row in enumerate(tokens):
+        inputs[i, 1 : len(row)] = np.asarray(row[:-1], dtype=np.int64)
+    features = np.stack([np.asarray(f, dtype=np.float32) for f in _rows(batch["feature"])])
+    if image_layer == "res5c":
+        features = features.reshape(len(features), 49, -1)
+    return {
+        "image_features": torch.from_numpy(features),
+        "context_ids": torch.from_numpy(pad_rows(_rows(batch["context_ids"]), context_size)),
+        "input_ids": torch.from_numpy(inputs),
+        "targets": torch.from_numpy(targets),
+    }
+
+
+class Collate(NumpyBatchCollateFn):
+    """:func:`collate_batch` with its settings bound, for ``iter_torch_batches``."""
+
+    def __init__(self, context_size: int, max_length: int = 16, image_layer: str = "pool5"):
+        super().__init__()
+        self.context_size = context_size
+        self.max_length = max_length
+        self.image_layer = image_layer
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return collate_batch(batch, self.context_size, self.max_length, self.image_layer)

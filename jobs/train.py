@@ -1,0 +1,3 @@
+from csmn.train import main
+
+raise SystemExit(main())

@@ -1,0 +1,417 @@
+"""Training on a real Ray (Train V2, Ray Data) with a real MLflow SQLite store.
+
+The data root is written here in the contract format (examples parquet, pool5 features
+parquet, vocab json) with a learnable structure: an image's feature says its category, the
+category picks most hashtags, the user adds a signature hashtag that sits in the user's
+context. The model is tiny (embed 16, memory 32, CNN depth 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from csmn import checkpoint as ckpt
+from csmn.dataset import collate_batch, joined_dataset
+from csmn.model import EOS_ID, GO_ID
+from csmn.train import (
+    FAILURE_MARKER,
+    TrainConfig,
+    bleu1_counts,
+    build_parser,
+    corpus_bleu1,
+    hashtag_f1,
+    train,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CATEGORIES = 4
+TAGS_PER_CATEGORY = 5
+USERS = 8
+TINY_MODEL = {"embed_dim": 16, "memory_dim": 32, "cnn_depth": 8}
+CONTEXT = 8
+
+
+def write_data_root(root: Path, train_posts: int = 320, val_posts: int = 64,
+                    missing_features: int = 2, seed: int = 0) -> Path:
+    """A tiny data root in the contract format; ``missing_features`` train examples have
+    images without a feature row."""
+    rng = np.random.default_rng(seed)
+    category_tags = [[f"#c{c}t{k}" for k in range(TAGS_PER_CATEGORY)]
+                     for c in range(CATEGORIES)]
+    user_tags = [f"#u{u}" for u in range(USERS)]
+    filler = ["#photo", "#nice"]
+    tokens = ["_PAD", "_GO", "_EOS", "_UNK"] + [t for ts in category_tags for t in ts]
+    tokens += user_tags + filler
+    ids = {t: i for i, t in enumerate(tokens)}
+    (root / "vocab").mkdir(parents=True)
+    (root / "vocab" / "hashtag.json").write_text(json.dumps({"tokens": tokens}))
+
+    feature_rows = []
+
+    def split_rows(split: str, count: int, offset: int) -> list[dict]:
+        rows = []
+        for n in range(count):
+            user = int(rng.integers(USERS))
+            category = int(rng.integers(CATEGORIES))
+            words = list(rng.choice(category_tags[category], size=int(rng.integers(3, 6)),
+                                    replace=False))
+            words.insert(int(rng.integers(len(words) + 1)), user_tags[user])
+            context_words = [user_tags[user]] + filler + category_tags[(user + 1) % CATEGORIES]
+            image = f"file:///archive/images/{split}-{offset + n}.jpg"
+            rows.append({
+                "user_id": f"u{user}", "post_id": f"{split}-{n}", "created_at": None,
+                "image": image, "text": " ".join(words),
+                "token_ids": [ids[w] for w in words] + [EOS_ID],
+                "context_ids": [ids[w] for w in context_words][:CONTEXT],
+                "context_words": context_words[:CONTEXT],
+            })
+            feature = rng.normal(0, 0.1, 2048).astype(np.float32)
+            feature[category * 16:(category + 1) * 16] += 1.0
+            feature_rows.append({"image": image, "feature": feature})
+        return rows
+
+    schema = pa.schema([
+        ("user_id", pa.string()), ("post_id", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")), ("image", pa.string()),
+        ("text", pa.string()), ("token_ids", pa.list_(pa.int32())),
+        ("context_ids", pa.list_(pa.int32())), ("context_words", pa.list_(pa.string())),
+    ])
+    for split, count, offset in (("train", train_posts, 0), ("val", val_posts, 10_000)):
+        rows = split_rows(split, count, offset)
+        folder = root / "examples" / "hashtag" / split
+        folder.mkdir(parents=True)
+        half = len(rows) // 2
+        for part, chunk in enumerate((rows[:half], rows[half:])):
+            pq.write_table(pa.Table.from_pylist(chunk, schema=schema),
+                           folder / f"part-{part:05d}.parquet")
+    # Drop the features of the first train images: those examples must be skipped, counted.
+    feature_rows = feature_rows[missing_features:]
+    features = pa.table({
+        "image": [r["image"] for r in feature_rows],
+        "feature": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate([r["feature"] for r in feature_rows])), 2048),
+    })
+    (root / "features" / "pool5").mkdir(parents=True)
+    third = features.num_rows // 3
+    for part, start in enumerate((0, third, 2 * third)):
+        end = features.num_rows if part == 2 else start + third
+        pq.write_table(features.slice(start, end - start),
+                       root / "features" / "pool5" / f"part-{part:05d}.parquet")
+    return root
+
+
+def tiny_config(root: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(root), task="hashtag", variant="P5", context_size=CONTEXT,
+                  workers=1, cpus_per_worker=0.5, epochs=3, batch_size=32,
+                  learning_rate=0.01, model=dict(TINY_MODEL), val_sample_size=64,
+                  shuffle_buffer=64, checkpoints_to_keep=2, max_failures=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_data_root(tmp_path_factory.mktemp("csmn-data"))
+
+
+@pytest.fixture(scope="module")
+def tracking_env(tmp_path_factory):
+    """Each module run gets its own SQLite store (MLFLOW_TRACKING_URI wins over the
+    data-root default, which the default test checks on its own)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_session, data_root, tracking_env):
+    return train(tiny_config(data_root, run_name="one-worker", register=True))
+
+
+# ---- pieces without a trainer ----------------------------------------------------------------
+
+
+def test_collate_builds_shifted_padded_tensors():
+    batch = {
+        "token_ids": np.array([np.array([5, 6, EOS_ID]), np.array([7, EOS_ID])], dtype=object),
+        "context_ids": np.array([np.array([9, 10]), np.array([], dtype=np.int32)],
+                                dtype=object),
+        "feature": np.stack([np.ones(2048, np.float32), np.zeros(2048, np.float32)]),
+    }
+    out = collate_batch(batch, context_size=4, max_length=16)
+    assert out["image_features"].shape == (2, 2048)
+    assert out["context_ids"].tolist() == [[9, 10, 0, 0], [0, 0, 0, 0]]
+    assert out["targets"].shape == (2, 16)
+    assert out["targets"][0, :4].tolist() == [5, 6, EOS_ID, 0]
+    assert out["input_ids"][0, :4].tolist() == [GO_ID, 5, 6, 0]
+    assert out["input_ids"][1, :3].tolist() == [GO_ID, 7, 0]
+    with pytest.raises(ValueError, match="longer than max_length"):
+        collate_batch({**batch, "token_ids": np.array([np.arange(17), np.arange(3)],
+                                                      dtype=object)}, 4)
+
+
+def test_validation_metrics():
+    assert hashtag_f1([5, 6, EOS_ID], [5, 7, EOS_ID]) == pytest.approx(0.5)
+    assert hashtag_f1([], [5, EOS_ID]) == 0.0
+    assert bleu1_counts([5, 5, 6], [5, 7, 8, EOS_ID]) == (1, 3, 3)
+    assert corpus_bleu1(1, 3, 3) == pytest.approx(1 / 3)
+    assert corpus_bleu1(2, 2, 4) == pytest.approx(np.exp(1 - 2))
+
+
+def test_parser_switches_and_defaults():
+    args = build_parser().parse_args(["--data", "/d", "--task", "caption", "--use-gpu",
+                                      "--register", "--workers", "2", "--epochs", "3"])
+    assert (args.use_gpu, args.register, args.workers, args.epochs) == (True, True, "2", "3")
+    paper = TrainConfig(data="/d")
+    assert (paper.epochs, paper.batch_size, paper.learning_rate, paper.adam_epsilon) == (
+        20, 200, 0.001, 1e-8)
+    assert paper.learning_rate_at(5) == 0.001
+    assert paper.learning_rate_at(6) == pytest.approx(0.001 / 1.2)
+    assert paper.learning_rate_at(20) == pytest.approx(0.001 / 1.2 ** 3)
+
+
+def test_join_counts_examples_without_features(ray_session, data_root):
+    joined, stats = joined_dataset(str(data_root), "hashtag", "train", "pool5")
+    assert (stats.examples, stats.joined, stats.skipped_no_features) == (320, 318, 2)
+    row = joined.take(1)[0]
+    assert len(row["feature"]) == 2048 and row["token_ids"][-1] == EOS_ID
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def _history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_one_worker_trains_logs_and_serves(one_worker_run, tracking_env, data_root):
+    summary = one_worker_run
+    assert summary.epochs_completed == 3
+    assert summary.data["train"] == {"examples": 320, "joined": 318, "skipped_no_features": 2}
+    losses = [v for _, v in _history(summary.mlflow_run_id, "train_loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.9
+    assert [s for s, _ in _history(summary.mlflow_run_id, "val_loss")] == [1, 2, 3]
+    for key in ("val_f1", "examples_per_s", "learning_rate"):
+        assert len(_history(summary.mlflow_run_id, key)) == 3
+
+    run = MlflowClient().get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.batch_size"] == "32" and params["model.embed_dim"] == "16"
+    assert params["data.train.skipped_no_features"] == "2"
+    assert params["model.vocab_size"] == str(4 + CATEGORIES * TAGS_PER_CATEGORY + USERS + 2)
+
+    # The pyfunc: no Ray needed to answer a DataFrame of posts.
+    model = mlflow.pyfunc.load_model(summary.model_uri)
+    feature = np.zeros(2048, dtype=np.float32)
+    feature[16:32] = 1.0
+    frame = pd.DataFrame({"image_feature": [feature.tolist(), feature.tolist()],
+                          "context_words": [["#u1", "#photo", "#c1t0"], []]})
+    predicted = model.predict(frame)
+    assert list(predicted.columns) == ["prediction"] and len(predicted) == 2
+    for tags in predicted["prediction"]:
+        assert all(isinstance(t, str) and t.startswith("#") for t in tags)
+        assert len(tags) == len(set(tags))
+    signature = model.metadata.signature.to_dict()
+    assert "image_feature" in signature["inputs"] and "prediction" in signature["outputs"]
+
+    # Loading and predicting never imports Ray (a serving box may not have it).
+    script = (
+        "import sys; sys.modules['ray'] = None\n"
+        "import mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model({summary.model_uri!r})\n"
+        "frame = pd.DataFrame({'image_feature': [[0.0] * 2048], 'context_words': [['#u1']]})\n"
+        "print(type(model.predict(frame)['prediction'][0]).__name__)\n")
+    without_ray = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                 text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_env},
+                                 timeout=120)
+    assert without_ray.returncode == 0, without_ray.stderr[-2000:]
+    assert without_ray.stdout.strip().splitlines()[-1] in ("list", "ndarray")
+
+    # Registered as a new version of csmn-hashtag, tagged with the run's metrics.
+    client = MlflowClient()
+    version = client.get_model_version("csmn-hashtag", summary.registered_version)
+    assert version.run_id == summary.mlflow_run_id
+    assert float(version.tags["best_val_loss"]) == pytest.approx(
+        summary.best_metrics["val_loss"])
+    assert "final_val_f1" in version.tags
+
+    # The checkpoint rebuilds the model without Ray, with weights_only loading.
+    loaded = ckpt.load_checkpoint(summary.best_checkpoint)
+    assert loaded.vocab[:3] == ["_PAD", "_GO", "_EOS"] and loaded.task == "hashtag"
+    assert loaded.model_config.embed_dim == 16
+
+
+def test_two_workers_match_one_worker_and_resume_after_a_kill_and_a_worker_failure(
+        one_worker_run, ray_session, data_root, tracking_env):
+    """Two workers at half the batch each (the same global batch as one_worker_run).
+    Attempt 1 dies at the start of epoch 2 with no retries left: the run is 'killed'.
+    Started again under the same name it resumes after epoch 1, in the same MLflow run; then
+    rank 0 fails at the start of epoch 3 and FailureConfig restarts the group from the
+    epoch-2 checkpoint. Every epoch ran (and was logged) exactly once."""
+    config = tiny_config(data_root, run_name="two-flaky", workers=2, batch_size=16, epochs=3,
+                         fail_once_at_epoch=2, max_failures=0)
+    with pytest.raises(Exception, match="injected failure"):
+        train(config)
+    client = MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name("csmn-hashtag").experiment_id
+    run_id = client.search_runs(
+        [experiment_id], filter_string="tags.mlflow.runName = 'two-flaky'")[0].info.run_id
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [s for s, _ in _history(run_id, "train_loss")] == [1]
+
+    summary = train(dataclasses.replace(config, fail_once_at_epoch=3, max_failures=1))
+    assert summary.mlflow_run_id == run_id and summary.epochs_completed == 3
+    run_dir = data_root / "runs" / "two-flaky"
+    assert (run_dir / f"{FAILURE_MARKER}_epoch2").exists()
+    assert (run_dir / f"{FAILURE_MARKER}_epoch3").exists()
+    losses = _history(run_id, "train_loss")
+    assert [s for s, _ in losses] == [1, 2, 3]
+    assert [v for _, v in _history(run_id, "resumed_at_epoch")] == [2, 3]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["csmn.resumed_with.train.max_failures"] == "0 -> 1"
+
+    # Both shards together saw every joined example once per epoch, and the loss fell.
+    assert [v for _, v in _history(run_id, "train_examples")] == [318, 318, 318]
+    assert losses[-1][1] < losses[0][1] * 0.9
+    # DDP with token-weighted losses = one worker with the whole batch (orders differ).
+    one_first = _history(one_worker_run.mlflow_run_id, "train_loss")[0][1]
+    assert losses[0][1] == pytest.approx(one_first, rel=0.05)
+
+
+def test_checkpoint_round_trip_without_ray(tmp_path):
+    from csmn.model import CSMN, ModelConfig
+
+    config = ModelConfig(vocab_size=10, context_size=6, **TINY_MODEL)
+    model = CSMN(config)
+    vocab = ["_PAD", "_GO", "_EOS", "_UNK"] + [f"w{i}" for i in range(6)]
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.zeros(2, 2048), torch.ones(2, 6, dtype=torch.long),
+          torch.ones(2, 3, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    ckpt.save_checkpoint(str(tmp_path / "c"), model, config, vocab, "caption", epoch=4,
+                         metrics={"val_loss": 1.5}, optimizer=optimizer)
+    loaded = ckpt.load_checkpoint(str(tmp_path / "c"), with_train_state=True)
+    assert loaded.epoch == 4 and loaded.metrics == {"val_loss": 1.5}
+    assert loaded.model_config == config and loaded.vocab == vocab
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    assert loaded.train_state["optimizer"]["state"]
+    with pytest.raises(ValueError, match="vocabulary has 3 tokens"):
+        ckpt.save_checkpoint(str(tmp_path / "d"), model, config, vocab[:3], "caption")
+
+
+# ---- end to end: `ray job submit` against a head node with token authentication ----------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A head node started the way an operator does (token authentication on, as Ray 2.60
+    does for `ray start --head`), with its own token in RAY_AUTH_TOKEN so that the shared
+    ~/.ray/auth_token is left alone. `--block` ties the node to this process: terminating
+    it stops exactly this node (never `ray stop`, which would stop every Ray on the host)."""
+    dashboard_port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+           "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(REPO / ".venv" / "bin" / "ray")
+    log_file = open(tmp_path / "head.log", "w")  # noqa: SIM115
+    # A private temp dir: `ray start` writes its address to <temp dir>/ray_current_cluster,
+    # where every later ray.init() on this host would find it (in /tmp/ray, even after the
+    # node is gone). Short, because Ray's socket paths live under it.
+    temp_dir = tempfile.mkdtemp(prefix="csmn-head-", dir="/tmp")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir,
+         "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+         "--object-store-memory", str(300 * 1024 * 1024)],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 120
+    while True:
+        probe = subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        if head.poll() is not None or time.time() > deadline:
+            head.terminate()
+            raise RuntimeError(f"the head node did not come up: "
+                               f"{(tmp_path / 'head.log').read_text()[-2000:]}")
+        time.sleep(2)
+    yield address, env, ray_cli
+    head.terminate()  # its SIGTERM handler stops the node's own processes
+    try:
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        head.kill()  # the node's reaper then stops what is left of it
+        head.wait(timeout=20)
+    log_file.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_end_to_end(ray_head, tmp_path):
+    address, env, ray_cli = ray_head
+    root = write_data_root(tmp_path / "root", train_posts=160, val_posts=32)
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Without the token the job server refuses the client.
+    refused = subprocess.run([ray_cli, "job", "list", "--address", address],
+                             env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+                             capture_output=True, text=True)
+    assert refused.returncode != 0
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}}
+    command = [
+        ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "python", "jobs/train.py", "--data", str(root), "--task", "hashtag",
+        "--context-size", str(CONTEXT), "--epochs", "2", "--batch-size", "32",
+        "--cpus-per-worker", "0.5", "--learning-rate", "0.01", "--val-sample-size", "32",
+        "--model", json.dumps(TINY_MODEL), "--run-name", "submitted", "--register"]
+    # The job server answers before the node's job agent has registered with it; a submit in
+    # that window is refused with "No available agent", which Ray itself says to retry.
+    deadline = time.time() + 60
+    while True:
+        submitted = subprocess.run(command, env=env, capture_output=True, text=True,
+                                   timeout=420)
+        if "No available agent" not in submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name("csmn-hashtag").experiment_id],
+        filter_string="tags.mlflow.runName = 'submitted'")[0]
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    versions = client.search_model_versions("name = 'csmn-hashtag'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
