@@ -359,7 +359,11 @@ def build_resnet101_trunk(state_dict: dict[str, torch.Tensor] | None, seed: int 
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        resnet = torchvision.models.resnet101(weights=None)
+        # Random weights only: with every residual branch starting at zero (torchvision's
+        # option for a stable start), eval-mode activations stay near unit scale. The plain
+        # init compounds 33 blocks into pool5 values in the thousands, which no downstream
+        # model trains on. Loaded weights overwrite these values either way.
+        resnet = torchvision.models.resnet101(weights=None, zero_init_residual=True)
     if state_dict is not None:
         cleaned = {k.removeprefix("module."): v for k, v in state_dict.items()}
         try:

@@ -46,7 +46,7 @@ def reference_resnet() -> torch.nn.Module:
     """The whole torchvision classifier with the trunk's weights (same seed), fc removed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        resnet = torchvision.models.resnet101(weights=None)
+        resnet = torchvision.models.resnet101(weights=None, zero_init_residual=True)
     resnet.fc = torch.nn.Identity()
     return resnet.eval()
 
