@@ -1,0 +1,3 @@
+from csmn.evaluate import main
+
+raise SystemExit(main())

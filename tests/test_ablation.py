@@ -1,0 +1,145 @@
+"""The paper's ordering on the synthetic archive, end to end: synth -> preprocess (Ray Data) ->
+pool5 with random ResNet-101 weights at a tiny crop -> CSMN-P5 and CSMN-NoUC-P5 trained by
+Ray Train at a tiny size -> evaluated (Ray Data decoding, hashtag F1) with 1NN-UsrIm, through
+csmn.ablation, with a real MLflow SQLite store.
+
+Which split. The synthetic users' signature hashtags (``#rosebakes17``) are unique to their
+user and sit in most of that user's posts, so they head the user's TF-IDF context. Split by
+posts, every test user also has training posts: the signature tags are in the vocabulary and
+the model learns to copy them from the context memory; a model without user context cannot
+know whose image it sees, so it cannot name them. That makes CSMN-P5 > CSMN-NoUC-P5 a
+consequence of the archive's structure there. Split by users, a test user's signature tags
+never occur in training: they are out of the vocabulary, unpredictable for every method, and
+the remaining gap (favourite categories and tags) is small and not guaranteed at this size.
+1NN-UsrIm, split by posts, finds the query user itself and returns one of its posts' tags: a
+single sample of the user's tag distribution, where the model can return the most likely
+tags of that distribution: the paper's narrow 0.390 vs 0.380. At this test's size the two
+tie (measured 0.312 vs 0.313), so the test asserts parity there, not the strict order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+
+from csmn import storage
+from csmn.ablation import (
+    PAPER_TABLES,
+    AblationConfig,
+    _expand_switches,
+    build_table,
+    paper_name,
+    run_ablation,
+)
+
+USERS = 14
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('ablation-mlflow')}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def data_root(ray_session, tmp_path_factory) -> str:
+    from csmn.extract import ExtractConfig, run_extract
+    from csmn.preprocess import PreprocessConfig, preprocess
+    from csmn.synth import SynthConfig, write_archive
+
+    base = tmp_path_factory.mktemp("ablation")
+    archive, root = str(base / "archive"), str(base / "data")
+    # Random ResNet-101 weights, but with each residual branch's last BatchNorm at zero
+    # (torchvision's zero_init_residual): torchvision's plain random init lets 33 residual
+    # additions grow pool5 to ~1e4, and an image-only model (NoUC) then collapses to the
+    # unigram distribution -- the ordering would hold for a wrong reason.
+    torch.manual_seed(0)
+    weights = str(base / "resnet101-random-zero-residual.pt")
+    torch.save(torchvision.models.resnet101(zero_init_residual=True).state_dict(), weights)
+    write_archive(SynthConfig(out=archive, users=USERS, seed=1, image_size=32, image_threads=2,
+                              posts_median=70, posts_min=60, posts_max=90))
+    preprocess(archive, root, PreprocessConfig(seed=0, min_posts_per_user=30))
+    run_extract(ExtractConfig(data=root, layer="pool5", weights=weights, seed=0,
+                              crop_size=32, resize_size=32, batch_size=64))
+    return root
+
+
+def test_names_tables_and_switches():
+    assert paper_name("P5") == "CSMN-P5"
+    assert paper_name("NoUC-P5") == paper_name("CSMN-NoUC-P5") == "CSMN-NoUC-P5"
+    assert paper_name("W20") == "CSMN-W20-P5" and paper_name("R5C") == "CSMN-R5C"
+    with pytest.raises(ValueError, match="unknown CSMN variant part"):
+        paper_name("NoXY-P5")
+    # every figure of both paper tables is there (13 methods each)
+    assert len(PAPER_TABLES["hashtag"]) == len(PAPER_TABLES["caption"]) == 13
+    assert PAPER_TABLES["hashtag"]["CSMN-P5"] == {"f1": 0.230, "f1_by_posts": 0.390}
+    assert PAPER_TABLES["caption"]["CSMN-P5"]["cider"] == 0.214
+    rows = build_table("hashtag", {"CSMN-P5": {"by_posts": {"results": {"f1": 0.5}}}},
+                       ["by_users", "by_posts"])
+    p5 = next(r for r in rows if r["method"] == "CSMN-P5")
+    assert p5["cells"]["F1 by posts"] == {"ours": 0.5, "paper": 0.390}
+    assert p5["cells"]["F1 by users"] == {"ours": None, "paper": 0.230}
+    assert _expand_switches(["--small", "--epochs", "2", "--use-gpu"]) == [
+        "--small", "true", "--epochs", "2", "--use-gpu", "true"]
+    with pytest.raises(ValueError, match="by posts exists for the hashtag task only"):
+        AblationConfig(data="x", task="caption", splits="by_posts")
+
+
+def test_paper_ordering_on_hashtags_split_by_posts(data_root, tracking_uri, tmp_path):
+    out = str(tmp_path / "ablation")
+    result = run_ablation(AblationConfig(
+        data=data_root, task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
+        baselines="1nn-usrim", epochs=12, batch_size=32, learning_rate=0.003,
+        embed_dim=32, memory_dim=64, cnn_depth=16, val_sample_size=200, seed=0,
+        cpus_per_actor=1.0, out=out))
+
+    f1 = {m: runs["by_posts"]["results"]["f1"] for m, runs in result["methods"].items()}
+    assert set(f1) == {"CSMN-P5", "CSMN-NoUC-P5", "1NN-UsrIm"}
+    counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
+    assert counts["scored"] == counts["examples"] > 50
+    # the paper's ordering (Table 3, right): P5 clearly above NoUC (guaranteed by the
+    # signature tags; measured 0.312 vs 0.258)...
+    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.03, f1
+    # ... and on a par with 1NN-UsrIm, the paper's narrow 0.390 vs 0.380. At this tiny size
+    # the strict order is a coin toss (measured 0.312 vs 0.313), so only parity is asserted.
+    assert f1["CSMN-P5"] > f1["1NN-UsrIm"] - 0.03, f1
+    # ... and the reason: P5 names the user's context words, NoUC hardly ever
+    share = {m: result["methods"][m]["by_posts"]["results"]["context_share"]
+             for m in ("CSMN-P5", "CSMN-NoUC-P5")}
+    assert share["CSMN-P5"] > share["CSMN-NoUC-P5"], share
+
+    # the table: ours beside the paper's, in markdown and JSON
+    markdown = storage.read_text(storage.join(out, "ablation.md"))
+    assert "| CSMN-P5 | " in markdown and "0.390" in markdown
+    saved = storage.read_json(storage.join(out, "ablation.json"))
+    row = next(r for r in saved["table"] if r["method"] == "CSMN-NoUC-P5")
+    assert row["cells"]["F1 by posts"]["paper"] == 0.076
+    assert row["cells"]["F1 by posts"]["ours"] == pytest.approx(f1["CSMN-NoUC-P5"])
+
+    # MLflow: the table as metrics of the ablation run, one evaluation run per variant
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("csmn-hashtag-ablation")
+    ablation_run = client.get_run(result["mlflow_run_id"])
+    assert ablation_run.data.metrics["CSMN-P5/f1/by_posts"] == pytest.approx(f1["CSMN-P5"])
+    artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
+    assert {"ablation.md", "ablation.json"} <= artifacts
+    evaluations = client.search_runs([experiment.experiment_id],
+                                     filter_string="tags.`csmn.kind` = 'evaluation'")
+    assert len(evaluations) == 2
+    for run in evaluations:
+        assert run.data.tags["csmn.split"] == "test_by_posts"
+        assert run.data.tags["csmn.model_uri"].startswith("models:/")
+        assert "csmn/f1" in run.data.metrics
+    # the HTML report embeds thumbnails and marks the context words a prediction used
+    html = storage.read_text(storage.join(out, "reports", "CSMN-P5-by_posts", "report.html"))
+    assert "data:image/jpeg;base64," in html and 'class="ctx"' in html
