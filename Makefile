@@ -34,8 +34,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check csmn jobs tests bench
 
+# Benchmarks print ratios measured in one run; they are not tests. Minutes each on 2 cores.
 bench: setup
-	$(BIN)/python bench/synth.py
+	for b in synth preprocess features model train; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(DEMO_DIR) $(VENV)
