@@ -355,6 +355,12 @@ def ray_head(tmp_path):
         [ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir,
          "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+         # Ports of its own: the session's in-process Ray already holds the agent defaults
+         # (52365 and friends), and a head whose job agent can't bind refuses every submit.
+         "--dashboard-agent-listen-port", str(_free_port()),
+         "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()),
+         "--metrics-export-port", str(_free_port()),
          "--object-store-memory", str(300 * 1024 * 1024)],
         env=env, stdout=log_file, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard_port}"
