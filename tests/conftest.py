@@ -73,3 +73,17 @@ def s3_bucket(s3_endpoint):
     name = f"csmn-test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def mlflow_tracking_uri(tmp_path_factory):
+    """A SQLite MLflow store of the test module's own, named by MLFLOW_TRACKING_URI (which
+    wins over the data-root default, as it does for users)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

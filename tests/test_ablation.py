@@ -19,8 +19,6 @@ tie (measured 0.312 vs 0.313), so the test asserts parity there, not the strict 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torchvision
@@ -37,18 +35,6 @@ from csmn.ablation import (
 )
 
 USERS = 14
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory):
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = f"sqlite:///{tmp_path_factory.mktemp('ablation-mlflow')}/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +81,7 @@ def test_names_tables_and_switches():
         AblationConfig(data="x", task="caption", splits="by_posts")
 
 
-def test_paper_ordering_on_hashtags_split_by_posts(data_root, tracking_uri, tmp_path):
+def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_uri, tmp_path):
     out = str(tmp_path / "ablation")
     result = run_ablation(AblationConfig(
         data=data_root, task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
@@ -128,7 +114,7 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, tracking_uri, tmp_
     assert row["cells"]["F1 by posts"]["ours"] == pytest.approx(f1["CSMN-NoUC-P5"])
 
     # MLflow: the table as metrics of the ablation run, one evaluation run per variant
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(mlflow_tracking_uri)
     experiment = client.get_experiment_by_name("csmn-hashtag-ablation")
     ablation_run = client.get_run(result["mlflow_run_id"])
     assert ablation_run.data.metrics["CSMN-P5/f1/by_posts"] == pytest.approx(f1["CSMN-P5"])

@@ -134,21 +134,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tracking_env(tmp_path_factory):
-    """Each module run gets its own SQLite store (MLFLOW_TRACKING_URI wins over the
-    data-root default, which the default test checks on its own)."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
-@pytest.fixture(scope="module")
-def one_worker_run(ray_session, data_root, tracking_env):
+def one_worker_run(ray_session, data_root, mlflow_tracking_uri):
     return train(tiny_config(data_root, run_name="one-worker", register=True))
 
 
@@ -208,7 +194,7 @@ def _history(run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
 
 
-def test_one_worker_trains_logs_and_serves(one_worker_run, tracking_env, data_root):
+def test_one_worker_trains_logs_and_serves(one_worker_run, mlflow_tracking_uri, data_root):
     summary = one_worker_run
     assert summary.epochs_completed == 3
     assert summary.data["train"] == {"examples": 320, "joined": 318, "skipped_no_features": 2}
@@ -246,9 +232,9 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, tracking_env, data_ro
         f"model = mlflow.pyfunc.load_model({summary.model_uri!r})\n"
         "frame = pd.DataFrame({'image_feature': [[0.0] * 2048], 'context_words': [['#u1']]})\n"
         "print(type(model.predict(frame)['prediction'][0]).__name__)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_tracking_uri}
     without_ray = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                                 text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_env},
-                                 timeout=120)
+                                 text=True, env=env, timeout=120)
     assert without_ray.returncode == 0, without_ray.stderr[-2000:]
     assert without_ray.stdout.strip().splitlines()[-1] in ("list", "ndarray")
 
@@ -267,7 +253,7 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, tracking_env, data_ro
 
 
 def test_two_workers_match_one_worker_and_resume_after_a_kill_and_a_worker_failure(
-        one_worker_run, ray_session, data_root, tracking_env):
+        one_worker_run, ray_session, data_root, mlflow_tracking_uri):
     """Two workers at half the batch each (the same global batch as one_worker_run).
     Attempt 1 dies at the start of epoch 2 with no retries left: the run is 'killed'.
     Started again under the same name it resumes after epoch 1, in the same MLflow run; then
