@@ -36,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import matmul_peak  # noqa: E402
 from csmn.features import (  # noqa: E402
     FeatureExtractor,
     PreprocessConfig,
@@ -74,20 +75,6 @@ def write_images(folder: Path, count: int, width: int, height: int) -> list[str]
         path.write_bytes(photo_like_jpeg(i, width, height))
         paths.append(str(path))
     return paths
-
-
-def matmul_gflops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    repeats = 5 if device.type == "cpu" else 50
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -221,7 +208,7 @@ def run_default(args: argparse.Namespace) -> None:
              object_store_memory=1024**3)
     # A shared machine's load moves by 2x within a minute: interleave plain and Ray runs
     # (plain, Ray, plain, Ray, ..., plain) and compare medians.
-    peaks, plains, jobs = [matmul_gflops(device)], [], []
+    peaks, plains, jobs = [matmul_peak(device) / 1e9], [], []
     for round_index in range(args.rounds):
         plains.append(plain_loop(paths, extractor, preprocess, args.batch_size))
         summary, stats = ray_job(workdir, paths, args, f"ray-{round_index}")
@@ -230,7 +217,7 @@ def run_default(args: argparse.Namespace) -> None:
               f"{summary['images'] / summary['seconds']:.2f} img/s end-to-end, "
               f"{len(paths) / _actor_span_s(stats):.2f} img/s steady", flush=True)
     plains.append(plain_loop(paths, extractor, preprocess, args.batch_size))
-    peaks.append(matmul_gflops(device))
+    peaks.append(matmul_peak(device) / 1e9)
     ray.shutdown()
 
     def median(values: list[float]) -> float:
@@ -435,10 +422,10 @@ def run_plain_only(args: argparse.Namespace) -> None:
         name = "cpu"
     cores = len(os.sched_getaffinity(0))
     print(f"torch {torch.__version__}, device {name}, {cores} CPU cores")
-    peak32 = matmul_gflops(device, 4096 if device.type == "cuda" else 2048)
+    peak32 = matmul_peak(device) / 1e9
     line = f"matmul peak: fp32 {peak32:.0f} GFLOP/s"
     if device.type == "cuda":
-        peak16 = matmul_gflops(device, 8192, torch.bfloat16)
+        peak16 = matmul_peak(device, torch.bfloat16) / 1e9
         line += f", bf16 {peak16:.0f} GFLOP/s (n=8192)"
     print(line)
     preprocess = PreprocessConfig.for_weights(args.weights)

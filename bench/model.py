@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import matmul_peak, timed  # noqa: E402
 from csmn.decoding import greedy_decode  # noqa: E402
 from csmn.model import (  # noqa: E402
     CSMN,
@@ -67,37 +67,6 @@ def settings_for(args: argparse.Namespace) -> BenchSettings:
         decode_posts=args.decode_posts or defaults.decode_posts,
         single_posts=args.single_posts or defaults.single_posts,
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device,
-          warmup: int = 1) -> float:
-    """Seconds per call, the best of ``repeats`` timed calls after warm-up calls (allocator,
-    autotuning, lazy init). The best, not the mean: on a shared machine other processes only
-    ever add time."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of one large square matmul: n = 2048 on CPU (DESIGN.md), 8192 on CUDA."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: torch.matmul(a, b), 10 if device.type == "cuda" else 5, device)
-    return 2 * n**3 / seconds
 
 
 def synthetic_batch(config: ModelConfig, batch: int, device: torch.device,

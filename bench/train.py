@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import matmul_peak  # noqa: E402
+
 MODEL = {"embed_dim": 64, "memory_dim": 128, "cnn_depth": 32}
 VOCAB_SIZE = 1000
 CONTEXT = 60
@@ -63,17 +65,6 @@ def write_data_root(root: Path, examples: int, seed: int = 0) -> None:
         pa.array(np.concatenate(features)), 2048)})
     (root / "features" / "pool5").mkdir(parents=True)
     pq.write_table(table, root / "features" / "pool5" / "part-00000.parquet")
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def main() -> None:
@@ -119,7 +110,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    figures["matmul_gflops_1_thread"] = round(matmul_gflops(), 1)
+    figures["matmul_gflops_1_thread"] = round(matmul_peak(torch.device("cpu")) / 1e9, 1)
     ray.shutdown()
     print(json.dumps(figures))
 
