@@ -43,6 +43,7 @@ from csmn import storage
 from csmn.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.config import config_from_args
 from csmn.dataset import Collate, JoinStats, joined_dataset
+from csmn.metrics import hashtag_prf
 from csmn.model import CSMN, SPECIAL_TOKENS, ModelConfig, sequence_loss
 from csmn.vocab import load_vocab
 
@@ -157,13 +158,9 @@ def _words(ids: list[int]) -> list[int]:
 
 
 def hashtag_f1(predicted: list[int], truth: list[int]) -> float:
-    """2PR/(P+R) between the predicted and true hashtag sets of one post (paper 5.1)."""
-    predicted_set, true_set = set(_words(predicted)), set(_words(truth))
-    hits = len(predicted_set & true_set)
-    if not hits:
-        return 0.0
-    precision, recall = hits / len(predicted_set), hits / len(true_set)
-    return 2 * precision * recall / (precision + recall)
+    """2PR/(P+R) between the predicted and true hashtag sets of one post (paper 5.1), on ids:
+    the evaluation's own F1 (csmn.metrics), so validation and evaluation agree."""
+    return hashtag_prf([str(i) for i in _words(truth)], [str(i) for i in _words(predicted)])[2]
 
 
 def bleu1_counts(predicted: list[int], truth: list[int]) -> tuple[int, int, int]:
