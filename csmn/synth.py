@@ -564,7 +564,6 @@ class UserProfile:
     adjective_rate: float
     name_rate: float
     punctuation: str
-    tint: tuple[int, int, int]
     start: datetime
     mean_gap_hours: float
     bad_posts: frozenset[int]  # post indices planted as non-English/advertising (spammers)
@@ -695,7 +694,6 @@ def make_user(config: SynthConfig, index: int) -> UserProfile:
         adjective_rate=rng.uniform(0.2, 0.5),
         name_rate=rng.uniform(0.1, 0.35),
         punctuation=rng.choice(PUNCTUATION_HABITS),
-        tint=(rng.randint(-18, 18), rng.randint(-18, 18), rng.randint(-18, 18)),
         start=EPOCH_START + timedelta(days=rng.uniform(0, 4.5 * 365)),
         mean_gap_hours=rng.uniform(12, 120),
         bad_posts=bad_posts,
@@ -720,7 +718,6 @@ class ImageJob:
     uri: str
     seed: int
     category: int
-    tint: tuple[int, int, int]
     size: int
     quality: int
     broken: str | None
@@ -1022,7 +1019,6 @@ def iter_user_posts(
             uri=storage.join(config.out, image_path),
             seed=derive_seed(config.seed, "image", profile.index, k),
             category=category,
-            tint=profile.tint,
             size=config.image_size,
             quality=config.image_quality,
             broken=broken_image,
@@ -1175,12 +1171,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, size: int, fg, bg, rng) ->
         draw.polygon(points, fill=fg)
 
 
-def draw_image(category: int, tint: tuple[int, int, int], seed: int, size: int) -> Image.Image:
-    """The category's visual signature, jittered per post and tinted per user."""
+def draw_image(category: int, seed: int, size: int) -> Image.Image:
+    """The category's visual signature, jittered per post.
+
+    Nothing in an image depends on its user: an image-only model (1NN-Im, CSMN-NoUC) must
+    not be able to tell whose post it sees, or the user context would not be what
+    personalizes (DESIGN.md, the synthetic archive). A per-user colour tint, as an earlier
+    version drew, let CSMN-NoUC name the user's signature hashtags from the colour alone."""
     cat = CATEGORIES[category]
     rng = random.Random(seed)
-    jitter = [rng.randint(-12, 12) for _ in range(3)]
-    delta = [t + j for t, j in zip(tint, jitter, strict=True)]
+    delta = [rng.randint(-12, 12) for _ in range(3)]
     top = _shift(_rgb(cat.hue, cat.lightness + 0.15, cat.saturation), delta)
     bottom = _shift(_rgb(cat.hue + 10, cat.lightness - 0.1, cat.saturation), delta)
     fg = _shift(_rgb(cat.hue + 180, 0.5 if cat.saturation else 0.1, cat.saturation + 0.2), delta)
@@ -1204,7 +1204,7 @@ def image_bytes(job: ImageJob) -> bytes | None:
     if job.broken == "not_jpeg":
         return b"<html><body><h1>404 Not Found</h1></body></html>\n"
     buffer = io.BytesIO()
-    draw_image(job.category, job.tint, job.seed, job.size).save(
+    draw_image(job.category, job.seed, job.size).save(
         buffer, format="JPEG", quality=job.quality
     )
     data = buffer.getvalue()
