@@ -449,27 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SWITCHES = ("--small", "--use-gpu")
-
-
-def _expand_switches(argv: list[str]) -> list[str]:
-    """``--small`` alone means ``--small true`` (the other flags all take a value)."""
-    expanded: list[str] = []
-    for position, arg in enumerate(argv):
-        expanded.append(arg)
-        following = argv[position + 1] if position + 1 < len(argv) else "--"
-        if arg in _SWITCHES and following.startswith("--"):
-            expanded.append("true")
-    return expanded
-
-
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     from csmn.runtime import setup_logging
 
     setup_logging()
-    argv = _expand_switches(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     config = config_from_args(AblationConfig, args, args.config_file)
     result = run_ablation(config)

@@ -2,7 +2,8 @@
 
 Every stage declares its own dataclass next to the code that uses it; this module only knows
 how to fill one in. Overrides come from the generated ``--field-name value`` flags; list
-values may be written ``3,4,5`` or ``[3, 4, 5]``, booleans ``true``/``false``.
+values may be written ``3,4,5`` or ``[3, 4, 5]``, booleans ``true``/``false``; a boolean flag
+alone (``--use-gpu``) means true, in every job alike.
 """
 
 from __future__ import annotations
@@ -98,11 +99,17 @@ def load_config(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one ``--field-name`` flag per dataclass field (default None: keep the config's)."""
+    """Add one ``--field-name`` flag per dataclass field (default None: keep the config's).
+    Boolean fields take an optional value: ``--register`` and ``--register true`` are the same."""
+    types_of = _field_types(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + (prefix + f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
-        parser.add_argument(flag, dest=prefix + f.name, default=None, help=help_text)
+        if types_of[f.name] is bool:
+            parser.add_argument(flag, dest=prefix + f.name, default=None, nargs="?",
+                                const="true", metavar="true|false", help=help_text)
+        else:
+            parser.add_argument(flag, dest=prefix + f.name, default=None, help=help_text)
 
 
 def config_from_args(

@@ -41,7 +41,7 @@ import torch
 
 from csmn import storage
 from csmn.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from csmn.config import config_from_args
+from csmn.config import add_config_arguments, config_from_args
 from csmn.dataset import Collate, JoinStats, joined_dataset
 from csmn.metrics import hashtag_prf
 from csmn.model import CSMN, SPECIAL_TOKENS, ModelConfig, sequence_loss
@@ -515,23 +515,13 @@ def train(config: TrainConfig) -> TrainSummary:
 # Command line
 # --------------------------------------------------------------------------------------------
 
-_SWITCHES = ("use_gpu", "register")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One ``--field-name VALUE`` flag per TrainConfig field (as csmn.config makes them),
-    except the on/off switches ``--use-gpu`` and ``--register``, which take no value."""
+    """One ``--field-name VALUE`` flag per TrainConfig field (``--use-gpu`` and
+    ``--register`` need no value)."""
     parser = argparse.ArgumentParser(prog="csmn train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", dest="config_file", default=None,
                         help="YAML file of TrainConfig fields (flags override it)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.name in _SWITCHES:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+    add_config_arguments(parser, TrainConfig)
     return parser
 
 

@@ -27,6 +27,12 @@ def test_defaults_yaml_then_cli(tmp_path):
     args = parser.parse_args(["--learning-rate", "0.01", "--use-cnn", "false"])
     config = config_from_args(ExampleConfig, args, str(path), section="train")
     assert config == ExampleConfig(0.01, 5, (3, 4), False, None)
+    # a boolean flag alone means true (here over a YAML false)
+    off = tmp_path / "off.yaml"
+    off.write_text("use_cnn: false\n")
+    assert load_config(ExampleConfig, str(off)).use_cnn is False
+    switched = config_from_args(ExampleConfig, parser.parse_args(["--use-cnn"]), str(off))
+    assert switched.use_cnn is True
 
 
 def test_list_flags_and_unknown_keys(tmp_path):

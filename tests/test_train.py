@@ -30,6 +30,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from csmn import checkpoint as ckpt
+from csmn.config import config_from_args
 from csmn.dataset import collate_batch, joined_dataset
 from csmn.model import EOS_ID, GO_ID
 from csmn.train import (
@@ -171,7 +172,10 @@ def test_validation_metrics():
 def test_parser_switches_and_defaults():
     args = build_parser().parse_args(["--data", "/d", "--task", "caption", "--use-gpu",
                                       "--register", "--workers", "2", "--epochs", "3"])
-    assert (args.use_gpu, args.register, args.workers, args.epochs) == (True, True, "2", "3")
+    parsed = config_from_args(TrainConfig, args)
+    assert (parsed.use_gpu, parsed.register, parsed.workers, parsed.epochs) == (True, True, 2, 3)
+    args = build_parser().parse_args(["--data", "/d", "--use-gpu", "false"])
+    assert config_from_args(TrainConfig, args).use_gpu is False
     paper = TrainConfig(data="/d")
     assert (paper.epochs, paper.batch_size, paper.learning_rate, paper.adam_epsilon) == (
         20, 200, 0.001, 1e-8)
