@@ -11,10 +11,14 @@ know whose image it sees, so it cannot name them. That makes CSMN-P5 > CSMN-NoUC
 consequence of the archive's structure there. Split by users, a test user's signature tags
 never occur in training: they are out of the vocabulary, unpredictable for every method, and
 the remaining gap (favourite categories and tags) is small and not guaranteed at this size.
-1NN-UsrIm, split by posts, finds the query user itself and returns one of its posts' tags: a
-single sample of the user's tag distribution, where the model can return the most likely
-tags of that distribution: the paper's narrow 0.390 vs 0.380. At this test's size the two
-tie (measured 0.312 vs 0.313), so the test asserts parity there, not the strict order.
+1NN-UsrIm, split by posts, finds the query user itself and returns the tags of one of its
+posts (of the same category, by the image): one sample of the user's tag distribution. A
+model that learned the distribution returns its most likely tags instead, and the most
+likely tags agree with a new post more often than another post does: on this archive the
+user-and-category mode scores F1 0.44-0.48 (6-8 tags) against 0.32 for a same-user,
+same-category post (tests' archive, from the truth tables). CSMN-P5 at this size measured
+0.37-0.38 against 1NN-UsrIm's 0.31 (three seeds, plain PyTorch loop), so the test asks for
+a margin of 0.02 over it (the paper: 0.390 vs 0.380).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from csmn import storage
 from csmn.ablation import (
     PAPER_TABLES,
     AblationConfig,
-    _expand_switches,
+    build_parser,
     build_table,
     paper_name,
     run_ablation,
@@ -75,8 +79,9 @@ def test_names_tables_and_switches():
     p5 = next(r for r in rows if r["method"] == "CSMN-P5")
     assert p5["cells"]["F1 by posts"] == {"ours": 0.5, "paper": 0.390}
     assert p5["cells"]["F1 by users"] == {"ours": None, "paper": 0.230}
-    assert _expand_switches(["--small", "--epochs", "2", "--use-gpu"]) == [
-        "--small", "true", "--epochs", "2", "--use-gpu", "true"]
+    args = build_parser().parse_args(["--small", "--epochs", "2", "--use-gpu"])
+    assert (args.small, args.epochs, args.use_gpu) == ("true", "2", "true")
+    assert build_parser().parse_args(["--small", "false"]).small == "false"
     with pytest.raises(ValueError, match="by posts exists for the hashtag task only"):
         AblationConfig(data="x", task="caption", splits="by_posts")
 
@@ -85,8 +90,8 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_ur
     out = str(tmp_path / "ablation")
     result = run_ablation(AblationConfig(
         data=data_root, task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
-        baselines="1nn-usrim", epochs=12, batch_size=32, learning_rate=0.003,
-        embed_dim=32, memory_dim=64, cnn_depth=16, val_sample_size=200, seed=0,
+        baselines="1nn-usrim", epochs=16, batch_size=32, learning_rate=0.003,
+        embed_dim=64, memory_dim=128, cnn_depth=32, val_sample_size=200, seed=0,
         cpus_per_actor=1.0, out=out))
 
     f1 = {m: runs["by_posts"]["results"]["f1"] for m, runs in result["methods"].items()}
@@ -97,9 +102,8 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_ur
     # signature tags; measured margins 0.044-0.054 over runs, so 0.02 leaves room for Ray's
     # block order, which varies the training order under load)...
     assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.02, f1
-    # ... and on a par with 1NN-UsrIm, the paper's narrow 0.390 vs 0.380. At this tiny size
-    # the strict order is a coin toss (measured 0.312 vs 0.313), so only parity is asserted.
-    assert f1["CSMN-P5"] > f1["1NN-UsrIm"] - 0.03, f1
+    # ... and above 1NN-UsrIm (the paper's 0.390 vs 0.380).
+    assert f1["CSMN-P5"] > f1["1NN-UsrIm"] + 0.02, f1
     # ... and the reason: P5 names the user's context words, NoUC hardly ever
     share = {m: result["methods"][m]["by_posts"]["results"]["context_share"]
              for m in ("CSMN-P5", "CSMN-NoUC-P5")}
