@@ -181,7 +181,8 @@ class Decoder:
         first_word = len(SPECIAL_TOKENS)
         features = batch.column("feature").combine_chunks()
         matrix = features.values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
-        matrix = matrix.astype(np.float32, copy=False)
+        # Arrow's buffers are read-only and torch.from_numpy wants a writable array.
+        matrix = np.require(matrix, dtype=np.float32, requirements="W")
         if self.config.image_slots > 1:
             matrix = matrix.reshape(len(batch), self.config.image_slots, -1)
         context = np.zeros((len(batch), self.config.context_size), dtype=np.int64)
