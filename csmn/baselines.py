@@ -1,7 +1,7 @@
 """The nearest-neighbour baselines of the paper (section 5.2), on numpy only.
 
 - 1NN-Im: the training post whose pool5 feature is nearest (L2) to the query's; its text.
-- 1NN-Usr: the training user whose D context words overlap the most with the query user's;
+- 1NN-Usr: the training user whose first 60 context words overlap the most with the query user's;
   one of that user's posts, drawn at random (seeded, and the same draw for a query whatever
   the order or batching of the queries).
 - 1NN-UsrIm: the nearest (L2, pool5) image among the nearest user's posts; its text.
@@ -25,6 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 
 BASELINES = ("1nn-im", "1nn-usr", "1nn-usrim")
+# The paper matches users by the overlap of their 60 context words, whatever D the data was
+# preprocessed with (a root built for W80/W100 stores longer contexts, best first).
+CONTEXT_WORDS = 60
 
 
 @dataclass
@@ -132,9 +135,11 @@ def nearest_rows_l2(
 
 
 def nearest_users(
-    training: NeighbourTrainingSet, queries: Queries, query_chunk: int = 4096
+    training: NeighbourTrainingSet, queries: Queries, query_chunk: int = 4096,
+    context_words: int = CONTEXT_WORDS,
 ) -> np.ndarray:
-    """Index (into ``training.users``) of the user whose context words overlap the most.
+    """Index (into ``training.users``) of the user whose first ``context_words`` context
+    words overlap the most with the query's.
 
     Overlap = size of the intersection of the two context word sets, for all query/user pairs
     at once as a sparse [queries x words] @ [words x users] product, chunked over queries.
@@ -142,7 +147,7 @@ def nearest_users(
     word_index: dict[str, int] = {}
     user_rows, user_cols = [], []
     for u, user_id in enumerate(training.users):
-        for word in set(training.user_contexts[user_id]):
+        for word in set(training.user_contexts[user_id][:context_words]):
             user_rows.append(word_index.setdefault(word, len(word_index)))
             user_cols.append(u)
     words_by_users = sp.csr_matrix(
@@ -154,7 +159,7 @@ def nearest_users(
         contexts = queries.context_words[q0 : q0 + query_chunk]
         rows, cols = [], []
         for q, context in enumerate(contexts):
-            for word in set(context):
+            for word in set(context[:context_words]):
                 col = word_index.get(word)
                 if col is not None:
                     rows.append(q)

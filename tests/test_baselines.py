@@ -9,6 +9,7 @@ from csmn.baselines import (
     NeighbourTrainingSet,
     Queries,
     nearest_rows_l2,
+    nearest_users,
     one_nn_image,
     one_nn_user,
     one_nn_user_image,
@@ -121,3 +122,24 @@ def test_run_baselines_and_bad_input(training, queries):
         NeighbourTrainingSet(["x"], ["#a"], np.zeros((1, DIM)), {})
     with pytest.raises(ValueError, match="one row per query"):
         Queries(["q"], np.zeros((2, DIM)), [["#a"]])
+
+
+def test_users_match_on_their_first_60_context_words_only():
+    # a context stored for W100 (best first): word 61 onwards must not pick the neighbour
+    filler = [f"#w{i}" for i in range(60)]
+    training = NeighbourTrainingSet(
+        user_ids=["ann", "ben"], texts=["#a", "#b"],
+        features=np.stack([_unit(0), _unit(1)]),
+        user_contexts={"ann": filler[:30] + [f"#ann{i}" for i in range(30)],
+                       "ben": filler[30:] + [f"#ben{i}" for i in range(30)] + filler[:30]},
+    )
+    queries = Queries(post_ids=["q"], features=np.stack([_unit(2)]),
+                      context_words=[filler[:30] + [f"#q{i}" for i in range(30)]])
+    # ann shares 30 of her first 60 words with the query; ben's shared words sit at 61-90
+    assert nearest_users(training, queries).tolist() == [0]
+    assert nearest_users(training, queries, context_words=100).tolist() == [0]
+    # counted over 100 words, ben overlaps 30 too and a longer query tips it his way
+    longer = Queries(post_ids=["q"], features=np.stack([_unit(2)]),
+                     context_words=[[f"#q{i}" for i in range(60)] + filler[30:]])
+    assert nearest_users(training, longer).tolist() == [0]  # no overlap in the first 60
+    assert nearest_users(training, longer, context_words=100).tolist() == [1]
