@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from csmn import storage
-from csmn.config import add_config_arguments, config_from_args
+from csmn.config import config_from_args, config_parser
 
 log = logging.getLogger(__name__)
 
@@ -442,11 +442,7 @@ def _log_artifact_text(client: Any, run_id: str, name: str, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csmn evaluate --ablation",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", dest="config_file", default=None, help="YAML config file")
-    add_config_arguments(parser, AblationConfig)
-    return parser
+    return config_parser(AblationConfig, "csmn evaluate --ablation", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
             parser.add_argument(flag, dest=prefix + f.name, default=None, help=help_text)
 
 
+def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """A job's command line: ``--config FILE.yaml`` and one flag per field of ``cls``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", dest="config_file", default=None,
+                        help=f"YAML file of {cls.__name__} fields (flags override it)")
+    add_config_arguments(parser, cls)
+    return parser
+
+
 def config_from_args(
     cls: type[ConfigT], args: argparse.Namespace, yaml_path: str | None = None,
     prefix: str = "", section: str | None = None,

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn import storage
-from csmn.config import add_config_arguments, config_from_args
+from csmn.config import config_from_args, config_parser
 
 log = logging.getLogger(__name__)
 
@@ -472,10 +472,7 @@ def finish_evaluation_run(tracking_uri: str, run_id: str, built: dict[str, Any])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csmn evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", dest="config_file", default=None, help="YAML config file")
-    add_config_arguments(parser, EvaluateConfig)
-    return parser
+    return config_parser(EvaluateConfig, "csmn evaluate", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ import torch
 
 from csmn import storage
 from csmn.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from csmn.config import add_config_arguments, config_from_args
+from csmn.config import config_from_args, config_parser
 from csmn.dataset import Collate, JoinStats, joined_dataset
 from csmn.metrics import hashtag_prf
 from csmn.model import CSMN, SPECIAL_TOKENS, ModelConfig, sequence_loss
@@ -518,11 +518,7 @@ def train(config: TrainConfig) -> TrainSummary:
 def build_parser() -> argparse.ArgumentParser:
     """One ``--field-name VALUE`` flag per TrainConfig field (``--use-gpu`` and
     ``--register`` need no value)."""
-    parser = argparse.ArgumentParser(prog="csmn train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", dest="config_file", default=None,
-                        help="YAML file of TrainConfig fields (flags override it)")
-    add_config_arguments(parser, TrainConfig)
-    return parser
+    return config_parser(TrainConfig, "csmn train", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
