@@ -12,7 +12,6 @@ features to be better on, and the weights cannot always be downloaded. It says s
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csmn import storage
-from csmn.config import add_config_arguments, config_from_args
+from csmn.config import config_from_args, config_parser
 from csmn.runtime import init_ray, setup_logging
 
 log = logging.getLogger(__name__)
@@ -178,12 +177,9 @@ def _print_outcome(result: dict[str, Any], config: DemoConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csmn demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML file of DemoConfig fields")
-    add_config_arguments(parser, DemoConfig)
-    args = parser.parse_args(argv)
+    args = config_parser(DemoConfig, "csmn demo", __doc__.split("\n")[0]).parse_args(argv)
     setup_logging("WARNING")
-    config = config_from_args(DemoConfig, args, args.config)
+    config = config_from_args(DemoConfig, args, args.config_file)
     result = run_demo(config)
     storage.write_json(storage.join(config.out, "demo-summary.json"), result)
     _print_outcome(result, config)
