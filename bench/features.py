@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import matmul_peak  # noqa: E402
-from csmn.features import (  # noqa: E402
+from csmn.core.image_features import (  # noqa: E402
     FeatureExtractor,
     PreprocessConfig,
     build_resnet101_trunk,
@@ -134,7 +134,7 @@ def write_examples(root: Path, paths: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = root / "examples" / "caption" / "train"
+    folder = root / "examples" / "post" / "train"
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.table(
         {
@@ -149,7 +149,7 @@ def write_examples(root: Path, paths: list[str]) -> None:
 def ray_job(
     workdir: Path, paths: list[str], args: argparse.Namespace, name: str
 ) -> tuple[dict, list[str]]:
-    from csmn.extract import ExtractConfig, run_extract
+    from csmn.pipeline.extract import ExtractConfig, run_extract
 
     root = workdir / name
     write_examples(root, paths)

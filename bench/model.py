@@ -2,7 +2,7 @@
 res5c), on CPU or CUDA. Not a test: it prints figures.
 
 - training examples/s and tokens/s (forward + backward + Adam step), and the achieved FLOP/s
-  (3 x the forward FLOPs of the efficient form, ``csmn.model.flops_per_token``) as a share of
+  (3 x the forward FLOPs of the efficient form, ``csmn.core.model.flops_per_token``) as a share of
   this machine's own matmul peak, measured in the same run;
 - the speed-up of the parallel teacher-forced pass over a loop over time (step by step with
   the cached memories) and over the literal memory CNN of eq. 9-10 (forward + backward);
@@ -12,7 +12,7 @@ res5c), on CPU or CUDA. Not a test: it prints figures.
     python bench/model.py --quick         # CPU, about a minute
     python bench/model.py --device cuda   # bf16 autocast, batch 200 (the paper's per GPU)
 
-Only torch and csmn.model/csmn.decoding are imported (no Ray), so it runs on a bare GPU box.
+Only torch and csmn.model/csmn.core.decoding are imported (no Ray), so it runs on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -31,17 +31,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import matmul_peak, timed  # noqa: E402
-from csmn.decoding import greedy_decode  # noqa: E402
-from csmn.model import (  # noqa: E402
+from csmn.core.decoding import greedy_decode  # noqa: E402
+from csmn.core.model import (  # noqa: E402
     CSMN,
-    EOS_ID,
-    GO_ID,
-    PAD_ID,
     ModelConfig,
     count_parameters,
     flops_per_token,
     sequence_loss,
 )
+from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID  # noqa: E402
 
 
 @dataclass

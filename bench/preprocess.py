@@ -90,14 +90,14 @@ def _driver_peak_mib() -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    from csmn.preprocess import PreprocessConfig, preprocess
+    from csmn.pipeline.preprocess import PreprocessConfig, preprocess
 
     config = PreprocessConfig()
     runs = []
     ray_init_s = None
     with TreeRssSampler() as sampler:
         if args.engine == "ray":
-            from csmn.runtime import init_ray
+            from csmn.pipeline.runtime import init_ray
 
             started = time.perf_counter()
             init_ray()
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "engine": args.engine,
         "records": manifest["records"]["in"],
-        "kept": {t: manifest["stats"][t]["posts"] for t in ("caption", "hashtag")},
+        "kept": {t: manifest["stats"][t]["posts"] for t in ("post", "hashtag")},
         "ray_init_s": ray_init_s,
         "runs": runs,
         "driver_peak_rss_mib": round(_driver_peak_mib(), 1),
@@ -123,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def users_for(posts: int, config) -> int:
-    from csmn.synth import make_user
+    from csmn.synth.archive import make_user
 
     sample = [make_user(replace(config, seed=config.seed + 1), i).n_posts for i in range(300)]
     return max(1, math.ceil(posts / (sum(sample) / len(sample))))
@@ -154,7 +154,7 @@ def main() -> None:
         child(args)
         return
 
-    from csmn.synth import SynthConfig, write_archive
+    from csmn.synth.archive import SynthConfig, write_archive
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")

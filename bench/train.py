@@ -58,7 +58,7 @@ def write_data_root(root: Path, examples: int, seed: int = 0) -> None:
                          "user_id": f"u{n % 50}", "post_id": f"{split}-{n}", "text": ""})
             images.append(image)
             features.append(rng.random(2048, dtype=np.float32))
-        folder = root / "examples" / "caption" / split
+        folder = root / "examples" / "post" / split
         folder.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
     table = pa.table({"image": images, "feature": pa.FixedSizeListArray.from_arrays(
@@ -77,7 +77,7 @@ def main() -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from csmn.train import TrainConfig, train
+    from csmn.pipeline.train import TrainConfig, train
 
     workdir = Path(tempfile.mkdtemp(prefix="csmn-bench-train-"))
     root = workdir / "root"
@@ -92,7 +92,7 @@ def main() -> None:
                                   "matmul_gflops_1_thread": None}
     for workers in (1, 2):
         config = TrainConfig(
-            data=str(root), task="caption", variant="P5", context_size=CONTEXT,
+            data=str(root), task="post", variant="P5", context_size=CONTEXT,
             workers=workers, cpus_per_worker=1.0, epochs=args.epochs,
             batch_size=args.global_batch // workers, model=dict(MODEL),
             val_sample_size=64, run_name=f"bench-{workers}-workers", max_failures=0)

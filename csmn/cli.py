@@ -8,12 +8,14 @@ import sys
 # subcommand -> module with a ``main(argv) -> int``; imported lazily so `csmn synth` does not
 # pay for torch and Ray.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("csmn.synth", "write a synthetic Instagram-like archive"),
-    "preprocess": ("csmn.preprocess", "filter, normalize, build vocabularies, contexts, splits"),
-    "extract-features": ("csmn.extract", "ResNet-101 pool5/res5c features for every image"),
-    "train": ("csmn.train", "train CSMN on Ray Train, tracked in MLflow"),
-    "evaluate": ("csmn.evaluate", "metrics, baselines and a report over a split"),
-    "demo": ("csmn.demo", "run the whole pipeline on the embedded default"),
+    "synth": ("csmn.synth.archive", "write a synthetic Instagram-like archive"),
+    "preprocess": ("csmn.pipeline.preprocess",
+                   "filter, normalize, build vocabularies, contexts, splits"),
+    "extract-features": ("csmn.pipeline.extract",
+                         "ResNet-101 pool5/res5c features for every image"),
+    "train": ("csmn.pipeline.train", "train CSMN on Ray Train, tracked in MLflow"),
+    "evaluate": ("csmn.pipeline.evaluate", "metrics, baselines and a report over a split"),
+    "demo": ("csmn.experiments.demo", "run the whole pipeline on the embedded default"),
 }
 
 

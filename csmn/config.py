@@ -86,7 +86,7 @@ def load_config(
     """Defaults <- YAML file (optionally one top-level ``section`` of it) <- overrides."""
     values: dict[str, Any] = {}
     if yaml_path:
-        from csmn.storage import read_text
+        from csmn.data.storage import read_text
 
         loaded = yaml.safe_load(read_text(str(yaml_path))) or {}
         if section is not None:

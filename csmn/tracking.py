@@ -26,11 +26,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
 
-from csmn import storage
+from csmn.data import storage
+from csmn.data.layout import REGISTERED_MODEL_NAMES, canonical_task
 
 log = logging.getLogger(__name__)
 
-REGISTERED_MODEL_NAMES = {"hashtag": "csmn-hashtag", "caption": "csmn-post"}
 MODEL_NAME = "model"  # the LoggedModel's name inside the run
 CHECKPOINT_ARTIFACT = "checkpoint"
 # Config keys that could carry a secret never become params (credentials live in the
@@ -53,9 +53,7 @@ def resolve_tracking_uri(data_root: str | None) -> str:
 
 
 def registered_model_name(task: str) -> str:
-    if task not in REGISTERED_MODEL_NAMES:
-        raise ValueError(f"task must be one of {sorted(REGISTERED_MODEL_NAMES)}, got {task!r}")
-    return REGISTERED_MODEL_NAMES[task]
+    return REGISTERED_MODEL_NAMES[canonical_task(task)]
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -142,7 +140,7 @@ class CSMNPyfunc(mlflow.pyfunc.PythonModel):
     batch_size = 256
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from csmn.checkpoint import load_checkpoint
+        from csmn.core.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.model = loaded.model
@@ -164,8 +162,8 @@ class CSMNPyfunc(mlflow.pyfunc.PythonModel):
     def _predict_chunk(self, chunk: pd.DataFrame) -> list[Any]:
         import torch
 
-        from csmn.decoding import greedy_decode
-        from csmn.model import SPECIAL_TOKENS
+        from csmn.core.decoding import greedy_decode
+        from csmn.core.tokens import SPECIAL_TOKENS
 
         features = self._features(chunk["image_feature"])
         context = np.zeros((len(chunk), self.config.context_size), dtype=np.int64)

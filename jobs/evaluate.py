@@ -1,3 +1,3 @@
-from csmn.evaluate import main
+from csmn.pipeline.evaluate import main
 
 raise SystemExit(main())

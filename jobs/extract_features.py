@@ -1,3 +1,3 @@
-from csmn.extract import main
+from csmn.pipeline.extract import main
 
 raise SystemExit(main())

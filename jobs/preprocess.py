@@ -1,3 +1,3 @@
-from csmn.preprocess import main
+from csmn.pipeline.preprocess import main
 
 raise SystemExit(main())

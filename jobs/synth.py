@@ -1,3 +1,3 @@
-from csmn.synth import main
+from csmn.synth.archive import main
 
 raise SystemExit(main())

@@ -1,3 +1,3 @@
-from csmn.train import main
+from csmn.pipeline.train import main
 
 raise SystemExit(main())

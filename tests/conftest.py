@@ -49,7 +49,7 @@ def s3_endpoint():
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     )
-    from csmn import storage
+    from csmn.data import storage
 
     storage._s3_filesystem.cache_clear()
     yield endpoint

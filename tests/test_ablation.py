@@ -1,7 +1,7 @@
 """The paper's ordering on the synthetic archive, end to end: synth -> preprocess (Ray Data) ->
 pool5 with random ResNet-101 weights at a tiny crop -> CSMN-P5 and CSMN-NoUC-P5 trained by
 Ray Train at a tiny size -> evaluated (Ray Data decoding, hashtag F1) with 1NN-UsrIm, through
-csmn.ablation, with a real MLflow SQLite store.
+csmn.experiments.ablation, with a real MLflow SQLite store.
 
 Which split. The synthetic users' signature hashtags (``#rosebakes17``) are unique to their
 user and sit in most of that user's posts, so they head the user's TF-IDF context. Split by
@@ -22,7 +22,8 @@ likely tags agree with a new post more often than another post does: on this arc
 user-and-category mode scores F1 0.44-0.48 (6-8 tags) against 0.32 for a same-user,
 same-category post (tests' archive, from the truth tables). CSMN-P5 at this size measured
 0.37-0.38 against 1NN-UsrIm's 0.31 (three seeds, plain PyTorch loop) and 0.380 against 0.321
-through this very path (csmn.ablation, Ray), so the test asks for a margin of 0.02 over it
+through this very path (csmn.experiments.ablation, Ray), so the test asks for a margin of
+0.02 over it
 (the paper: 0.390 vs 0.380).
 """
 
@@ -33,8 +34,8 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from csmn import storage
-from csmn.ablation import (
+from csmn.data import storage
+from csmn.experiments.ablation import (
     PAPER_TABLES,
     AblationConfig,
     build_parser,
@@ -48,9 +49,9 @@ USERS = 14
 
 @pytest.fixture(scope="module")
 def data_root(ray_session, tmp_path_factory) -> str:
-    from csmn.extract import ExtractConfig, run_extract
-    from csmn.preprocess import PreprocessConfig, preprocess
-    from csmn.synth import SynthConfig, write_archive
+    from csmn.pipeline.extract import ExtractConfig, run_extract
+    from csmn.pipeline.preprocess import PreprocessConfig, preprocess
+    from csmn.synth.archive import SynthConfig, write_archive
 
     base = tmp_path_factory.mktemp("ablation")
     archive, root = str(base / "archive"), str(base / "data")
@@ -88,7 +89,7 @@ def test_names_tables_and_switches():
     assert (args.small, args.epochs, args.use_gpu) == ("true", "2", "true")
     assert build_parser().parse_args(["--small", "false"]).small == "false"
     with pytest.raises(ValueError, match="by posts exists for the hashtag task only"):
-        AblationConfig(data="x", task="caption", splits="by_posts")
+        AblationConfig(data="x", task="post", splits="by_posts")
 
 
 def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_uri, tmp_path):

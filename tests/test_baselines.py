@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csmn.baselines import (
+from csmn.eval.baselines import (
     NeighbourTrainingSet,
     Queries,
     nearest_rows_l2,

@@ -13,12 +13,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from csmn import metrics, schemas, storage
-from csmn.baselines import Queries, load_training_set, run_baselines
-from csmn.checkpoint import load_checkpoint, save_checkpoint
-from csmn.decoding import greedy_decode
-from csmn.evaluate import EvaluateConfig, evaluate, main, resolve_checkpoint
-from csmn.model import CSMN, ModelConfig
+from csmn.core.checkpoint import load_checkpoint, save_checkpoint
+from csmn.core.decoding import greedy_decode
+from csmn.core.model import CSMN, ModelConfig
+from csmn.data import schemas, storage
+from csmn.eval import metrics
+from csmn.eval.baselines import Queries, load_training_set, run_baselines
+from csmn.pipeline.evaluate import EvaluateConfig, evaluate, main, resolve_checkpoint
 
 DIM = 2048
 SPECIALS = ["_PAD", "_GO", "_EOS", "_UNK"]
@@ -81,7 +82,7 @@ def write_data_root(root: str) -> None:
     )
     words = sorted({w for ws in CATEGORY_WORDS.values() for w in ws} | {"😍"})
     vocab = {"hashtag": SPECIALS + tags + ["emoji😍"], "caption": SPECIALS + words}
-    for task in ("hashtag", "caption"):
+    for task in ("hashtag", "post"):
         ids = {t: i for i, t in enumerate(vocab[task])}
         storage.write_json(storage.join(root, "vocab", f"{task}.json"), {"tokens": vocab[task]})
         for split, split_rows in rows.items():
@@ -197,7 +198,7 @@ def test_hashtag_evaluation_with_model_and_baselines(ray_session, data_root, tmp
     direct = _direct_decoding(checkpoint_dir, data_root, post_ids)
     assert [r["prediction"].split() for r in by_method["csmn"]] == direct
 
-    # baselines equal the library's, and every F1 equals csmn.metrics on the stored rows
+    # baselines equal the library's, and every F1 equals csmn.eval.metrics on the stored rows
     test = {
         r["post_id"]: r
         for r in storage.read_parquet(
@@ -322,7 +323,7 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
             EvaluateConfig(
                 data=data_root,
                 model="models:/csmn-hashtag@champion",
-                task="caption",
+                task="post",
                 baselines="none",
                 out=str(tmp_path / "c"),
             )
@@ -333,9 +334,9 @@ def test_caption_baselines_only(data_root, tmp_path):
     report = evaluate(
         EvaluateConfig(
             data=data_root,
-            task="caption",
+            task="post",
             baselines="1nn-im,1nn-usr",
-            out=str(tmp_path / "caption"),
+            out=str(tmp_path / "post"),
         )
     )
     results = report["results"]

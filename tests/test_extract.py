@@ -18,11 +18,16 @@ import torch
 import torchvision
 from PIL import Image
 
-from csmn import storage
-from csmn.extract import ExtractConfig, features_dir, main, read_features, run_extract
-from csmn.features import FEATURE_DIM, FeatureExtractor, build_resnet101_trunk, load_image
-from csmn.rejects import read_rejects
-from csmn.schemas import validate
+from csmn.core.image_features import (
+    FEATURE_DIM,
+    FeatureExtractor,
+    build_resnet101_trunk,
+    load_image,
+)
+from csmn.data import layout, storage
+from csmn.data.rejects import read_rejects
+from csmn.data.schemas import validate
+from csmn.pipeline.extract import ExtractConfig, main, read_features, run_extract
 
 TINY = {"resize_size": 64, "crop_size": 56, "batch_size": 4, "decode_batch_size": 4}
 
@@ -71,7 +76,7 @@ def _write_archive(root: str, good: int, bad: bool = True) -> tuple[list[str], d
             bad_uris[uri] = code
         bad_uris[storage.join(root, "images", "never-uploaded.jpg")] = "missing_image"
     images = good_uris + list(bad_uris)
-    for task, split in (("caption", "train"), ("hashtag", "test_by_posts")):
+    for task, split in (("post", "train"), ("hashtag", "test_by_posts")):
         table = pa.table(
             {
                 "user_id": [f"u{i % 3}" for i in range(len(images))],
@@ -104,7 +109,7 @@ def test_job_writes_features_rejects_and_resumes(ray_session, tmp_path, capsys) 
     res_images, res5c = read_features(root, "res5c")
     assert sorted(images) == sorted(good) == sorted(res_images)
     assert pool5.shape == (len(good), FEATURE_DIM) and res5c.shape == (len(good), 4, FEATURE_DIM)
-    table = validate(storage.read_parquet(features_dir(root, "pool5")), "features_pool5")
+    table = validate(storage.read_parquet(layout.features_dir(root, "pool5")), "features_pool5")
     assert table.schema.field("feature").type == pa.list_(pa.float32(), 2048)
     by_image = dict(zip(res_images, res5c, strict=True))
     for image, vector in zip(images, pool5, strict=True):
@@ -124,21 +129,21 @@ def test_job_writes_features_rejects_and_resumes(ray_session, tmp_path, capsys) 
 
     # random weights are flagged loudly
     for layer, slots in (("pool5", 1), ("res5c", 4)):
-        meta = storage.read_json(storage.join(features_dir(root, layer), "_meta.json"))
+        meta = storage.read_json(layout.features_meta_uri(root, layer))
         assert meta["random_weights"] is True and "RANDOM WEIGHTS" in meta["WARNING"]
         assert meta["weights"]["fingerprint"] == "random:seed=5"
         assert meta["slots"] == slots and meta["status"] == "complete"
         assert meta["preprocess"]["crop_size"] == 56
 
     # a kill: one part lost, a layer's part missing, a half-written temporary left behind
-    pool5_parts = storage.list_files(features_dir(root, "pool5"), suffix=".parquet")
-    res5c_parts = storage.list_files(features_dir(root, "res5c"), suffix=".parquet")
+    pool5_parts = storage.list_files(layout.features_dir(root, "pool5"), suffix=".parquet")
+    res5c_parts = storage.list_files(layout.features_dir(root, "res5c"), suffix=".parquet")
     assert len(pool5_parts) == len(res5c_parts) >= 3
     lost = set(storage.read_parquet(pool5_parts[0]).column("image").to_pylist())
     storage.delete(pool5_parts[0])
     half_done = set(storage.read_parquet(res5c_parts[-1]).column("image").to_pylist())
     storage.delete(res5c_parts[-1])
-    temp = os.path.join(features_dir(root, "pool5"), ".part-x.parquet.1234.tmp")
+    temp = os.path.join(layout.features_dir(root, "pool5"), ".part-x.parquet.1234.tmp")
     with open(temp, "wb") as stray:
         stray.write(b"PAR1 half a file")
 
@@ -194,7 +199,7 @@ def test_job_reads_images_from_s3_with_a_saved_state_dict(
     assert all(uri.startswith("s3://") for uri in images)
     rejects = read_rejects(root, "extract_features")
     assert {row["record_id"]: row["reason"].split(":")[0] for row in rejects} == bad
-    meta = storage.read_json(storage.join(features_dir(root, "res5c"), "_meta.json"))
+    meta = storage.read_json(layout.features_meta_uri(root, "res5c"))
     assert meta["random_weights"] is False and "WARNING" not in meta
     assert meta["weights"]["source"] == "state_dict"
     assert meta["weights"]["name"] == str(weights_path) and len(meta["weights"]["sha256"]) == 64

@@ -1,4 +1,4 @@
-"""csmn.features without Ray: preprocessing, rejects, weights, layer wiring, determinism.
+"""csmn.core.image_features without Ray: preprocessing, rejects, weights, layer wiring, determinism.
 
 The real torchvision ResNet-101 architecture with a seeded random initialisation (built once
 for the module) and tiny crops keep this fast on two shared cores.
@@ -17,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from csmn.features import (
+from csmn.core.image_features import (
     FEATURE_DIM,
     FeatureExtractor,
     ImageRejected,

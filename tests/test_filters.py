@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from csmn.filters import (
+from csmn.text.filters import (
     ADVERTISEMENT,
     BAD_USER,
     KEPT,
@@ -94,7 +94,7 @@ def _post(i: int, caption_len: int = 5, hashtag_len: int = 5, non_english: bool 
         "created_at": T0 + timedelta(days=i) if dated else None,
         "non_english": non_english,
         "advertisement": advertisement,
-        "caption_tokens": ["w"] * caption_len,
+        "post_tokens": ["w"] * caption_len,
         "hashtag_tokens": ["#t"] * hashtag_len,
     }
 
@@ -107,16 +107,16 @@ def test_user_filter_rules_in_order_per_task():
     posts.append(_post(11, hashtag_len=16))  # hashtags too long, caption fine
     statuses = filter_user_posts(posts, SMALL)
     by_id = {p["post_id"]: s for p, s in zip(posts, statuses, strict=True)}
-    assert by_id["p008"] == {"caption": NON_ENGLISH, "hashtag": NON_ENGLISH}
-    assert by_id["p009"] == {"caption": ADVERTISEMENT, "hashtag": ADVERTISEMENT}
-    assert by_id["p010"]["caption"] == TOO_SHORT
+    assert by_id["p008"] == {"post": NON_ENGLISH, "hashtag": NON_ENGLISH}
+    assert by_id["p009"] == {"post": ADVERTISEMENT, "hashtag": ADVERTISEMENT}
+    assert by_id["p010"]["post"] == TOO_SHORT
     assert by_id["p011"]["hashtag"] == TOO_LONG
     # the cap (6) keeps the most recent posts of each task
-    caption_kept = sorted(p for p, s in by_id.items() if s["caption"] == KEPT)
+    caption_kept = sorted(p for p, s in by_id.items() if s["post"] == KEPT)
     hashtag_kept = sorted(p for p, s in by_id.items() if s["hashtag"] == KEPT)
     assert caption_kept == ["p003", "p004", "p005", "p006", "p007", "p011"]
     assert hashtag_kept == ["p003", "p004", "p005", "p006", "p007", "p010"]
-    capped = [p for p, s in by_id.items() if s["caption"] == OVER_USER_CAP]
+    capped = [p for p, s in by_id.items() if s["post"] == OVER_USER_CAP]
     assert sorted(capped) == ["p000", "p001", "p002"]  # the three oldest
 
 
@@ -126,18 +126,18 @@ def test_user_with_too_many_flagged_posts_loses_everything():
     posts += [_post(5, non_english=True), _post(6, advertisement=True),
               _post(7, non_english=True)]
     statuses = filter_user_posts(posts, SMALL)
-    assert [s["caption"] for s in statuses[:5]] == [BAD_USER] * 5
+    assert [s["post"] for s in statuses[:5]] == [BAD_USER] * 5
     assert [s["hashtag"] for s in statuses[:5]] == [BAD_USER] * 5
-    assert [s["caption"] for s in statuses[5:]] == [NON_ENGLISH, ADVERTISEMENT, NON_ENGLISH]
+    assert [s["post"] for s in statuses[5:]] == [NON_ENGLISH, ADVERTISEMENT, NON_ENGLISH]
     # two flagged posts are within the limit: the others stay
     statuses = filter_user_posts(posts[:7], SMALL)
-    assert [s["caption"] for s in statuses[:5]] == [KEPT] * 5
+    assert [s["post"] for s in statuses[:5]] == [KEPT] * 5
 
 
 def test_user_with_too_few_posts_is_dropped_per_task():
     posts = [_post(i, hashtag_len=1 if i else 5) for i in range(4)]
     statuses = filter_user_posts(posts, SMALL)
-    assert [s["caption"] for s in statuses] == [KEPT] * 4  # 4 posts = the minimum
+    assert [s["post"] for s in statuses] == [KEPT] * 4  # 4 posts = the minimum
     assert statuses[0]["hashtag"] == TOO_FEW_USER_POSTS  # 1 hashtag post left
     assert [s["hashtag"] for s in statuses[1:]] == [TOO_SHORT] * 3
 
@@ -148,5 +148,5 @@ def test_cap_is_deterministic_and_order_independent():
     forward = filter_user_posts(posts, SMALL)
     backward = filter_user_posts(posts[::-1], SMALL)[::-1]
     assert forward == backward
-    kept = [p["post_id"] for p, s in zip(posts, forward, strict=True) if s["caption"] == KEPT]
+    kept = [p["post_id"] for p, s in zip(posts, forward, strict=True) if s["post"] == KEPT]
     assert kept == ["p004", "p005", "p006", "p007", "p008", "p009"]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from csmn.metrics import (
+from csmn.eval.metrics import (
     CocoScorer,
     context_share,
     escape_emoji,

@@ -11,18 +11,17 @@ import math
 import pytest
 import torch
 
-from csmn.decoding import beam_search, dedupe, greedy_decode
-from csmn.model import (
+from csmn.core.decoding import beam_search, dedupe, greedy_decode
+from csmn.core.model import (
     CSMN,
-    EOS_ID,
-    GO_ID,
-    PAD_ID,
     ModelConfig,
     aligned_linear,
     count_parameters,
     flops_per_token,
     sequence_loss,
 )
+from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
+from csmn.data.layout import LAYERS
 
 VARIANTS = {
     "full": {},
@@ -30,7 +29,6 @@ VARIANTS = {
     "NoUC": {"use_user_context": False},
     "NoWO": {"use_word_output": False},
 }
-LAYERS = ("pool5", "res5c")
 
 
 @pytest.fixture(autouse=True, scope="module")

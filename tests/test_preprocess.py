@@ -16,12 +16,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from csmn import storage
-from csmn.preprocess import PreprocessConfig, load_manifest, main, preprocess
-from csmn.rejects import count_rejects
-from csmn.schemas import validate
-from csmn.splits import BY_POSTS_SPLITS, BY_USERS_SPLITS
-from csmn.vocab import SPECIAL_TOKENS, load_vocab
+from csmn.core.tokens import SPECIAL_TOKENS
+from csmn.data import storage
+from csmn.data.layout import BY_POSTS_SPLITS, BY_USERS_SPLITS
+from csmn.data.rejects import count_rejects
+from csmn.data.schemas import validate
+from csmn.pipeline.preprocess import PreprocessConfig, load_manifest, main, preprocess
+from csmn.text.vocab import load_vocab
 
 T0 = datetime(2016, 6, 1, tzinfo=UTC)
 WORDS = (
@@ -126,7 +127,7 @@ def read_examples(root: str, task: str, split: str) -> pa.Table:
 
 def snapshot(root: str) -> dict[str, list[dict]]:
     out = {}
-    for task, splits in (("caption", BY_USERS_SPLITS),
+    for task, splits in (("post", BY_USERS_SPLITS),
                          ("hashtag", BY_USERS_SPLITS + BY_POSTS_SPLITS)):
         for split in splits:
             out[f"{task}/{split}"] = read_examples(root, task, split).to_pylist()
@@ -153,7 +154,7 @@ def test_records_in_equal_kept_plus_filtered_plus_rejected(job):
     assert manifest["records"]["in"] == expected["records"]
     rejected = sum(manifest["records"]["rejected"].values())
     assert rejected == expected["rules"]["rejected"]
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         kept = sum(len(job["examples"][f"{task}/{s}"]) for s in BY_USERS_SPLITS)
         filtered = sum(manifest["filtered"][task].values())
         assert kept == manifest["stats"][task]["posts"] == expected["kept"][task]
@@ -164,7 +165,7 @@ def test_records_in_equal_kept_plus_filtered_plus_rejected(job):
 
 def test_each_rule_counted(job):
     filtered, rules = job["manifest"]["filtered"], job["expected"]["rules"]
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         for rule in ("non_english", "advertisement", "bad_user"):
             assert filtered[task][rule] == rules[rule], (task, rule)
         for rule in ("too_short", "too_long", "over_user_cap", "too_few_user_posts"):
@@ -199,7 +200,7 @@ def test_outputs_validate_and_follow_the_contract(job):
             assert row["context_ids"] == [vocab.id_of(w) for w in row["context_words"]]
             assert len(row["context_words"]) <= manifest["context_size"] == 20
             assert row["image"].startswith("/") and row["image"].endswith(".jpg")
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         contexts = validate(storage.read_parquet(
             storage.join(root, "contexts", f"{task}.parquet")), "user_context")
         assert contexts.num_rows == manifest["stats"][task]["users"] == 20
@@ -211,7 +212,7 @@ def test_outputs_validate_and_follow_the_contract(job):
 
 
 def test_splits_by_users_are_disjoint(job):
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         users = {s: {r["user_id"] for r in job["examples"][f"{task}/{s}"]}
                  for s in BY_USERS_SPLITS}
         assert not users["train"] & users["test"]
@@ -233,7 +234,7 @@ def test_split_by_posts_puts_every_user_in_train_and_test(job):
 
 def test_vocabulary_from_training_split_only(job):
     root, ex = job["root"], job["examples"]
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         vocab = load_vocab(root, task)
         assert vocab.tokens[:4] == list(SPECIAL_TOKENS)
         counts = Counter(t for r in ex[f"{task}/train"] for t in r["text"].split())
@@ -274,7 +275,7 @@ def test_rerun_replaces_outputs(job):
     root = str(job["base"] / "rerun")
     config = PreprocessConfig(**OVERRIDES)
     preprocess(job["archive"], root, config, engine="local")
-    stale = Path(root) / "examples" / "caption" / "train" / "part-stale.parquet"
+    stale = Path(root) / "examples" / "post" / "train" / "part-stale.parquet"
     storage.write_parquet(str(stale), pa.table({"x": [1]}))
     keep = Path(root) / "features" / "pool5" / "_meta.json"
     storage.write_json(str(keep), {"weights": "other stage"})
@@ -306,10 +307,10 @@ def test_writes_to_s3(job, s3_bucket):
 
 
 def test_synthetic_archive_end_to_end(ray_session, tmp_path):
-    """csmn.synth plants each kind of noise and says where: every planted non-English or
+    """csmn.synth.archive plants each kind of noise and says where: every planted non-English or
     link post is filtered, every broken record rejected, the rest balances."""
-    from csmn.synth import SynthConfig
-    from csmn.synth import write_archive as write_synth
+    from csmn.synth.archive import SynthConfig
+    from csmn.synth.archive import write_archive as write_synth
 
     archive = str(tmp_path / "synth")
     summary = write_synth(SynthConfig(out=archive, users=12, seed=5, write_images=False,
@@ -320,7 +321,7 @@ def test_synthetic_archive_end_to_end(ray_session, tmp_path):
     assert manifest["records"]["rejected"]["read"] == sum(summary["broken_records"].values())
     truth = storage.read_parquet(storage.join(archive, "truth", "posts")).to_pylist()
     noise = {t["post_id"]: set(t["noise"]) for t in truth}
-    for task in ("caption", "hashtag"):
+    for task in ("post", "hashtag"):
         assert manifest["balance"][task]["balanced"]
         rows = [r for s in BY_USERS_SPLITS for r in read_examples(root, task, s).to_pylist()]
         assert len(rows) == manifest["stats"][task]["posts"] > 0
@@ -349,7 +350,7 @@ def test_yaml_config_section_and_flags(job, tmp_path):
 
 
 def test_records_a_reader_lets_through_are_rejected_with_a_reason():
-    from csmn.preprocess import features_table
+    from csmn.pipeline.preprocess import features_table
 
     good = {"user_id": "u", "post_id": "p1", "created_at": T0, "image": "/a/1.jpg",
             "caption": "a lovely day at the beach", "hashtags": ["Beach", "#sun"]}

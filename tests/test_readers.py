@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from csmn import readers, storage
-from csmn.rejects import reason_code
-from csmn.schemas import conform, load_schema
+from csmn.data import readers, storage
+from csmn.data.rejects import reason_code
+from csmn.data.schemas import conform, load_schema
 
 STAMP = datetime(2015, 6, 1, 12, 30, tzinfo=UTC)
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from csmn import rejects, storage
-from csmn.schemas import (
+from csmn.data import rejects, storage
+from csmn.data.schemas import (
     SCHEMA_DIR,
     SchemaError,
     conform,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from csmn.splits import (
-    TEST,
-    TRAIN,
-    VAL,
+from csmn.data.layout import TEST, TRAIN, VAL
+from csmn.text.splits import (
     by_posts_fractions,
     split_user_posts,
     split_users,

@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from csmn import storage
+from csmn.data import storage
 
 
 def _round_trip(root: str) -> None:

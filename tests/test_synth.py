@@ -17,10 +17,10 @@ import enchant
 import pytest
 from PIL import Image
 
-from csmn import readers, storage
-from csmn.rejects import reason_code
-from csmn.schemas import validate
-from csmn.synth import (
+from csmn.data import readers, storage
+from csmn.data.rejects import reason_code
+from csmn.data.schemas import validate
+from csmn.synth.archive import (
     CATEGORIES,
     FOREIGN_WORDS,
     SynthConfig,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csmn.text import (
+from csmn.text.normalize import (
     USERNAME_TOKEN,
     has_url,
     is_emoji,

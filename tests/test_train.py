@@ -29,11 +29,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from csmn import checkpoint as ckpt
 from csmn.config import config_from_args
-from csmn.dataset import collate_batch, joined_dataset
-from csmn.model import EOS_ID, GO_ID
-from csmn.train import (
+from csmn.core import checkpoint as ckpt
+from csmn.core.tokens import EOS_ID, GO_ID
+from csmn.pipeline.train import (
     FAILURE_MARKER,
     TrainConfig,
     bleu1_counts,
@@ -42,6 +41,7 @@ from csmn.train import (
     hashtag_f1,
     train,
 )
+from csmn.pipeline.train_data import collate_batch, joined_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 CATEGORIES = 4
@@ -174,6 +174,7 @@ def test_parser_switches_and_defaults():
                                       "--register", "--workers", "2", "--epochs", "3"])
     parsed = config_from_args(TrainConfig, args)
     assert (parsed.use_gpu, parsed.register, parsed.workers, parsed.epochs) == (True, True, 2, 3)
+    assert parsed.task == "post"  # "caption" is the command line's alias of the post task
     args = build_parser().parse_args(["--data", "/d", "--use-gpu", "false"])
     assert config_from_args(TrainConfig, args).use_gpu is False
     paper = TrainConfig(data="/d")
@@ -295,7 +296,7 @@ def test_two_workers_match_one_worker_and_resume_after_a_kill_and_a_worker_failu
 
 
 def test_checkpoint_round_trip_without_ray(tmp_path):
-    from csmn.model import CSMN, ModelConfig
+    from csmn.core.model import CSMN, ModelConfig
 
     config = ModelConfig(vocab_size=10, context_size=6, **TINY_MODEL)
     model = CSMN(config)
@@ -304,7 +305,7 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
     model(torch.zeros(2, 2048), torch.ones(2, 6, dtype=torch.long),
           torch.ones(2, 3, dtype=torch.long)).sum().backward()
     optimizer.step()
-    ckpt.save_checkpoint(str(tmp_path / "c"), model, config, vocab, "caption", epoch=4,
+    ckpt.save_checkpoint(str(tmp_path / "c"), model, config, vocab, "post", epoch=4,
                          metrics={"val_loss": 1.5}, optimizer=optimizer)
     loaded = ckpt.load_checkpoint(str(tmp_path / "c"), with_train_state=True)
     assert loaded.epoch == 4 and loaded.metrics == {"val_loss": 1.5}
@@ -313,7 +314,7 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
         assert torch.equal(loaded.model.state_dict()[name], value)
     assert loaded.train_state["optimizer"]["state"]
     with pytest.raises(ValueError, match="vocabulary has 3 tokens"):
-        ckpt.save_checkpoint(str(tmp_path / "d"), model, config, vocab[:3], "caption")
+        ckpt.save_checkpoint(str(tmp_path / "d"), model, config, vocab[:3], "post")
 
 
 # ---- end to end: `ray job submit` against a head node with token authentication ----------------

@@ -7,16 +7,10 @@ from collections import Counter
 
 import pytest
 
-from csmn.user_context import UserContext, count_tokens, fit_idf, smoothed_idf, top_context
-from csmn.vocab import (
-    EOS_ID,
-    SPECIAL_TOKENS,
-    UNK_ID,
-    Vocabulary,
-    load_vocab,
-    vocab_name,
-    vocab_uri,
-)
+from csmn.core.tokens import EOS_ID, SPECIAL_TOKENS, UNK_ID
+from csmn.data.layout import vocab_name, vocab_uri
+from csmn.text.user_context import UserContext, count_tokens, fit_idf, smoothed_idf, top_context
+from csmn.text.vocab import Vocabulary, load_vocab
 
 
 def test_vocabulary_special_tokens_then_count_then_string():
@@ -32,7 +26,8 @@ def test_vocabulary_special_tokens_then_count_then_string():
 def test_vocabulary_size_counts_special_tokens_and_round_trips(tmp_path):
     vocab = Vocabulary.from_counts(Counter("abcdefg"), size=6)
     assert len(vocab) == 6 and vocab.tokens[:4] == list(SPECIAL_TOKENS)
-    vocab.save(str(tmp_path / "vocab" / "caption.json"))
+    vocab.save(str(tmp_path / "vocab" / "post.json"))
+    # the post task answers to its command-line alias "caption" too
     assert load_vocab(str(tmp_path), "caption").tokens == vocab.tokens
     with pytest.raises(ValueError):
         Vocabulary(["a", "b"])

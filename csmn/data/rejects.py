@@ -14,8 +14,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from csmn import storage
-from csmn.schemas import conform, validate
+from csmn.data import layout, storage
+from csmn.data.schemas import conform, validate
 
 PAYLOAD_LIMIT = 2000
 
@@ -41,21 +41,17 @@ def reject_row(
     }
 
 
-def rejects_dir(root: str, stage: str) -> str:
-    return storage.join(root, "rejects", stage)
-
-
 def write_rejects(root: str, stage: str, rows: list[dict[str, Any]]) -> str | None:
     """Write one Parquet part of reject rows; returns its URI (None when there is nothing)."""
     if not rows:
         return None
-    uri = storage.join(rejects_dir(root, stage), f"part-{uuid.uuid4().hex[:12]}.parquet")
+    uri = storage.join(layout.rejects_dir(root, stage), f"part-{uuid.uuid4().hex[:12]}.parquet")
     storage.write_parquet(uri, conform(rows, "reject"))
     return uri
 
 
 def read_rejects(root: str, stage: str) -> list[dict[str, Any]]:
-    directory = rejects_dir(root, stage)
+    directory = layout.rejects_dir(root, stage)
     if not storage.list_files(directory, suffix=".parquet"):
         return []
     return validate(storage.read_parquet(directory), "reject").to_pylist()

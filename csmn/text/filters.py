@@ -26,7 +26,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from csmn.text import has_url, language_words
+from csmn.data.layout import TASKS
+from csmn.text.normalize import has_url, language_words
 
 KEPT = "kept"
 NON_ENGLISH = "non_english"
@@ -38,7 +39,6 @@ OVER_USER_CAP = "over_user_cap"
 TOO_FEW_USER_POSTS = "too_few_user_posts"
 COMMON_RULES = (NON_ENGLISH, ADVERTISEMENT, BAD_USER)
 TASK_RULES = (TOO_SHORT, TOO_LONG, OVER_USER_CAP, TOO_FEW_USER_POSTS)
-TASKS = ("caption", "hashtag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +133,8 @@ def filter_user_posts(
     """Status per task of each of one user's posts: ``kept`` or the rule that dropped it.
 
     Each post needs ``post_id``, ``created_at``, ``non_english``, ``advertisement`` (booleans
-    from :func:`is_non_english` and :func:`is_advertisement`) and ``caption_tokens`` /
-    ``hashtag_tokens``. Returns ``[{"caption": status, "hashtag": status}, ...]`` aligned with
+    from :func:`is_non_english` and :func:`is_advertisement`) and ``post_tokens`` /
+    ``hashtag_tokens``. Returns ``[{"post": status, "hashtag": status}, ...]`` aligned with
     ``posts``; the result does not depend on the order of ``posts``.
     """
     t = thresholds

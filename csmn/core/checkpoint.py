@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from csmn import storage
-from csmn.model import CSMN, ModelConfig
+from csmn.core.model import CSMN, ModelConfig
+from csmn.data import storage
+from csmn.data.layout import canonical_task
 
 FORMAT = "csmn-checkpoint"
 VERSION = 1
@@ -84,7 +85,7 @@ def save_checkpoint(
     metadata = {
         "format": FORMAT,
         "version": VERSION,
-        "task": task,
+        "task": canonical_task(task),
         "epoch": epoch,
         "model_config": dataclasses.asdict(model_config),
         "train_config": train_config or {},
@@ -124,7 +125,7 @@ def load_checkpoint(
         model=model,
         model_config=model_config,
         vocab=list(metadata["vocab"]),
-        task=metadata["task"],
+        task=canonical_task(metadata["task"]),
         epoch=metadata.get("epoch"),
         metrics=dict(metadata.get("metrics") or {}),
         train_config=dict(metadata.get("train_config") or {}),

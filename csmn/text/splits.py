@@ -20,10 +20,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-TRAIN, VAL, TEST = "train", "val", "test"
-BY_USERS_SPLITS = (TRAIN, VAL, TEST)
-BY_POSTS_SPLITS = ("train_by_posts", "val_by_posts", "test_by_posts")
-TRAIN_BY_POSTS, VAL_BY_POSTS, TEST_BY_POSTS = BY_POSTS_SPLITS
+from csmn.data.layout import (
+    TEST,
+    TEST_BY_POSTS,
+    TRAIN,
+    TRAIN_BY_POSTS,
+    VAL,
+    VAL_BY_POSTS,
+)
 
 
 def unit_hash(seed: int, *parts: str) -> float:

@@ -39,9 +39,9 @@ from urllib.parse import unquote_plus
 
 import pyarrow.parquet as pq
 
-from csmn import storage
-from csmn.rejects import reject_row
-from csmn.schemas import record_problem
+from csmn.data import storage
+from csmn.data.rejects import reject_row
+from csmn.data.schemas import record_problem
 
 STAGE = "read"
 LAYOUTS = ("jsonl", "parquet", "instapic", "yfcc")

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-# Decoder markers that never belong to a prediction (``_UNK`` stays: it is a wrong guess).
-SPECIAL_TOKENS = frozenset({"_PAD", "_GO", "_EOS"})
+from csmn.core.tokens import MARKERS
 
 # "\ u0001f60d" as the PTB tokenizer writes an escaped emoji (lowercased, backslash split off).
 _SPLIT_ESCAPE = re.compile(r"\\ (u[0-9a-f]{4}(?:[0-9a-f]{4})?)\b")
@@ -60,7 +59,7 @@ def merge_emoji_escapes(tokenized: str) -> str:
 def prediction_tokens(prediction: str | Sequence[str]) -> list[str]:
     """The tokens of a prediction (a space-joined string or a token list), markers removed."""
     tokens = prediction.split() if isinstance(prediction, str) else list(prediction)
-    return [t for t in tokens if t and t not in SPECIAL_TOKENS]
+    return [t for t in tokens if t and t not in MARKERS]
 
 
 # --------------------------------------------------------------------------- post metrics
@@ -221,7 +220,7 @@ def hashtag_set(tags: str | Iterable[str]) -> set[str]:
     tokens = tags.split() if isinstance(tags, str) else tags
     out = set()
     for token in tokens:
-        if not token or token in SPECIAL_TOKENS:
+        if not token or token in MARKERS:
             continue
         tag = token.lstrip("#").lower()
         if tag:

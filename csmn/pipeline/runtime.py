@@ -34,6 +34,15 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     )
 
 
+def quiet_ray_data() -> None:
+    """Ray Data logs a progress table every few seconds when stdout is not a terminal; a
+    job that prints its own steps turns it off. Full logs stay in the Ray session folder."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from csmn import schemas, storage
+from csmn.data import schemas, storage
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PIXELS = 96
@@ -28,7 +28,7 @@ CONTEXT_SHOWN = 12
 # The paper's numbers (Instagram, split by users; hashtag F1 also by posts), for scale only:
 # a synthetic archive is not Instagram.
 PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
-    "caption": {
+    "post": {
         "CSMN-P5": {
             "bleu_1": 0.171,
             "bleu_4": 0.013,
@@ -67,7 +67,7 @@ PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
 }
 COLUMNS = {
     "hashtag": ["f1", "precision", "recall", "context_share"],
-    "caption": [
+    "post": [
         "bleu_1",
         "bleu_2",
         "bleu_3",
@@ -80,7 +80,7 @@ COLUMNS = {
 }
 PER_USER_COLUMNS = {
     "hashtag": ["n_posts", "f1", "precision", "recall", "context_share"],
-    "caption": ["n_posts", "bleu_1", "rouge_l", "context_share"],
+    "post": ["n_posts", "bleu_1", "rouge_l", "context_share"],
 }
 
 
@@ -242,7 +242,7 @@ def render_markdown(report: dict[str, Any], users_shown: int = 10) -> str:
 
 
 def thumbnail_data_uri(image_uri: str | None, pixels: int = THUMBNAIL_PIXELS) -> str | None:
-    """A small JPEG of the image as a ``data:`` URI (read through csmn.storage, so local or
+    """A small JPEG of the image as a ``data:`` URI (read through csmn.data.storage, so local or
     s3://); None when it cannot be read or decoded: the report says so instead."""
     if not image_uri:
         return None

@@ -39,10 +39,10 @@ import torchvision
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from csmn.data.layout import FEATURE_DIM, LAYERS
+
 log = logging.getLogger(__name__)
 
-LAYERS = ("pool5", "res5c")
-FEATURE_DIM = 2048
 # ResNet-101's total stride: a crop of c pixels gives a (c / 32) x (c / 32) res5c grid.
 NETWORK_STRIDE = 32
 
@@ -215,7 +215,7 @@ def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray
 
 def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first)."""
-    from csmn import storage
+    from csmn.data import storage
 
     try:
         fs, path = storage.resolve(uri)
@@ -309,7 +309,7 @@ def load_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
             extra={"acc@1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]},
         )
         return state_dict, info
-    from csmn import storage
+    from csmn.data import storage
 
     try:
         data = storage.read_bytes(spec)

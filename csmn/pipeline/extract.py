@@ -43,9 +43,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from csmn import storage
 from csmn.config import add_config_arguments, config_from_args, config_to_dict
-from csmn.features import (
+from csmn.core.image_features import (
     FEATURE_DIM,
     LAYERS,
     RANDOM_WEIGHTS_WARNING,
@@ -59,8 +58,8 @@ from csmn.features import (
     read_image_bytes,
     resolve_precision,
 )
-from csmn.rejects import rejects_dir
-from csmn.schemas import conform, load_schema, validate
+from csmn.data import layout, storage
+from csmn.data.schemas import conform, load_schema, validate
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +159,6 @@ class ExtractConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def features_dir(root: str, layer: str) -> str:
-    return storage.join(root, "features", layer)
-
-
-def meta_uri(root: str, layer: str) -> str:
-    return storage.join(features_dir(root, layer), "_meta.json")
-
-
 def feature_schema(layer: str, slots: int = 49) -> pa.Schema:
     """The Parquet schema of a layer's parts. The contract's res5c is 49 slots (224 crop); a
     smaller crop (tests) stores ``slots x 2048`` floats under the same column names."""
@@ -197,7 +188,7 @@ def _features_table(layer: str, images: list[str], values: np.ndarray, slots: in
 def read_features(root: str, layer: str) -> tuple[list[str], np.ndarray]:
     """All features of a layer: image keys and a float32 array ``[N, 2048]`` (pool5) or
     ``[N, slots, 2048]`` (res5c). For small data and tests; training streams the parts."""
-    table = storage.read_parquet(features_dir(root, layer))
+    table = storage.read_parquet(layout.features_dir(root, layer))
     if layer == "pool5" or table.schema.field("feature").type.list_size == 49 * FEATURE_DIM:
         table = validate(table, f"features_{layer}")
     column = table.column("feature").combine_chunks()
@@ -210,7 +201,7 @@ def read_features(root: str, layer: str) -> tuple[list[str], np.ndarray]:
 
 def example_files(root: str) -> list[str]:
     """``<root>/examples/<task>/<split>/part-*.parquet``."""
-    base = storage.join(root, "examples")
+    base = layout.examples_root(root)
     out = []
     for uri in storage.list_files(base, suffix=".parquet"):
         relative = uri[len(base):].strip("/").split("/")
@@ -323,7 +314,7 @@ def write_part(
     file instead of adding a duplicate. Rejects are written first: a kill between the two
     leaves the good images without features, and a rerun computes them.
     """
-    from csmn.rejects import reject_row
+    from csmn.data.rejects import reject_row
 
     images = [str(uri) for uri in batch["image"]]
     errors = [str(e) for e in batch["error"]]
@@ -338,14 +329,15 @@ def write_part(
     bad = [i for i, e in enumerate(errors) if e]
     if bad:
         rows = [reject_row(STAGE, errors[i], record_id=images[i], source=images[i]) for i in bad]
-        storage.write_parquet(storage.join(rejects_dir(root, STAGE), name), conform(rows, "reject"))
+        storage.write_parquet(storage.join(layout.rejects_dir(root, STAGE), name),
+                              conform(rows, "reject"))
     for layer in layers:
         needed = np.array([not e for e in errors], dtype=bool) & batch[f"need_{layer}"].astype(bool)
         if not needed.any():
             continue
         keep = np.flatnonzero(needed)
         table = _features_table(layer, [images[i] for i in keep], batch[layer][keep], slots)
-        storage.write_parquet(storage.join(features_dir(root, layer), name), table)
+        storage.write_parquet(storage.join(layout.features_dir(root, layer), name), table)
     outcomes = [OK if not e else e.split(":", 1)[0].strip() for e in errors]
     return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object)}
 
@@ -385,11 +377,11 @@ def _read_image_columns(
 
 def _check_meta(root: str, layer: str, info: WeightsInfo, preprocess: PreprocessConfig) -> None:
     """Refuse to mix features of different weights or preprocessing in one folder."""
-    directory = features_dir(root, layer)
+    directory = layout.features_dir(root, layer)
     parts = storage.list_files(directory, suffix=".parquet")
     if not parts:
         return
-    meta_path = meta_uri(root, layer)
+    meta_path = layout.features_meta_uri(root, layer)
     if not storage.exists(meta_path):
         raise ValueError(
             f"{directory} holds {len(parts)} part(s) but no _meta.json: unknown weights. "
@@ -454,7 +446,7 @@ def _write_meta(
         meta["WARNING"] = RANDOM_WEIGHTS_WARNING
     if summary is not None:
         meta["last_run"] = summary
-    storage.write_json(meta_uri(root, layer), meta)
+    storage.write_json(layout.features_meta_uri(root, layer), meta)
 
 
 def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] | None) -> str:
@@ -520,8 +512,8 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     appended to ``stats`` when a list is given."""
     import ray
 
-    from csmn.rejects import read_rejects
-    from csmn.runtime import init_ray
+    from csmn.data.rejects import read_rejects
+    from csmn.pipeline.runtime import init_ray
 
     if not config.data:
         raise ValueError("--data is required: the data root that holds examples/")
@@ -540,21 +532,21 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
 
     files = example_files(root)
     if not files:
-        raise ValueError(f"no examples under {storage.join(root, 'examples')}/<task>/<split>/")
+        raise ValueError(f"no examples under {layout.examples_root(root)}/<task>/<split>/")
     if config.overwrite:
         for layer in layers:
-            log.warning("--overwrite: deleting %s", features_dir(root, layer))
-            storage.delete(features_dir(root, layer))
+            log.warning("--overwrite: deleting %s", layout.features_dir(root, layer))
+            storage.delete(layout.features_dir(root, layer))
     for layer in layers:
         _check_meta(root, layer, info, preprocess)
     if config.retry_rejects:
-        storage.delete(rejects_dir(root, STAGE))
+        storage.delete(layout.rejects_dir(root, STAGE))
     rejected_before = {row["record_id"] for row in read_rejects(root, STAGE)}
 
     init_ray()
     groups = {"examples": files}
     for layer in layers:
-        groups[layer] = storage.list_files(features_dir(root, layer), suffix=".parquet")
+        groups[layer] = storage.list_files(layout.features_dir(root, layer), suffix=".parquet")
     columns = _read_image_columns(groups, runtime_env)
     references = columns["examples"]
     unique = sorted({uri for uri in references if uri})
@@ -705,7 +697,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from csmn.runtime import setup_logging
+    from csmn.pipeline.runtime import setup_logging
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     setup_logging()

@@ -39,17 +39,19 @@ from typing import Any
 
 import torch
 
-from csmn import storage
-from csmn.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.config import config_from_args, config_parser
-from csmn.dataset import Collate, JoinStats, joined_dataset
-from csmn.metrics import hashtag_prf
-from csmn.model import CSMN, SPECIAL_TOKENS, ModelConfig, sequence_loss
-from csmn.vocab import load_vocab
+from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from csmn.core.model import CSMN, ModelConfig, sequence_loss
+from csmn.core.tokens import SPECIAL_TOKENS
+from csmn.data import storage
+from csmn.data.layout import HASHTAG, POST, canonical_task
+from csmn.eval.metrics import hashtag_prf
+from csmn.pipeline.train_data import Collate, JoinStats, joined_dataset
+from csmn.text.vocab import load_vocab
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = {"hashtag": "val_f1", "caption": "val_bleu1"}
+METRIC_NAMES = {HASHTAG: "val_f1", POST: "val_bleu1"}
 FAILURE_MARKER = "_csmn_injected_failure"
 
 
@@ -58,7 +60,8 @@ class TrainConfig:
     """Training settings; defaults are the paper's (4.3) where it gives one."""
 
     data: str = field(default="", metadata={"help": "data root (local path or s3://)"})
-    task: str = field(default="hashtag", metadata={"help": "hashtag | caption"})
+    task: str = field(default="hashtag", metadata={
+        "help": "hashtag | post (caption is accepted for post)"})
     variant: str = field(default="P5", metadata={
         "help": "P5 | R5C | NoCNN | NoUC | NoWO | W20 ... (parts joined by '-')"})
     context_size: int | None = field(default=None, metadata={
@@ -109,8 +112,7 @@ class TrainConfig:
             self.model = yaml.safe_load(self.model) or {}
         if not isinstance(self.model, dict):
             raise ValueError(f"model overrides must be a mapping, got {self.model!r}")
-        if self.task not in METRIC_NAMES:
-            raise ValueError(f"task must be one of {sorted(METRIC_NAMES)}, got {self.task!r}")
+        self.task = canonical_task(self.task)
         for name in ("workers", "epochs", "batch_size", "lr_decay_every", "max_length",
                      "val_sample_size", "checkpoints_to_keep"):
             if getattr(self, name) < 1:
@@ -159,7 +161,7 @@ def _words(ids: list[int]) -> list[int]:
 
 def hashtag_f1(predicted: list[int], truth: list[int]) -> float:
     """2PR/(P+R) between the predicted and true hashtag sets of one post (paper 5.1), on ids:
-    the evaluation's own F1 (csmn.metrics), so validation and evaluation agree."""
+    the evaluation's own F1 (csmn.eval.metrics), so validation and evaluation agree."""
     return hashtag_prf([str(i) for i in _words(truth)], [str(i) for i in _words(predicted)])[2]
 
 
@@ -211,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from csmn import tracking
-    from csmn.decoding import greedy_decode
+    from csmn.core.decoding import greedy_decode
 
     config = TrainConfig(**loop_config["train"])
     model_config = ModelConfig(**loop_config["model"])
@@ -397,7 +399,7 @@ def train(config: TrainConfig) -> TrainSummary:
     from ray.train.torch import TorchTrainer
 
     from csmn import tracking
-    from csmn.runtime import init_ray
+    from csmn.pipeline.runtime import init_ray
 
     if not config.data:
         raise ValueError("--data is required: the data root written by preprocessing")
@@ -524,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from csmn.runtime import setup_logging
+    from csmn.pipeline.runtime import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)

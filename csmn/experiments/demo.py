@@ -19,13 +19,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from csmn import storage
 from csmn.config import config_from_args, config_parser
-from csmn.runtime import init_ray, setup_logging
+from csmn.data import storage
+from csmn.data.layout import (
+    BY_POSTS_TASK,
+    HASHTAG,
+    POST,
+    REGISTERED_MODEL_NAMES,
+    SPLIT_FAMILIES,
+    canonical_task,
+    vocab_name,
+)
+from csmn.pipeline.runtime import init_ray, quiet_ray_data, setup_logging
 
 log = logging.getLogger(__name__)
 
-TASK_MODEL_NAMES = {"hashtag": "csmn-hashtag", "caption": "csmn-post"}
 
 
 @dataclass
@@ -34,7 +42,7 @@ class DemoConfig:
     users: int = field(default=40, metadata={"help": "users in the synthetic archive"})
     seed: int = 0
     tasks: tuple[str, ...] = field(
-        default=("hashtag", "caption"), metadata={"help": "hashtag,caption"}
+        default=(HASHTAG, POST), metadata={"help": "hashtag,post"}
     )
     # Split by users, a test user's own hashtags are out of the vocabulary; split by posts they
     # are not, and that is where user context shows (the paper's Table 3, right column).
@@ -55,26 +63,20 @@ class DemoConfig:
     memory_dim: int = 256
     cnn_depth: int = 64
 
+    def __post_init__(self) -> None:
+        self.tasks = tuple(canonical_task(t) for t in self.tasks)
+
 
 def _banner(step: str) -> None:
     print(f"\n==== {step} " + "=" * max(0, 76 - len(step)), flush=True)
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data logs a progress table every few seconds when stdout is not a terminal; the
-    demo prints its own steps instead. Full logs stay in the Ray session folder."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from csmn.evaluate import EvaluateConfig, evaluate
-    from csmn.extract import ExtractConfig, format_summary, run_extract
-    from csmn.preprocess import PreprocessConfig, preprocess
-    from csmn.synth import SynthConfig, write_archive
-    from csmn.train import TrainConfig, train
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
+    from csmn.pipeline.extract import ExtractConfig, format_summary, run_extract
+    from csmn.pipeline.preprocess import PreprocessConfig, preprocess
+    from csmn.pipeline.train import TrainConfig, train
+    from csmn.synth.archive import SynthConfig, write_archive
 
     archive = storage.join(config.out, "archive")
     root = storage.join(config.out, "data")
@@ -88,7 +90,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print(json.dumps({k: synth[k] for k in ("users", "posts") if k in synth}))
 
     init_ray()
-    _quiet_ray_data()
+    quiet_ray_data()
     _banner(f"2/5 preprocess (Ray Data) -> {root}")
     manifest = preprocess(
         archive,
@@ -118,12 +120,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "cnn_depth": config.cnn_depth,
     }
     runs = [(task, "by_users") for task in config.tasks]
-    if "hashtag" in config.tasks and config.hashtags_by_posts:
-        runs.append(("hashtag", "by_posts"))
-    for task, split in runs:
-        by_posts = split == "by_posts"
-        name = f"{task}_by_posts" if by_posts else task
-        _banner(f"4/5 train CSMN-P5 for {task}, split {split.replace('_', ' ')} "
+    if BY_POSTS_TASK in config.tasks and config.hashtags_by_posts:
+        runs.append((BY_POSTS_TASK, "by_posts"))
+    for task, family in runs:
+        by_posts = family == "by_posts"
+        train_split, val_split, test_split = SPLIT_FAMILIES[family]
+        name = vocab_name(task, test_split)
+        _banner(f"4/5 train CSMN-P5 for {task}, split {family.replace('_', ' ')} "
                 "(Ray Train, MLflow)")
         trained = train(
             TrainConfig(
@@ -133,17 +136,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 batch_size=config.batch_size,
                 seed=config.seed,
                 model=model_overrides,
-                train_split="train_by_posts" if by_posts else "train",
-                val_split="val_by_posts" if by_posts else "val",
+                train_split=train_split,
+                val_split=val_split,
                 # The registry holds the models the nightly job may use: split by users.
                 register=not by_posts,
             )
         )
         model_uri = (trained.model_uri if by_posts
-                     else f"models:/{TASK_MODEL_NAMES[task]}/{trained.registered_version}")
+                     else f"models:/{REGISTERED_MODEL_NAMES[task]}/{trained.registered_version}")
         print(f"model {model_uri} (MLflow run {trained.mlflow_run_id})")
 
-        test_split = "test_by_posts" if by_posts else "test"
         _banner(f"5/5 evaluate on {test_split}, with the 1NN baselines")
         os.environ.setdefault("MLFLOW_TRACKING_URI", trained.tracking_uri)
         report = evaluate(EvaluateConfig(data=root, model=model_uri, task=task,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from csmn.data import layout
+
 BASELINES = ("1nn-im", "1nn-usr", "1nn-usrim")
 # The paper matches users by the overlap of their 60 context words, whatever D the data was
 # preprocessed with (a root built for W80/W100 stores longer contexts, best first).
@@ -253,10 +255,10 @@ def read_features(root: str, image_uris: Sequence[str], layer: str = "pool5") ->
 
     Raises ``KeyError`` naming the images with no feature (callers drop and count them).
     """
-    from csmn import storage
+    from csmn.data import storage
 
     table = storage.read_parquet(
-        storage.join(root, "features", layer), columns=["image", "feature"]
+        layout.features_dir(root, layer), columns=["image", "feature"]
     )
     images = table.column("image").to_pylist()
     row_of = {image: i for i, image in enumerate(images)}
@@ -271,9 +273,9 @@ def read_features(root: str, image_uris: Sequence[str], layer: str = "pool5") ->
 
 def features_by_image(root: str, layer: str = "pool5") -> dict[str, int]:
     """image -> row of the features table (to find which examples have a feature)."""
-    from csmn import storage
+    from csmn.data import storage
 
-    table = storage.read_parquet(storage.join(root, "features", layer), columns=["image"])
+    table = storage.read_parquet(layout.features_dir(root, layer), columns=["image"])
     return {image: i for i, image in enumerate(table.column("image").to_pylist())}
 
 
@@ -282,17 +284,17 @@ def load_training_set(root: str, task: str, split: str = "train") -> NeighbourTr
 
     Training posts whose image has no feature cannot be neighbours and are left out.
     """
-    from csmn import storage
+    from csmn.data import storage
 
     examples = storage.read_parquet(
-        storage.join(root, "examples", task, split), columns=["user_id", "text", "image"]
+        layout.examples_dir(root, task, split), columns=["user_id", "text", "image"]
     )
     known = features_by_image(root)
     images = examples.column("image").to_pylist()
     keep = [i for i, image in enumerate(images) if image in known]
     users = examples.column("user_id").to_pylist()
     texts = examples.column("text").to_pylist()
-    contexts = storage.read_parquet(storage.join(root, "contexts", f"{task}.parquet"))
+    contexts = storage.read_parquet(layout.contexts_uri(root, task))
     user_contexts = dict(
         zip(
             contexts.column("user_id").to_pylist(),

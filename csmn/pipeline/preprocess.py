@@ -45,32 +45,36 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from csmn import storage
 from csmn.config import add_config_arguments, config_from_args, config_to_dict
-from csmn.filters import (
+from csmn.data import layout, storage
+from csmn.data.layout import (
+    BY_POSTS_SPLITS,
+    BY_USERS_SPLITS,
+    POST,
+    TASKS,
+    TRAIN,
+    TRAIN_BY_POSTS,
+    vocab_name,
+)
+from csmn.data.rejects import count_rejects, reject_row
+from csmn.data.schemas import conform, record_problem
+from csmn.text.filters import (
     COMMON_RULES,
     KEPT,
     TASK_RULES,
-    TASKS,
     FilterThresholds,
     filter_user_posts,
     is_advertisement,
     is_non_english,
 )
-from csmn.rejects import count_rejects, reject_row
-from csmn.schemas import conform, record_problem
-from csmn.splits import (
-    BY_POSTS_SPLITS,
-    BY_USERS_SPLITS,
-    TRAIN,
-    TRAIN_BY_POSTS,
+from csmn.text.normalize import normalize_caption, normalize_hashtags
+from csmn.text.splits import (
     by_posts_fractions,
     split_user_posts,
     split_users,
 )
-from csmn.text import normalize_caption, normalize_hashtags
-from csmn.user_context import UserContext, count_tokens, fit_idf
-from csmn.vocab import Vocabulary, vocab_name
+from csmn.text.user_context import UserContext, count_tokens, fit_idf
+from csmn.text.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ class PreprocessConfig:
         "help": "posts kept per user (the most recent)"})
     min_posts_per_user: int = field(default=50, metadata={
         "help": "users with fewer kept posts are dropped"})
-    caption_vocab_size: int = field(default=40000, metadata={
+    post_vocab_size: int = field(default=40000, metadata={
         "help": "post vocabulary size, special tokens included"})
     hashtag_vocab_size: int = field(default=60000, metadata={
         "help": "hashtag vocabulary size, special tokens included"})
@@ -134,7 +138,7 @@ class PreprocessConfig:
             raise ValueError("need 1 <= min_tokens <= max_tokens")
         if self.min_posts_per_user > self.max_posts_per_user:
             raise ValueError("min_posts_per_user is larger than max_posts_per_user")
-        if min(self.caption_vocab_size, self.hashtag_vocab_size) < 5:
+        if min(self.post_vocab_size, self.hashtag_vocab_size) < 5:
             raise ValueError("a vocabulary needs room for the 4 special tokens and words")
         if self.context_size < 1:
             raise ValueError("context_size must be positive")
@@ -146,7 +150,7 @@ class PreprocessConfig:
         return FilterThresholds(**{n: getattr(self, n) for n in names})
 
     def vocab_size(self, task: str) -> int:
-        return self.caption_vocab_size if task == "caption" else self.hashtag_vocab_size
+        return self.post_vocab_size if task == POST else self.hashtag_vocab_size
 
 
 # --------------------------------------------------------------------------- schemas
@@ -159,7 +163,7 @@ FEATURE_SCHEMA = pa.schema([
     ("post_id", pa.string()),
     ("created_at", _TS),
     ("image", pa.string()),
-    ("caption_tokens", _STRINGS),
+    ("post_tokens", _STRINGS),
     ("hashtag_tokens", _STRINGS),
     ("non_english", pa.bool_()),
     ("advertisement", pa.bool_()),
@@ -222,7 +226,7 @@ def write_reject_rows(rows: Sequence[dict[str, Any]], root: str, key: str) -> No
     for stage, stage_rows in sorted(by_stage.items()):
         name = _digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}"
                                for r in stage_rows)])
-        uri = storage.join(root, "rejects", stage, f"part-{name}.parquet")
+        uri = storage.join(layout.rejects_dir(root, stage), f"part-{name}.parquet")
         storage.write_parquet(uri, conform(stage_rows, "reject"))
 
 
@@ -249,7 +253,7 @@ def post_features(post: dict[str, Any], max_non_english_fraction: float) -> dict
         "post_id": post["post_id"],
         "created_at": post.get("created_at"),
         "image": post["image"],
-        "caption_tokens": normalize_caption(caption),
+        "post_tokens": normalize_caption(caption),
         "hashtag_tokens": normalize_hashtags(post.get("hashtags") or []),
         "non_english": is_non_english(caption, max_non_english_fraction),
         "advertisement": is_advertisement(caption),
@@ -281,7 +285,7 @@ def source_features(
     source: str, archive: str, root: str, read_batch_size: int, max_non_english_fraction: float
 ) -> Iterator[pa.Table]:
     """Stage 1 for one source file of the archive; its rejects go to ``rejects/`` here."""
-    from csmn import readers
+    from csmn.data import readers
 
     batches = readers.parse_source(source, archive, batch_size=read_batch_size)
     for i, (posts, read_rejects) in enumerate(batches):
@@ -308,7 +312,7 @@ def _content_key(row: dict[str, Any]) -> tuple:
         "" if created is None else created.isoformat(),
         row["image"],
         row["source"] or "",
-        " ".join(row["caption_tokens"]),
+        " ".join(row["post_tokens"]),
         " ".join(row["hashtag_tokens"]),
     )
 
@@ -339,7 +343,7 @@ def summarize_user(group: pa.Table, thresholds: FilterThresholds, root: str) -> 
     out: dict[str, Any] = {name: 0 for name in COUNT_COLUMNS}
     out.update(user_id=user_id, posts=len(posts), duplicates=len(duplicates))
     for status in statuses:
-        common = status["caption"]  # the common rules give both tasks the same status
+        common = status[POST]  # the common rules give both tasks the same status
         if common in COMMON_RULES:
             out[common] += 1
         if KEPT in status.values():
@@ -482,10 +486,6 @@ def user_examples(
     return context.full(), examples()
 
 
-def examples_dir(root: str, task: str, split: str) -> str:
-    return storage.join(root, "examples", task, split)
-
-
 def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
     """Stage 5 for a batch of users: build and write their examples; return, per task, user
     and split, the posts written (and the user's full context, on its by-users row).
@@ -513,7 +513,7 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
                             "posts": n,
                             "context_words": full_context if split == user_split else None})
     for (task, split), examples in sorted(by_part.items()):
-        uri = storage.join(examples_dir(root, task, split), f"part-{batch_id}.parquet")
+        uri = storage.join(layout.examples_dir(root, task, split), f"part-{batch_id}.parquet")
         storage.write_parquet(uri, conform(examples, "example"))
     return pa.Table.from_pylist(out, schema=USER_SPLIT_SCHEMA)
 
@@ -527,7 +527,7 @@ class RayEngine:
     def __init__(self, config: PreprocessConfig):
         import ray
 
-        from csmn.runtime import init_ray
+        from csmn.pipeline.runtime import init_ray
 
         init_ray()
         self.ray = ray
@@ -624,7 +624,7 @@ OWNED_OUTPUTS = ("examples", "vocab", "contexts", "rejects/read", "rejects/prepr
 
 def clear_outputs(root: str) -> None:
     """Delete what a previous run wrote here (manifest first: no manifest = incomplete)."""
-    manifest = storage.join(root, "manifest.json")
+    manifest = layout.manifest_uri(root)
     if storage.exists(manifest):
         storage.delete(manifest)
     for name in OWNED_OUTPUTS:
@@ -711,7 +711,7 @@ def write_empty_splits(root: str, summary: list[dict], config: PreprocessConfig)
     for task in TASKS:
         for split in task_splits(task, config):
             if (task, split) not in written:
-                uri = storage.join(examples_dir(root, task, split), "part-empty.parquet")
+                uri = storage.join(layout.examples_dir(root, task, split), "part-empty.parquet")
                 storage.write_parquet(uri, conform([], "example"))
 
 
@@ -724,7 +724,7 @@ def write_contexts(root: str, summary: list[dict]) -> dict[str, int]:
              for r in summary if r["task"] == task and r["context_words"] is not None),
             key=lambda r: r["user_id"],
         )
-        storage.write_parquet(storage.join(root, "contexts", f"{task}.parquet"),
+        storage.write_parquet(layout.contexts_uri(root, task),
                               conform(task_rows, "user_context"))
         written[task] = len(task_rows)
     return written
@@ -838,7 +838,7 @@ def preprocess(
     archive: str, out: str, config: PreprocessConfig | None = None, engine: str = "ray"
 ) -> dict[str, Any]:
     """Run the whole job; returns the manifest (also written to ``<out>/manifest.json``)."""
-    from csmn import readers
+    from csmn.data import readers
 
     config = config or PreprocessConfig()
     if engine not in ENGINES:
@@ -863,7 +863,7 @@ def preprocess(
     plan = build_plan(users, config)
     add_vocabularies(plan, runner.token_statistics(plan), config)
     for name, vocab in plan.vocabs.items():
-        vocab.save(storage.join(out, "vocab", f"{name}.json"))
+        vocab.save(layout.vocab_uri_by_name(out, name))
     summary = runner.write_examples(plan, out)
     write_empty_splits(out, summary, config)
     contexts_written = write_contexts(out, summary)
@@ -879,13 +879,13 @@ def preprocess(
                                f"{manifest['balance'][task]}")
         if not manifest["stats"][task]["posts"]:
             log.warning("%s: no post survived the filters (see manifest 'steps')", task)
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(layout.manifest_uri(out), manifest)
     log.info("wrote %s/manifest.json in %.1fs", out, manifest["seconds"])
     return manifest
 
 
 def load_manifest(root: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(root, "manifest.json"))
+    return storage.read_json(layout.manifest_uri(root))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -916,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csmn.runtime import setup_logging
+    from csmn.pipeline.runtime import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -935,5 +935,5 @@ def main(argv: list[str] | None = None) -> int:
         split_posts = ", ".join(
             f"{split}: {n['posts']}" for split, n in manifest["splits"][task].items())
         print(f"{task}: {s['posts']} posts, {s['users']} users ({split_posts})")
-    print(f"manifest: {storage.join(args.out, 'manifest.json')}")
+    print(f"manifest: {layout.manifest_uri(args.out)}")
     return 0

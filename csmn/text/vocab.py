@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from csmn import storage
-
-PAD, GO, EOS, UNK = "_PAD", "_GO", "_EOS", "_UNK"
-SPECIAL_TOKENS = (PAD, GO, EOS, UNK)
-PAD_ID, GO_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-BY_POSTS_SUFFIX = "_by_posts"
+from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID, SPECIAL_TOKENS, UNK, UNK_ID
+from csmn.data import storage
+from csmn.data.layout import vocab_uri
 
 
 def rank_tokens(counts: Mapping[str, int]) -> list[str]:
@@ -91,17 +88,6 @@ class Vocabulary:
         if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
             raise ValueError(f"{uri}: expected a JSON object with a 'tokens' list")
         return cls(data["tokens"])
-
-
-def vocab_name(task: str, split: str | None = None) -> str:
-    """``hashtag`` + a ``*_by_posts`` split -> ``hashtag_by_posts``; otherwise the task."""
-    if split is not None and split.endswith(BY_POSTS_SUFFIX):
-        return task + BY_POSTS_SUFFIX
-    return task
-
-
-def vocab_uri(root: str, task: str, split: str | None = None) -> str:
-    return storage.join(root, "vocab", f"{vocab_name(task, split)}.json")
 
 
 def load_vocab(root: str, task: str, split: str | None = None) -> Vocabulary:

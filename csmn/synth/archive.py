@@ -58,9 +58,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from csmn import storage
 from csmn.config import add_config_arguments, config_from_args, config_to_dict
-from csmn.schemas import conform
+from csmn.data import storage
+from csmn.data.schemas import conform
 
 log = logging.getLogger(__name__)
 

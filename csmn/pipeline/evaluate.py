@@ -2,8 +2,8 @@
 
 Decoding is Ray Data batch inference: the split's feature files are streamed, joined with
 the split's examples, and decoded by the model in an actor pool (``ActorPoolStrategy``; one
-GPU per actor when asked). The metrics (csmn.metrics: pycocoevalcap for posts, set F1 for
-hashtags) and the nearest-neighbour baselines (csmn.baselines) run on the driver: they are
+GPU per actor when asked). The metrics (csmn.eval.metrics: pycocoevalcap for posts, set F1 for
+hashtags) and the nearest-neighbour baselines (csmn.eval.baselines) run on the driver: they are
 cheap next to decoding, and CIDEr and the baselines need the whole split at once.
 
 Every method is scored on the same posts: those with features for the model's layer and, when
@@ -23,7 +23,7 @@ on several splits and data roots, and each evaluation keeps its own metrics and 
 promotion gate finds them by the ``csmn.model_uri`` and ``csmn.split`` tags). A checkpoint
 folder has no MLflow run to attach to: its evaluation is not logged.
 
-``csmn evaluate --ablation ...`` runs the paper's Tables 2/3 instead (csmn.ablation).
+``csmn evaluate --ablation ...`` runs the paper's Tables 2/3 instead (csmn.experiments.ablation).
 """
 
 from __future__ import annotations
@@ -40,19 +40,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from csmn import storage
 from csmn.config import config_from_args, config_parser
+from csmn.data import layout, storage
+from csmn.data.layout import (
+    BY_POSTS_TASK,
+    TEST,
+    TEST_BY_POSTS,
+    VAL,
+    VAL_BY_POSTS,
+    canonical_task,
+    is_by_posts,
+    train_split_of,
+)
 
 log = logging.getLogger(__name__)
 
-TASKS = ("hashtag", "caption")
 # The training split each evaluation split's baselines search.
-TRAIN_SPLIT_OF = {
-    "test": "train",
-    "val": "train",
-    "test_by_posts": "train_by_posts",
-    "val_by_posts": "train_by_posts",
-}
+# The splits a model is evaluated on; the baselines search the training split of the family.
+EVALUATION_SPLITS = (TEST, VAL, TEST_BY_POSTS, VAL_BY_POSTS)
 EXAMPLE_COLUMNS = ["user_id", "post_id", "image", "text", "context_words"]
 MODEL_METHOD = "csmn"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -66,7 +71,7 @@ class EvaluateConfig:
         metadata={"help": "models:/name@alias | models:/name/version | runs:/... | checkpoint"},
     )
     split: str = field(default="test", metadata={"help": "test | val | test_by_posts | ..."})
-    task: str = field(default="hashtag", metadata={"help": "hashtag | caption"})
+    task: str = field(default="hashtag", metadata={"help": "hashtag | post (caption: post)"})
     baselines: str = field(
         default="1nn-im,1nn-usr,1nn-usrim", metadata={"help": "comma list, or 'none'"}
     )
@@ -84,16 +89,16 @@ class EvaluateConfig:
     })
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.split not in TRAIN_SPLIT_OF:
-            raise ValueError(f"split must be one of {sorted(TRAIN_SPLIT_OF)}, got {self.split!r}")
-        if self.split.endswith("_by_posts") and self.task != "hashtag":
+        self.task = canonical_task(self.task)
+        if self.split not in EVALUATION_SPLITS:
+            raise ValueError(f"split must be one of {', '.join(EVALUATION_SPLITS)}, "
+                             f"got {self.split!r}")
+        if is_by_posts(self.split) and self.task != BY_POSTS_TASK:
             raise ValueError("the split by posts exists for the hashtag task only")
 
     @property
     def baseline_names(self) -> list[str]:
-        from csmn.baselines import BASELINES
+        from csmn.eval.baselines import BASELINES
 
         text = self.baselines.strip().lower()
         if text in ("", "none"):
@@ -117,7 +122,7 @@ def resolve_checkpoint(model_uri: str, tracking_uri: str | None, work_dir: str) 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=work_dir)
-    from csmn.checkpoint import METADATA_FILE
+    from csmn.core.checkpoint import METADATA_FILE
 
     for directory, _, files in os.walk(local):
         if METADATA_FILE in files:
@@ -145,7 +150,7 @@ class Decoder:
         import ray
         import torch
 
-        from csmn.checkpoint import load_checkpoint
+        from csmn.core.checkpoint import load_checkpoint
 
         device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         # the downloaded model is only read here: once in memory, its files can go
@@ -167,8 +172,8 @@ class Decoder:
     def __call__(self, features: pa.Table) -> pa.Table:
         import torch
 
-        from csmn.decoding import decode
-        from csmn.model import SPECIAL_TOKENS
+        from csmn.core.decoding import decode
+        from csmn.core.tokens import SPECIAL_TOKENS
 
         batch = self._join(features)
         if batch.num_rows == 0:
@@ -213,10 +218,10 @@ def decode_split(
     """post_id -> predicted words, for every example with a ``layer`` feature (Ray Data)."""
     import ray
 
-    from csmn.runtime import init_ray
+    from csmn.pipeline.runtime import init_ray
 
     init_ray()
-    feature_files = storage.list_files(storage.join(config.data, "features", layer), ".parquet")
+    feature_files = storage.list_files(layout.features_dir(config.data, layer), ".parquet")
     if not feature_files:
         raise FileNotFoundError(f"no {layer} features under {config.data}: run extract-features")
     filesystem, _ = storage.resolve(feature_files[0])
@@ -254,7 +259,7 @@ def decode_split(
 
 
 def _score(task: str, truths: list[str], predictions: list[list[str]], contexts, scorer):
-    from csmn import metrics
+    from csmn.eval import metrics
 
     share = metrics.context_share(predictions, contexts)
     if task == "hashtag":
@@ -267,9 +272,9 @@ def _score(task: str, truths: list[str], predictions: list[list[str]], contexts,
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluation; write ``report.json``, ``report.md`` and ``predictions.parquet``
     under ``config.out`` and return the report."""
-    from csmn import metrics, report
-    from csmn.baselines import Queries, features_by_image, load_training_set, read_features
-    from csmn.baselines import run_baselines as run_nn
+    from csmn.eval import metrics, report
+    from csmn.eval.baselines import Queries, features_by_image, load_training_set, read_features
+    from csmn.eval.baselines import run_baselines as run_nn
     from csmn.tracking import resolve_tracking_uri
 
     if not config.data:
@@ -278,11 +283,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if not config.model and not baseline_names:
         raise ValueError("nothing to evaluate: give --model and/or --baselines")
     out = config.out or storage.join(
-        config.data,
-        "evaluations",
+        layout.evaluations_dir(config.data),
         f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}",
     )
-    examples_dir = storage.join(config.data, "examples", config.task, config.split)
+    examples_dir = layout.examples_dir(config.data, config.task, config.split)
     if not storage.list_files(examples_dir, ".parquet"):
         raise FileNotFoundError(f"no examples at {examples_dir}: run preprocessing first")
     examples = storage.read_parquet(examples_dir, columns=EXAMPLE_COLUMNS).combine_chunks()
@@ -295,7 +299,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     usable = np.ones(examples.num_rows, dtype=bool)
     images = examples.column("image").to_pylist()
     if config.model:
-        from csmn.checkpoint import read_metadata
+        from csmn.core.checkpoint import read_metadata
 
         tracking_uri = None
         if config.model.startswith(MLFLOW_SCHEMES):
@@ -334,7 +338,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if config.model:
         predictions[MODEL_METHOD] = [decoded[p] for p in post_ids]
     if baseline_names:
-        training = load_training_set(config.data, config.task, TRAIN_SPLIT_OF[config.split])
+        training = load_training_set(config.data, config.task, train_split_of(config.split))
         queries = Queries(
             post_ids=post_ids,
             features=read_features(config.data, scored.column("image").to_pylist()),
@@ -479,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
-    from csmn.runtime import setup_logging
+    from csmn.pipeline.runtime import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ablation" in argv:
-        from csmn.ablation import main as ablation_main
+        from csmn.experiments.ablation import main as ablation_main
 
         argv.remove("--ablation")
         return ablation_main(argv)

@@ -2,9 +2,9 @@
 baselines at a small, configurable size, and write the tables with the paper's figures beside
 ours.
 
-Every variant is trained by :func:`csmn.train.train` (Ray Train, an MLflow run per variant and
-split family in the experiment ``csmn-<task>-ablation``) and evaluated by
-:func:`csmn.evaluate.evaluate` (Ray Data decoding, pycocoevalcap / hashtag-set F1). The
+Every variant is trained by :func:`csmn.pipeline.train.train` (Ray Train, an MLflow run per variant
+and split family in the experiment ``csmn-<task>-ablation``) and evaluated by
+:func:`csmn.pipeline.evaluate.evaluate` (Ray Data decoding, pycocoevalcap / hashtag-set F1). The
 baselines are evaluated once per test split. Hashtags are scored on both of the paper's splits
 (Table 3: by users left, by posts right), each with its own training split and vocabulary;
 posts on the split by users (Table 2).
@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from csmn import storage
 from csmn.config import config_from_args, config_parser
+from csmn.data import layout, storage
+from csmn.data.layout import BY_POSTS_TASK, POST, SPLIT_FAMILIES, canonical_task
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,13 @@ _TABLE3_ROWS = {
     "CSMN-W80-P5": (0.135, 0.341),
 }
 PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
-    "caption": {m: dict(zip(_TABLE2_COLUMNS, v, strict=True)) for m, v in _TABLE2_ROWS.items()},
+    "post": {m: dict(zip(_TABLE2_COLUMNS, v, strict=True)) for m, v in _TABLE2_ROWS.items()},
     "hashtag": {m: {"f1": v[0], "f1_by_posts": v[1]} for m, v in _TABLE3_ROWS.items()},
 }
 # Methods of the paper we do not implement (the paper's other language/captioning baselines).
 NOT_IMPLEMENTED = ("seq2seq", "ShowTell", "AttendTell")
 BASELINE_NAMES = {"1nn-im": "1NN-Im", "1nn-usr": "1NN-Usr", "1nn-usrim": "1NN-UsrIm"}
 # (test split, train split, validation split) per column of the table.
-SPLIT_FAMILIES = {
-    "by_users": ("test", "train", "val"),
-    "by_posts": ("test_by_posts", "train_by_posts", "val_by_posts"),
-}
 DEFAULT_VARIANTS = "P5,NoUC-P5,NoCNN-P5,NoWO-P5,R5C,W20-P5,W80-P5"
 
 
@@ -89,7 +86,7 @@ class AblationConfig:
     data: str = field(default="", metadata={"help": "data root written by preprocessing"})
     task: str = field(default="hashtag", metadata={"help": "hashtag (Table 3) | caption (2)"})
     variants: str = field(default=DEFAULT_VARIANTS, metadata={
-        "help": "comma list of CSMN variants (csmn.model.ModelConfig.for_variant names)"})
+        "help": "comma list of CSMN variants (csmn.core.model.ModelConfig.for_variant names)"})
     splits: str = field(default="", metadata={
         "help": "by_users,by_posts (default: both for hashtags, by_users for posts)"})
     baselines: str = field(default="1nn-im,1nn-usr,1nn-usrim", metadata={
@@ -125,14 +122,13 @@ class AblationConfig:
             import yaml
 
             self.model = yaml.safe_load(self.model) or {}
-        if self.task not in PAPER_TABLES:
-            raise ValueError(f"task must be hashtag or caption, got {self.task!r}")
+        self.task = canonical_task(self.task)
         if self.res5c not in ("extract", "skip"):
             raise ValueError(f"res5c must be extract or skip, got {self.res5c!r}")
         for family in self.split_families:
             if family not in SPLIT_FAMILIES:
                 raise ValueError(f"unknown split {family!r}; known: {', '.join(SPLIT_FAMILIES)}")
-        if self.task == "caption" and "by_posts" in self.split_families:
+        if self.task == POST and "by_posts" in self.split_families:
             raise ValueError("the split by posts exists for the hashtag task only")
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
@@ -141,7 +137,7 @@ class AblationConfig:
     def split_families(self) -> list[str]:
         if self.splits.strip():
             return [s.strip() for s in self.splits.split(",") if s.strip()]
-        return ["by_users", "by_posts"] if self.task == "hashtag" else ["by_users"]
+        return list(SPLIT_FAMILIES) if self.task == BY_POSTS_TASK else ["by_users"]
 
     @property
     def variant_names(self) -> list[str]:
@@ -156,7 +152,7 @@ class AblationConfig:
 def paper_name(variant: str) -> str:
     """``NoUC-P5`` -> ``CSMN-NoUC-P5``; the paper writes W<D> before the layer and always
     names the layer (``W20`` -> ``CSMN-W20-P5``)."""
-    from csmn.model import ModelConfig
+    from csmn.core.model import ModelConfig
 
     parts = [p for p in variant.strip().replace("_", "-").split("-") if p]
     parts = [p for p in parts if p.lower() != "csmn"]
@@ -178,13 +174,13 @@ def ensure_res5c(config: AblationConfig) -> str | None:
     """None when res5c features are there (extracting them if asked), else why R5C is
     skipped. Extraction uses the weights and seed recorded for pool5, so both layers come
     from the same network."""
-    from csmn.extract import ExtractConfig, features_dir, meta_uri, run_extract
+    from csmn.pipeline.extract import ExtractConfig, run_extract
 
-    if storage.list_files(features_dir(config.data, "res5c"), ".parquet"):
+    if storage.list_files(layout.features_dir(config.data, "res5c"), ".parquet"):
         return None
     if config.res5c == "skip":
         return "R5C skipped: no res5c features under the data root and --res5c skip"
-    pool5_meta_uri = meta_uri(config.data, "pool5")
+    pool5_meta_uri = layout.features_meta_uri(config.data, "pool5")
     pool5 = storage.read_json(pool5_meta_uri) if storage.exists(pool5_meta_uri) else {}
     extract_config = (pool5.get("config") or {})
     weights = extract_config.get("weights", "imagenet")
@@ -203,10 +199,10 @@ def ensure_res5c(config: AblationConfig) -> str | None:
 
 def _train_and_evaluate(config: AblationConfig, variant: str, family: str, stamp: str,
                         out: str) -> dict[str, Any]:
-    from csmn.evaluate import EvaluateConfig, evaluate
-    from csmn.train import TrainConfig, train
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
+    from csmn.pipeline.train import TrainConfig, train
 
-    test_split, train_split, val_split = SPLIT_FAMILIES[family]
+    train_split, val_split, test_split = SPLIT_FAMILIES[family]
     started = time.perf_counter()
     summary = train(TrainConfig(
         data=config.data, task=config.task, variant=variant.removeprefix("CSMN-"),
@@ -236,17 +232,17 @@ def _train_and_evaluate(config: AblationConfig, variant: str, family: str, stamp
 
 
 def _evaluate_baselines(config: AblationConfig, family: str, out: str) -> dict[str, Any]:
-    from csmn.evaluate import EvaluateConfig, evaluate
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
 
     report = evaluate(EvaluateConfig(
-        data=config.data, task=config.task, split=SPLIT_FAMILIES[family][0],
+        data=config.data, task=config.task, split=SPLIT_FAMILIES[family][2],
         baselines=config.baselines, out=storage.join(out, "reports", f"baselines-{family}"),
         seed=config.seed, report_examples=4))
     return {"results": report["results"], "counts": report["counts"], "report": report["out"]}
 
 
 def _context_size(data: str) -> int | None:
-    manifest_uri = storage.join(data, "manifest.json")
+    manifest_uri = layout.manifest_uri(data)
     if not storage.exists(manifest_uri):
         return None
     manifest = storage.read_json(manifest_uri)
@@ -256,8 +252,8 @@ def _context_size(data: str) -> int | None:
 
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
     """Train and evaluate every variant on every split family; write and return the table."""
-    from csmn.model import ModelConfig
-    from csmn.runtime import init_ray
+    from csmn.core.model import ModelConfig
+    from csmn.pipeline.runtime import init_ray
 
     if not config.data:
         raise ValueError("--data is required: the data root written by preprocessing")
@@ -446,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csmn.runtime import setup_logging
+    from csmn.pipeline.runtime import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)

@@ -26,16 +26,14 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from csmn import storage
-from csmn.model import GO_ID, PAD_ID
+from csmn.core.tokens import GO_ID, PAD_ID
+from csmn.data import layout, storage
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger(__name__)
 
-TASKS = ("hashtag", "caption")
-FEATURE_DIMS = {"pool5": 2048, "res5c": 49 * 2048}
 # The columns training needs; user ids, dates and texts stay behind in the examples table.
 TRAINING_COLUMNS = ("image", "context_ids", "token_ids")
 
@@ -54,21 +52,9 @@ class JoinStats:
                 "skipped_no_features": self.skipped_no_features}
 
 
-def examples_uri(root: str, task: str, split: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return storage.join(root, "examples", task, split)
-
-
-def features_uri(root: str, layer: str) -> str:
-    if layer not in FEATURE_DIMS:
-        raise ValueError(f"image layer must be one of {sorted(FEATURE_DIMS)}, got {layer!r}")
-    return storage.join(root, "features", layer)
-
-
 def read_examples(root: str, task: str, split: str, limit: int | None = None) -> pa.Table:
     """The training columns of one split (first ``limit`` rows, for a validation sample)."""
-    uri = examples_uri(root, task, split)
+    uri = layout.examples_dir(root, task, split)
     if not storage.list_files(uri, suffix=".parquet"):
         raise FileNotFoundError(f"no examples at {uri}: run preprocessing first")
     table = storage.read_parquet(uri, columns=list(TRAINING_COLUMNS))
@@ -101,8 +87,8 @@ def joined_dataset(
     """
     import ray
 
-    example_files = storage.list_files(examples_uri(root, task, split), suffix=".parquet")
-    feature_dir = features_uri(root, layer)
+    example_files = storage.list_files(layout.examples_dir(root, task, split), suffix=".parquet")
+    feature_dir = layout.features_dir(root, layer)
     feature_files = storage.list_files(feature_dir, suffix=".parquet")
     key = (ray.get_runtime_context().get_job_id(), task, split, layer, limit,
            _fingerprint(example_files), _fingerprint(feature_files))

@@ -17,7 +17,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-from csmn.vocab import Vocabulary
+from csmn.text.vocab import Vocabulary
 
 
 def fit_idf(doc_freq: Mapping[str, int], n_docs: int) -> dict[str, float]:

@@ -31,13 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PAD_ID = 0
-GO_ID = 1
-EOS_ID = 2
-UNK_ID = 3
-SPECIAL_TOKENS = ("_PAD", "_GO", "_EOS", "_UNK")
+from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
+from csmn.data.layout import IMAGE_SLOTS
 
-IMAGE_SLOTS = {"pool5": 1, "res5c": 49}
 MEMORY_TYPES = ("image", "context", "output")
 
 
@@ -648,7 +644,7 @@ def flops_per_token(config: ModelConfig, steps_per_sequence: int | None = None) 
 
 
 __all__ = [
-    "EOS_ID", "GO_ID", "PAD_ID", "UNK_ID", "SPECIAL_TOKENS", "CSMN", "CSMNOutput",
+    "CSMN", "CSMNOutput",
     "DecoderState", "FlopCount", "MemoryBank", "ModelConfig", "count_parameters",
     "aligned_linear", "flops_per_token", "image_slots_from_features", "init_fan_in",
     "sequence_loss",

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from csmn.model import CSMN, EOS_ID, GO_ID, PAD_ID
+from csmn.core.model import CSMN
+from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
 
 # Never generated: padding and the start symbol are not words.
 DEFAULT_BANNED_IDS: tuple[int, ...] = (PAD_ID, GO_ID)

@@ -1,0 +1,142 @@
+"""The data root: every task, split and path that stages share, in one place.
+
+::
+
+    <root>/manifest.json                    written last by preprocessing: the root is complete
+    <root>/examples/<task>/<split>/part-*.parquet
+    <root>/vocab/<task>[_by_posts].json     a split by posts has a vocabulary of its own
+    <root>/contexts/<task>.parquet          every user's context words (for the nightly job)
+    <root>/features/<layer>/part-*.parquet, _meta.json
+    <root>/rejects/<stage>/part-*.parquet
+    <root>/evaluations/<task>-<split>-<time>/
+    <root>/mlflow.db                        the default MLflow store for a local root
+
+Tasks are ``post`` (the post text, "caption" in the paper's code) and ``hashtag``; splits
+are by users (``train``, ``val``, ``test``, both tasks) and by posts (``*_by_posts``, the
+hashtag task only; paper 5.1).
+"""
+
+from __future__ import annotations
+
+from csmn.data import storage
+
+POST, HASHTAG = "post", "hashtag"
+TASKS = (POST, HASHTAG)
+# Names a command line also accepts for a task.
+TASK_ALIASES = {"caption": POST}
+# The registered MLflow model of each task.
+REGISTERED_MODEL_NAMES = {HASHTAG: "csmn-hashtag", POST: "csmn-post"}
+
+TRAIN, VAL, TEST = "train", "val", "test"
+BY_USERS_SPLITS = (TRAIN, VAL, TEST)
+BY_POSTS_SUFFIX = "_by_posts"
+TRAIN_BY_POSTS, VAL_BY_POSTS, TEST_BY_POSTS = (s + BY_POSTS_SUFFIX for s in BY_USERS_SPLITS)
+BY_POSTS_SPLITS = (TRAIN_BY_POSTS, VAL_BY_POSTS, TEST_BY_POSTS)
+SPLITS = BY_USERS_SPLITS + BY_POSTS_SPLITS
+# The task that also gets a split by posts (paper 5.1).
+BY_POSTS_TASK = HASHTAG
+# The families of splits: (train, val, test) of each.
+SPLIT_FAMILIES = {"by_users": BY_USERS_SPLITS, "by_posts": BY_POSTS_SPLITS}
+
+# Image layers of ResNet-101 and their memory slots (paper 4.1): pool5 is one 2048-d slot,
+# res5c a 7 x 7 grid of them at a 224 crop.
+FEATURE_DIM = 2048
+IMAGE_SLOTS = {"pool5": 1, "res5c": 49}
+LAYERS = tuple(IMAGE_SLOTS)
+
+MANIFEST_FILE = "manifest.json"
+FEATURES_META_FILE = "_meta.json"
+
+
+def canonical_task(name: str) -> str:
+    """``post`` or ``hashtag``; ``caption`` is accepted for ``post``."""
+    task = TASK_ALIASES.get(name, name)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+    return task
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def is_by_posts(split: str) -> bool:
+    return split.endswith(BY_POSTS_SUFFIX)
+
+
+def family_of(split: str) -> str:
+    return "by_posts" if is_by_posts(split) else "by_users"
+
+
+def train_split_of(split: str) -> str:
+    """The training split of the family ``split`` belongs to."""
+    return TRAIN_BY_POSTS if is_by_posts(split) else TRAIN
+
+
+def task_splits(task: str, by_posts: bool = True) -> tuple[str, ...]:
+    """The splits preprocessing writes for a task."""
+    return SPLITS if task == BY_POSTS_TASK and by_posts else BY_USERS_SPLITS
+
+
+def check_layer(layer: str) -> str:
+    if layer not in IMAGE_SLOTS:
+        raise ValueError(f"image layer must be one of {', '.join(LAYERS)}, got {layer!r}")
+    return layer
+
+
+def manifest_uri(root: str) -> str:
+    return storage.join(root, MANIFEST_FILE)
+
+
+def examples_root(root: str) -> str:
+    return storage.join(root, "examples")
+
+
+def examples_dir(root: str, task: str, split: str) -> str:
+    return storage.join(examples_root(root), canonical_task(task), check_split(split))
+
+
+def vocab_name(task: str, split: str | None = None) -> str:
+    """``hashtag`` + a ``*_by_posts`` split -> ``hashtag_by_posts``; otherwise the task."""
+    task = canonical_task(task)
+    if split is not None and is_by_posts(split):
+        return task + BY_POSTS_SUFFIX
+    return task
+
+
+def vocab_dir(root: str) -> str:
+    return storage.join(root, "vocab")
+
+
+def vocab_uri(root: str, task: str, split: str | None = None) -> str:
+    return storage.join(vocab_dir(root), f"{vocab_name(task, split)}.json")
+
+
+def vocab_uri_by_name(root: str, name: str) -> str:
+    return storage.join(vocab_dir(root), f"{name}.json")
+
+
+def contexts_dir(root: str) -> str:
+    return storage.join(root, "contexts")
+
+
+def contexts_uri(root: str, task: str) -> str:
+    return storage.join(contexts_dir(root), f"{canonical_task(task)}.parquet")
+
+
+def features_dir(root: str, layer: str) -> str:
+    return storage.join(root, "features", check_layer(layer))
+
+
+def features_meta_uri(root: str, layer: str) -> str:
+    return storage.join(features_dir(root, layer), FEATURES_META_FILE)
+
+
+def rejects_dir(root: str, stage: str) -> str:
+    return storage.join(root, "rejects", stage)
+
+
+def evaluations_dir(root: str) -> str:
+    return storage.join(root, "evaluations")
