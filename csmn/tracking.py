@@ -12,10 +12,12 @@ Loading the model needs torch, mlflow and this package, never Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import mlflow
@@ -118,10 +120,26 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> Non
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    client = MlflowClient(tracking_uri)
+    """Finite values only, in batches (one request per 1,000 metrics, MLflow's limit)."""
     finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-    for key, value in finite.items():
-        client.log_metric(run_id, key, value, step=step)
+    now = int(time.time() * 1000)
+    entries = [mlflow.entities.Metric(k, v, now, step) for k, v in finite.items()]
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+
+@contextlib.contextmanager
+def finished_or_failed(tracking_uri: str, run_id: str) -> Iterator[MlflowClient]:
+    """The run ends FINISHED when the block does, FAILED on any exception (Ctrl-C too), so
+    no run is left RUNNING by a job that died."""
+    client = MlflowClient(tracking_uri)
+    try:
+        yield client
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def model_signature(task: str) -> ModelSignature:
