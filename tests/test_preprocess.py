@@ -34,7 +34,7 @@ TAGS = [f"#{w}" for w in "travel food nature love art style design fitness".spli
 NON_ENGLISH = "das ist ein sehr schönes wetter heute morgen"
 OVERRIDES = {
     "min_posts_per_user": 4, "max_posts_per_user": 8, "max_flagged_posts_min": 2,
-    "context_size": 20, "caption_vocab_size": 1000, "hashtag_vocab_size": 1000, "seed": 0,
+    "context_size": 20, "post_vocab_size": 1000, "hashtag_vocab_size": 1000, "seed": 0,
 }
 N_GOOD = 19  # + the capped user = 20 users per task: 18 train, 1 val, 1 test
 

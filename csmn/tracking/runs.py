@@ -1,0 +1,124 @@
+"""MLflow runs: where the store is, params, metrics, and runs that always end.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in a local data root
+(``sqlite:///<root>/mlflow.db``, MLflow's own default backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from csmn.data import storage
+
+log = logging.getLogger(__name__)
+
+# Config keys that could carry a secret never become params (credentials live in the
+# environment, but a URI may embed a user:password or a signed query string).
+_SECRET_MARKERS = ("password", "secret", "token", "credential", "access_key")
+
+
+def resolve_tracking_uri(data_root: str | None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<data root>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if data_root is None or storage.is_s3(data_root):
+        raise ValueError(
+            "set MLFLOW_TRACKING_URI (an MLflow server or database): the default SQLite store "
+            f"needs a local data root, got {data_root!r}")
+    _, path = storage.resolve(data_root)
+    os.makedirs(path, exist_ok=True)
+    return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dicts -> flat MLflow params (``model.embed_dim``), secrets left out."""
+    params: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+            continue
+        if isinstance(value, Mapping):
+            params.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            params[name] = text[:6000]  # MLflow's param value limit
+    return params
+
+
+def start_or_resume_run(
+    tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+) -> str:
+    """The id of the unfinished run called ``run_name`` in ``experiment`` (a training run
+    started again under the same name continues its MLflow run too), or of a new one."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    client = MlflowClient(tracking_uri)
+    quoted = run_name.replace("'", "\\'")
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.runName = '{quoted}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if existing and existing[0].info.status != "FINISHED":
+        run_id = existing[0].info.run_id
+        log.info("continuing MLflow run %s (%s)", run_name, run_id)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    if existing:
+        raise ValueError(f"MLflow run {run_name!r} in experiment {experiment!r} is already "
+                         "FINISHED: choose another --run-name")
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    return run.info.run_id
+
+
+# Settings that may change when a run is resumed: how hard to retry, how long to train,
+# whether to register. A change is recorded as a tag; any other change is refused.
+RESUMABLE_PARAMS = frozenset({"train.max_failures", "train.epochs", "train.register"})
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params once: a resumed run already has them (MLflow refuses changed values)."""
+    client = MlflowClient(tracking_uri)
+    logged = client.get_run(run_id).data.params
+    changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
+    refused = {k: change for k, change in changed.items() if k not in RESUMABLE_PARAMS}
+    if refused:
+        raise ValueError(f"resuming run {run_id} with a different config: {refused}")
+    for key, (old, new) in changed.items():
+        client.set_tag(run_id, f"csmn.resumed_with.{key}", f"{old} -> {new}")
+    new_params = {k: v for k, v in params.items() if k not in logged}
+    items = list(new_params.items())
+    for start in range(0, len(items), 100):  # log_batch takes at most 100 params
+        batch = [mlflow.entities.Param(k, v) for k, v in items[start:start + 100]]
+        client.log_batch(run_id, params=batch)
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Finite values only, in batches (one request per 1,000 metrics, MLflow's limit)."""
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    now = int(time.time() * 1000)
+    entries = [mlflow.entities.Metric(k, v, now, step) for k, v in finite.items()]
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+
+@contextlib.contextmanager
+def finished_or_failed(tracking_uri: str, run_id: str) -> Iterator[MlflowClient]:
+    """The run ends FINISHED when the block does, FAILED on any exception (Ctrl-C too), so
+    no run is left RUNNING by a job that died."""
+    client = MlflowClient(tracking_uri)
+    try:
+        yield client
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
