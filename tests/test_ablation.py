@@ -77,9 +77,9 @@ def test_names_tables_and_switches():
     with pytest.raises(ValueError, match="unknown CSMN variant part"):
         paper_name("NoXY-P5")
     # every figure of both paper tables is there (13 methods each)
-    assert len(PAPER_TABLES["hashtag"]) == len(PAPER_TABLES["caption"]) == 13
+    assert len(PAPER_TABLES["hashtag"]) == len(PAPER_TABLES["post"]) == 13
     assert PAPER_TABLES["hashtag"]["CSMN-P5"] == {"f1": 0.230, "f1_by_posts": 0.390}
-    assert PAPER_TABLES["caption"]["CSMN-P5"]["cider"] == 0.214
+    assert PAPER_TABLES["post"]["CSMN-P5"]["cider"] == 0.214
     rows = build_table("hashtag", {"CSMN-P5": {"by_posts": {"results": {"f1": 0.5}}}},
                        ["by_users", "by_posts"])
     p5 = next(r for r in rows if r["method"] == "CSMN-P5")

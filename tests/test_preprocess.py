@@ -71,20 +71,20 @@ def write_archive(root: Path) -> dict:
         user = f"g{u:02d}"
         for i in range(6):
             add(_record(user, i, _caption(u, i), _hashtags(u, i, user)))
-        kept["caption"] += 6
+        kept["post"] += 6
         kept["hashtag"] += 6
     add(_record("g00", 10, "shop the look at https://example.com/sale now", TAGS[:4]))
     expected["advertisement"] += 1
     add(_record("g01", 10, NON_ENGLISH, TAGS[:4]))
     expected["non_english"] += 1
     add(_record("g02", 10, "so happy", TAGS[:4] + ["#sigg02"]))  # caption too short
-    expected["caption_too_short"] += 1
+    expected["post_too_short"] += 1
     kept["hashtag"] += 1
     add(_record("g03", 10, _caption(3, 10), [f"#t{k}" for k in range(16)]))
     expected["hashtag_too_long"] += 1
-    kept["caption"] += 1
+    kept["post"] += 1
     add(_record("g04", 10, _caption(4, 10, n=17), TAGS[:2]))
-    expected["caption_too_long"] += 1
+    expected["post_too_long"] += 1
     expected["hashtag_too_short"] += 1
     lines.append(lines[6 * 5 + 1])  # g05's second post again: a duplicate
     expected["duplicate_post"] += 1
@@ -96,13 +96,13 @@ def write_archive(root: Path) -> dict:
     expected["bad_user"] += 3
     for i in range(11):
         add(_record("cap", i, _caption(50, i), _hashtags(50, i, "cap")))
-    kept["caption"] += 8
+    kept["post"] += 8
     kept["hashtag"] += 8
-    expected["caption_over_user_cap"] += 3
+    expected["post_over_user_cap"] += 3
     expected["hashtag_over_user_cap"] += 3
     for i in range(3):
         add(_record("few", i, _caption(60, i), TAGS[:4]))
-    expected["caption_too_few_user_posts"] += 3
+    expected["post_too_few_user_posts"] += 3
     expected["hashtag_too_few_user_posts"] += 3
 
     lines.append('{"user_id": "g00", "post_id": broken json')
@@ -206,7 +206,7 @@ def test_outputs_validate_and_follow_the_contract(job):
         assert contexts.num_rows == manifest["stats"][task]["users"] == 20
     hashtag_row = job["examples"]["hashtag/train"][0]
     assert all(t.startswith("#") for t in hashtag_row["text"].split())
-    stats = manifest["stats"]["caption"]
+    stats = manifest["stats"]["post"]
     assert stats["words_per_post"] == {"mean": 6.0, "median": 6.0}  # see _caption
     assert set(stats["posts_per_user"]) == {"mean", "median"}
 
@@ -328,8 +328,8 @@ def test_synthetic_archive_end_to_end(ray_session, tmp_path):
         assert not [r for r in rows if noise[r["post_id"]] & {"non_english", "link"}]
         assert all(3 <= len(r["text"].split()) <= 15 for r in rows)
     planted = sum(1 for n in noise.values() if "non_english" in n)
-    assert manifest["filtered"]["caption"]["non_english"] <= planted
-    words = manifest["stats"]["caption"]["words_per_post"]["mean"]
+    assert manifest["filtered"]["post"]["non_english"] <= planted
+    words = manifest["stats"]["post"]["words_per_post"]["mean"]
     tags = manifest["stats"]["hashtag"]["words_per_post"]["mean"]
     assert 7.0 < words < 10.0 and 6.0 < tags < 9.0  # paper Table 1: 8.55 and 7.45
 
