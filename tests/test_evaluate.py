@@ -81,7 +81,7 @@ def write_data_root(root: str) -> None:
         {t for ts in CATEGORY_TAGS.values() for t in ts} | {c[0] for c in contexts.values()}
     )
     words = sorted({w for ws in CATEGORY_WORDS.values() for w in ws} | {"😍"})
-    vocab = {"hashtag": SPECIALS + tags + ["emoji😍"], "caption": SPECIALS + words}
+    vocab = {"hashtag": SPECIALS + tags + ["emoji😍"], "post": SPECIALS + words}
     for task in ("hashtag", "post"):
         ids = {t: i for i, t in enumerate(vocab[task])}
         storage.write_json(storage.join(root, "vocab", f"{task}.json"), {"tokens": vocab[task]})
