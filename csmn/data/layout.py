@@ -140,3 +140,15 @@ def rejects_dir(root: str, stage: str) -> str:
 
 def evaluations_dir(root: str) -> str:
     return storage.join(root, "evaluations")
+
+
+def data_digest(root: str) -> str:
+    """The data root's identity: a digest of its manifest, which preprocessing writes last.
+    Evaluations and promotions compare models on the same digest only."""
+    import hashlib
+
+    uri = manifest_uri(root)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{root} has no {MANIFEST_FILE}: the data root is incomplete; "
+                                "rerun preprocess")
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]

@@ -130,7 +130,7 @@ class CocoScorer:
         bleu, bleu_per_post = Bleu(4).compute_score(gts, res, verbose=0)
         meteor, meteor_per_post = self.meteor.compute_score(gts, res)
         rouge, rouge_per_post = Rouge().compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
+        cider, cider_per_post = Cider().compute_score(gts, res)
         return PostScores(
             bleu_1=float(bleu[0]),
             bleu_2=float(bleu[1]),
@@ -145,6 +145,7 @@ class CocoScorer:
             bleu_per_post=np.asarray(bleu_per_post, dtype=np.float64).T,
             meteor_per_post=np.asarray(meteor_per_post, dtype=np.float64),
             rouge_l_per_post=np.asarray(rouge_per_post, dtype=np.float64),
+            cider_per_post=np.asarray(cider_per_post, dtype=np.float64),
         )
 
 
@@ -169,6 +170,9 @@ class PostScores:
     bleu_per_post: np.ndarray = field(repr=False)
     meteor_per_post: np.ndarray = field(repr=False)
     rouge_l_per_post: np.ndarray = field(repr=False)
+    # With the split's document frequencies (they come from the references alone, so two
+    # models scored on the same split share them); their mean is the split's CIDEr.
+    cider_per_post: np.ndarray = field(repr=False)
 
     def summary(self) -> dict[str, float | int]:
         return {
@@ -369,3 +373,33 @@ def per_user_metrics(
         out.append(metrics)
     out.sort(key=lambda m: (-m.n_posts, m.user_id))
     return out
+
+
+# ------------------------------------------------------------------- per-post scores
+
+# The per-post score of each metric a promotion can be decided on, by task.
+PER_POST_METRICS = {
+    "hashtag": ("f1", "precision", "recall"),
+    "post": ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"),
+}
+
+
+def per_post_scores(
+    task: str,
+    metric: str,
+    truths: Sequence[str],
+    predictions: Sequence[str | Sequence[str]],
+    scorer: CocoScorer | None = None,
+) -> np.ndarray:
+    """One score per post: hashtag F1 (or P, R) of the post, or a post metric computed
+    sentence by sentence (CIDEr with the split's document frequencies)."""
+    if metric not in PER_POST_METRICS.get(task, ()):
+        raise ValueError(f"no per-post {metric!r} for the {task} task; "
+                         f"choose one of {', '.join(PER_POST_METRICS.get(task, ()))}")
+    if task == "hashtag":
+        scores = score_hashtags(truths, predictions)
+        return getattr(scores, f"{metric}_per_post")
+    posts = score_posts(truths, predictions, scorer=scorer)
+    if metric.startswith("bleu_"):
+        return posts.bleu_per_post[:, int(metric[-1]) - 1]
+    return getattr(posts, f"{metric}_per_post")
