@@ -1,0 +1,179 @@
+"""The registry side of promotion: versions, the ``champion`` alias, its history, the
+decision tags and the promotion run.
+
+MLflow aliases keep no history, so every move of ``champion`` is recorded as one tag of the
+registered model, ``csmn.champion.<sequence>`` = JSON ``{"version", "previous", "action",
+"at"}``: one tag per move keeps each value small however long the history grows, and
+replaying them in order gives the stack of champions that ``--rollback`` pops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from csmn.tracking.runs import finished_or_failed, log_metrics
+
+CHAMPION = "champion"
+HISTORY_PREFIX = "csmn.champion."
+PROMOTION_EXPERIMENT = "csmn-promotion"
+# Written by training: the image features came from a ResNet-101 with random weights.
+RANDOM_FEATURES_TAG = "csmn.random_features"
+
+
+class Refused(Exception):
+    """A promotion that cannot go ahead; nothing was changed."""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri)
+
+
+def _missing(err: MlflowException) -> bool:
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    """``version`` is a number or ``latest`` (the highest number)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if _missing(err):
+            raise Refused(f"no registered model {name!r}") from err
+        raise
+    if version == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise Refused(f"{name} has no versions")
+        return max(versions, key=lambda v: int(v.version))
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except ValueError as err:
+        raise Refused(f"--candidate must be a version number or 'latest', got {version!r}") from err
+    except MlflowException as err:
+        if _missing(err):
+            raise Refused(f"{name} has no version {version}") from err
+        raise
+
+
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if _missing(err):
+            return None
+        raise
+
+
+def uses_random_features(client: MlflowClient, version: ModelVersion) -> bool:
+    """The version's tag, else its training run's (older versions carry it on the run only)."""
+    if version.tags.get(RANDOM_FEATURES_TAG) is not None:
+        return version.tags[RANDOM_FEATURES_TAG] == "true"
+    if version.run_id:
+        return client.get_run(version.run_id).data.tags.get(RANDOM_FEATURES_TAG) == "true"
+    return False
+
+
+def history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
+    """Every move of ``champion``, oldest first."""
+    tags = client.get_registered_model(name).tags
+    keys = sorted(k for k in tags if k.startswith(HISTORY_PREFIX))
+    return [json.loads(tags[k]) for k in keys]
+
+
+def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
+    """The champions in order, each rollback popping the latest promotion."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry["action"] == "rollback":
+            stack.pop()
+        else:
+            stack.append(str(entry["version"]))
+    return stack
+
+
+def move_champion(client: MlflowClient, name: str, version: str, previous: str | None,
+                  action: str) -> dict[str, Any]:
+    entry = {"version": version, "previous": previous, "action": action, "at": now()}
+    sequence = len(history(client, name))
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{sequence:06d}", json.dumps(entry))
+    return entry
+
+
+def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
+    """Move ``champion`` back to the champion before the current one."""
+    current = champion(client, name)
+    stack = champion_stack(history(client, name))
+    if current is None or len(stack) < 2 or stack[-1] != str(current.version):
+        raise Refused(f"{name}: no earlier champion recorded to roll back to"
+                      + ("" if current is None or not stack or stack[-1] == str(current.version)
+                         else f" (champion v{current.version} was set outside csmn promote)"))
+    return move_champion(client, name, stack[-2], str(current.version), "rollback")
+
+
+def tag_decision(client: MlflowClient, name: str, candidate: str, champion: str | None,
+                 decision: dict[str, Any]) -> None:
+    """The decision on both versions: ``csmn.promotion.*`` on the candidate, and
+    ``csmn.challenge.*`` on the champion it was compared with. The latest decision wins."""
+    values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in decision.items()}
+    for key, value in values.items():
+        client.set_model_version_tag(name, candidate, f"csmn.promotion.{key}", value)
+        if champion is not None:
+            client.set_model_version_tag(name, champion, f"csmn.challenge.{key}", value)
+
+
+def latest_evaluation(client: MlflowClient, model_run_id: str, split: str,
+                      data_digest: str) -> str | None:
+    """The newest finished evaluation run of the model trained in ``model_run_id`` on this
+    split of this data root, or None."""
+    filter_string = (
+        f"tags.`csmn.kind` = 'evaluation' and tags.`csmn.model_run_id` = '{model_run_id}' "
+        f"and tags.`csmn.split` = '{split}' and tags.`csmn.data_digest` = '{data_digest}' "
+        "and attributes.status = 'FINISHED'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def download_predictions(client: MlflowClient, run_id: str, work_dir: str) -> str:
+    """The evaluation run's predictions.parquet, downloaded into ``work_dir``."""
+    return client.download_artifacts(run_id, "report/predictions.parquet", work_dir)
+
+
+def log_promotion_run(tracking_uri: str, name: str, decision: dict[str, Any],
+                      report_markdown: str) -> str:
+    """One run per decision in the ``csmn-promotion`` experiment: the comparison as metrics,
+    the decision as tags, the report as an artifact."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment(PROMOTION_EXPERIMENT))
+    tags = {"csmn.kind": "promotion", "csmn.registered_model": name,
+            **{f"csmn.{k}": str(decision[k]) for k in
+               ("candidate", "champion", "decision", "metric", "split", "data_digest")}}
+    run = client.create_run(experiment_id, run_name=f"promote-{name}-v{decision['candidate']}",
+                            tags=tags)
+    with finished_or_failed(tracking_uri, run.info.run_id):
+        numbers = {k: v for k, v in (decision.get("comparison") or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        log_metrics(tracking_uri, run.info.run_id, numbers, step=0)
+        with tempfile.TemporaryDirectory(prefix="csmn-promotion-") as directory:
+            for file_name, text in (("promotion.md", report_markdown),
+                                    ("promotion.json", json.dumps(decision, indent=2))):
+                with open(os.path.join(directory, file_name), "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            client.log_artifacts(run.info.run_id, directory, artifact_path="report")
+    return run.info.run_id

@@ -1,0 +1,3 @@
+from csmn.pipeline.promote import main
+
+raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The promotion gate with a real MLflow: the SQLite store, and an ``mlflow server`` on
+127.0.0.1 for the same cases. Models are tiny CSMNs trained here in plain PyTorch (a good one,
+and an untrained one that is worse), registered through the project's own pyfunc logging, and
+evaluated by the real evaluation job (Ray Data decoding)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from test_evaluate import tiny_model_config, write_data_root
+
+from csmn.core.checkpoint import save_checkpoint
+from csmn.core.model import CSMN, sequence_loss
+from csmn.data import layout, storage
+from csmn.eval.bootstrap import paired_bootstrap
+from csmn.pipeline.promote import PromoteConfig, Refused, main, promote
+from csmn.pipeline.train_data import collate_batch
+from csmn.tracking import log_pyfunc_model
+from csmn.tracking.promotion import CHAMPION, RANDOM_FEATURES_TAG, history
+
+REPO = Path(__file__).resolve().parent.parent
+NAME = "csmn-hashtag"
+
+
+# ------------------------------------------------------------------ the bootstrap alone
+
+
+def test_bootstrap_interval_on_known_differences():
+    rng = np.random.default_rng(1)
+    champion = rng.uniform(size=400)
+    # a constant gain: every resample has the same mean
+    constant = paired_bootstrap(champion + 0.05, champion, min_gain=0.01)
+    assert constant.low == pytest.approx(0.05) and constant.high == pytest.approx(0.05)
+    assert constant.wins
+    # identical models: a tie, refused whenever a gain is asked for
+    tie = paired_bootstrap(champion, champion, min_gain=0.0)
+    assert (tie.low, tie.high, tie.wins) == (0.0, 0.0, False)
+    # gains of +1 and -1 in equal numbers: mean 0, standard error 1/sqrt(n) = 0.05, so the 95%
+    # percentile interval is about +-1.96 x 0.05
+    signs = np.array([1.0, -1.0] * 200)
+    noisy = paired_bootstrap(champion + signs, champion, resamples=20_000, seed=3)
+    assert noisy.mean_difference == pytest.approx(0.0, abs=1e-12)
+    assert noisy.low == pytest.approx(-0.098, abs=0.012)
+    assert noisy.high == pytest.approx(0.098, abs=0.012)
+    assert not noisy.wins
+    # pairing matters: a small gain on every post wins, although the two score lists overlap
+    paired = paired_bootstrap(champion + 0.002, champion, min_gain=0.0)
+    assert paired.wins and paired.low > 0
+    with pytest.raises(ValueError, match="pair up"):
+        paired_bootstrap(champion[:3], champion[:4])
+
+
+# ------------------------------------------------------------------ models and stores
+
+
+def _train(root: str, steps: int, seed: int, out: str) -> str:
+    """A tiny model trained on the root's training split (steps=0: untrained)."""
+    vocab = storage.read_json(layout.vocab_uri(root, "hashtag"))["tokens"]
+    config = tiny_model_config(len(vocab))
+    torch.manual_seed(seed)
+    model = CSMN(config)
+    examples = storage.read_parquet(layout.examples_dir(root, "hashtag", "train")).to_pylist()
+    features = {r["image"]: r["feature"] for r in storage.read_parquet(
+        layout.features_dir(root, "pool5")).to_pylist()}
+    rows = [r for r in examples if r["image"] in features]
+    batch = collate_batch({"token_ids": [r["token_ids"] for r in rows],
+                           "context_ids": [r["context_ids"] for r in rows],
+                           "feature": [features[r["image"]] for r in rows]},
+                          config.context_size, config.max_length)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
+        sequence_loss(logits, batch["targets"]).backward()
+        optimizer.step()
+    save_checkpoint(out, model.eval(), config, vocab, "hashtag", epoch=steps)
+    return out
+
+
+@pytest.fixture(scope="module")
+def promo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("promote-data"))
+    write_data_root(root)
+    storage.write_json(layout.manifest_uri(root), {"config": {"context_size": 5}})
+    models = tmp_path_factory.mktemp("promote-models")
+    good = _train(root, steps=150, seed=0, out=str(models / "good"))
+    bad = _train(root, steps=0, seed=1, out=str(models / "bad"))
+    # another vocabulary: a model of another data root
+    other = str(models / "other")
+    vocab = storage.read_json(layout.vocab_uri(root, "hashtag"))["tokens"] + ["#elsewhere"]
+    config = tiny_model_config(len(vocab))
+    save_checkpoint(other, CSMN(config).eval(), config, vocab, "hashtag")
+    return {"root": root, "good": good, "bad": bad, "other": other}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def http_store(tmp_path):
+    """``mlflow server`` on 127.0.0.1 and a free port, serving its own artifacts; one per
+    test, so that each starts from an empty registry."""
+    folder = tmp_path / "mlflow-server"
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            pytest.fail("mlflow server did not come up on 127.0.0.1")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(params=["sqlite", "http"])
+def store(request, tmp_path, monkeypatch):
+    uri = (f"sqlite:///{tmp_path}/mlflow.db" if request.param == "sqlite"
+           else request.getfixturevalue("http_store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+_runs = iter(range(10**6))
+
+
+def _register(tracking_uri: str, checkpoint: str, random_features: bool = False) -> str:
+    """A training-like run holding the checkpoint as its pyfunc model, registered."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("promote-test")
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment("promote-test"))
+    run_id = client.create_run(experiment_id, run_name=f"train-{next(_runs)}",
+                               tags={RANDOM_FEATURES_TAG: str(random_features).lower()}).info.run_id
+    info = log_pyfunc_model(tracking_uri, run_id, checkpoint, "hashtag", register=True)
+    client.set_terminated(run_id)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(NAME, version, RANDOM_FEATURES_TAG, str(random_features).lower())
+    return version
+
+
+def _champion(tracking_uri: str) -> str:
+    return str(MlflowClient(tracking_uri).get_model_version_by_alias(NAME, CHAMPION).version)
+
+
+def _config(root: str, **kwargs) -> PromoteConfig:
+    return PromoteConfig(name=NAME, data=root, resamples=2000, **kwargs)
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def test_gate_first_better_worse_tie_dry_run_rollback(ray_session, promo_root, store):
+    root = promo_root["root"]
+    bad = _register(store, promo_root["bad"])
+    first = promote(_config(root, candidate=bad))
+    assert first["decision"] == "promoted" and first["champion"] is None
+    assert _champion(store) == bad
+
+    good = _register(store, promo_root["good"])
+    # a dry run decides but changes nothing
+    dry = promote(_config(root, candidate=good, dry_run=True))
+    assert dry["decision"] == "promoted" and _champion(store) == bad
+    better = promote(_config(root, candidate="latest"))
+    comparison = better["comparison"]
+    assert better["decision"] == "promoted" and better["champion"] == bad
+    assert comparison["low"] > 0 and comparison["candidate_mean"] > comparison["champion_mean"]
+    assert _champion(store) == good
+
+    worse = _register(store, promo_root["bad"])
+    refused = promote(_config(root, candidate=worse))
+    assert refused["decision"] == "refused" and _champion(store) == good
+    assert refused["comparison"]["high"] < 0
+
+    same = _register(store, promo_root["good"])
+    tie = promote(_config(root, candidate=same, min_gain=0.01))
+    assert tie["decision"] == "refused" and tie["comparison"]["mean_difference"] == 0.0
+    assert _champion(store) == good
+
+    # the decisions are on the versions, the promotion runs hold the comparison
+    client = MlflowClient(store)
+    tags = client.get_model_version(NAME, worse).tags
+    assert tags["csmn.promotion.decision"] == "refused"
+    assert tags["csmn.promotion.metric"] == "f1" and tags["csmn.promotion.champion"] == good
+    assert "csmn.promotion.interval" in tags and tags["csmn.promotion.data_digest"]
+    # the champion records the challenge it fended off
+    defended = client.get_model_version(NAME, good).tags
+    assert (defended["csmn.challenge.decision"], defended["csmn.challenge.candidate"]) == (
+        "refused", same)
+    promotion_runs = client.search_runs(
+        [client.get_experiment_by_name("csmn-promotion").experiment_id])
+    assert len(promotion_runs) == 4 and all(r.info.status == "FINISHED" for r in promotion_runs)
+    assert {"low", "high", "mean_difference", "n_posts"} <= set(promotion_runs[0].data.metrics)
+
+    # rollback moves champion to the one before and says which
+    assert main(["--name", NAME, "--data", root, "--rollback"]) == 0
+    assert _champion(store) == bad
+    moves = history(client, NAME)
+    assert [m["action"] for m in moves] == ["promote", "promote", "rollback"]
+    assert moves[-1] == {**moves[-1], "version": bad, "previous": good}
+    # nothing older to go back to
+    assert main(["--name", NAME, "--data", root, "--rollback"]) == 2
+    assert _champion(store) == bad
+
+
+def test_refusals_change_nothing(ray_session, promo_root, store, capsys):
+    root = promo_root["root"]
+    argv = ["--name", NAME, "--data", root]
+    assert main([*argv, "--candidate", "1"]) == 2  # no registered model yet
+    assert "no registered model" in capsys.readouterr().out
+    assert main([*argv, "--rollback"]) == 2
+    random = _register(store, promo_root["good"], random_features=True)
+    assert main([*argv, "--candidate", "7"]) == 2
+    assert "has no version 7" in capsys.readouterr().out
+    assert main([*argv, "--candidate", random]) == 2
+    assert "random" in capsys.readouterr().out
+    other = _register(store, promo_root["other"])
+    assert main([*argv, "--candidate", other]) == 2
+    assert "vocabulary" in capsys.readouterr().out
+    client = MlflowClient(store)
+    assert not client.get_registered_model(NAME).aliases
+    assert "csmn.promotion.decision" not in client.get_model_version(NAME, random).tags
+    # with leave, a random-features model can be promoted, and the version says so
+    assert main([*argv, "--candidate", random, "--allow-random-features"]) == 0
+    assert _champion(store) == random
+    tags = client.get_model_version(NAME, random).tags
+    assert tags["csmn.promoted_with_random_features"] == "true"
+    with pytest.raises(Refused, match="already the champion"):
+        promote(_config(root, candidate=random, allow_random_features=True))
+
+
+def test_two_promotions_at_once_leave_a_winner(ray_session, promo_root, tmp_path,
+                                               monkeypatch):
+    """Two processes promote two copies of the good model over the bad champion. Whatever
+    the interleaving, exactly one wins: the other, compared again with the new champion, ties
+    and is refused."""
+    root = promo_root["root"]
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    bad = _register(tracking_uri, promo_root["bad"])
+    assert promote(_config(root, candidate=bad))["decision"] == "promoted"
+    first, second = (_register(tracking_uri, promo_root["good"]) for _ in range(2))
+    # evaluate both once, so that the two processes race on the alias, not on Ray
+    for version in (first, second):
+        promote(_config(root, candidate=version, dry_run=True))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PYTHONPATH": str(REPO)}
+    processes = [subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "promote.py"), "--name", NAME, "--data", root,
+         "--candidate", version, "--resamples", "2000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for version in (first, second)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    client = MlflowClient(tracking_uri)
+    champion = str(client.get_model_version_by_alias(NAME, CHAMPION).version)
+    decisions = {v: client.get_model_version(NAME, v).tags["csmn.promotion.decision"]
+                 for v in (first, second)}
+    assert sorted(decisions.values()) == ["promoted", "refused"], outputs
+    winner = next(v for v, d in decisions.items() if d == "promoted")
+    loser = next(v for v, d in decisions.items() if d == "refused")
+    assert champion == winner
+    assert client.get_model_version(NAME, loser).tags["csmn.promotion.champion"] == winner
+    assert [m["version"] for m in history(client, NAME)] == [bad, winner]
