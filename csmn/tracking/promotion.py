@@ -44,14 +44,18 @@ def _missing(err: MlflowException) -> bool:
     return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
 
 
-def model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
-    """``version`` is a number or ``latest`` (the highest number)."""
+def registered_model(client: MlflowClient, name: str) -> Any:
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as err:
         if _missing(err):
             raise Refused(f"no registered model {name!r}") from err
         raise
+
+
+def model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    """``version`` is a number or ``latest`` (the highest number)."""
+    registered_model(client, name)
     if version == "latest":
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
@@ -87,7 +91,7 @@ def uses_random_features(client: MlflowClient, version: ModelVersion) -> bool:
 
 def history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     """Every move of ``champion``, oldest first."""
-    tags = client.get_registered_model(name).tags
+    tags = registered_model(client, name).tags
     keys = sorted(k for k in tags if k.startswith(HISTORY_PREFIX))
     return [json.loads(tags[k]) for k in keys]
 

@@ -1,0 +1,104 @@
+"""The architecture the README promises, checked on the source: the model runs without Ray
+or MLflow (csmn.core), Ray lives in csmn.pipeline alone, MLflow in csmn.tracking alone, and
+no module of csmn imports itself back through others."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "csmn"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module an import statement names, at any depth (lazy imports count too)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            # ``from csmn.data import layout`` imports the module csmn.data.layout
+            names += [f"{node.module}.{a.name}" for a in node.names
+                      if f"{node.module}.{a.name}" in MODULES]
+    return names
+
+
+def _importers_of(top: str) -> set[str]:
+    return {name for name, path in MODULES.items()
+            if any(i == top or i.startswith(top + ".") for i in _imports(path))}
+
+
+def test_ray_only_in_pipeline():
+    outside = sorted(m for m in _importers_of("ray") if not m.startswith("csmn.pipeline"))
+    assert outside == [], f"modules outside csmn.pipeline import Ray: {outside}"
+
+
+def test_mlflow_only_in_tracking():
+    outside = sorted(m for m in _importers_of("mlflow") if not m.startswith("csmn.tracking"))
+    assert outside == [], f"modules outside csmn.tracking import MLflow: {outside}"
+
+
+def test_core_imports_with_ray_and_mlflow_blocked():
+    core = sorted(m for m in MODULES if m == "csmn.core" or m.startswith("csmn.core."))
+    assert len(core) >= 6
+    script = (
+        "import importlib, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'mlflow'):\n"
+        "            raise ImportError(f'{name} is blocked: csmn.core must not need it')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for name in {core!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert not any(m.split('.')[0] in ('ray', 'mlflow') for m in sys.modules)\n"
+        "print('ok', len(sys.argv))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+
+
+def test_no_import_cycles():
+    graph = {name: {i for i in _imports(path) if i in MODULES and i != name}
+             for name, path in MODULES.items()}
+    # a package's __init__ that re-exports its submodules is not a cycle with them
+    for name in graph:
+        graph[name] = {i for i in graph[name] if not name.startswith(i + ".")}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_jobs_are_thin_entry_points():
+    for job in sorted((REPO / "jobs").glob("*.py")):
+        lines = [line for line in job.read_text().splitlines() if line.strip()]
+        assert len(lines) <= 4 and lines[0].startswith("from csmn."), job.name
