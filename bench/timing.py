@@ -1,6 +1,6 @@
 """Timing shared by the benchmarks: the machine's own matmul peak, measured in the same run
-as the figure it scales (DESIGN.md: about 300 GFLOP/s fp32 at n=2048 on these 2-core
-machines). Only torch: the benchmarks also run on a bare GPU box without Ray."""
+as the figure it scales (docs/method.md, "Where the time goes": about 300 GFLOP/s fp32 at
+n=2048 on these 2-core machines). Only torch: the benchmarks also run on a bare GPU box without Ray."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device,
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of one large square matmul: n = 2048 on CPU (DESIGN.md), 8192 on CUDA."""
+    """FLOP/s of one large square matmul: n = 2048 on CPU (docs/method.md), 8192 on CUDA."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
