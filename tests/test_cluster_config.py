@@ -1,0 +1,150 @@
+"""The cluster files as the tools that run them read them: every KubeRay manifest against
+the openAPIV3Schema of its KubeRay v1.7.0 CRD (unknown fields refused, as a structural schema
+prunes them), ray-cluster.yaml through Ray's own cluster-config validation, and the security
+settings every one of them must keep (token auth on, pinned images)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CRDS = REPO.parent / "shared" / "spec" / "kuberay-v1.7.0"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayCronJob": "ray.io_raycronjobs.yaml"}
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _closed(schema: dict) -> dict:
+    """The schema with additionalProperties false wherever it lists properties and does not
+    say it keeps unknown fields: a misspelled field fails instead of vanishing."""
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for value in node.values():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif isinstance(value, list):
+                stack.extend(v for v in value if isinstance(v, dict))
+    return schema
+
+
+def _crd_schema(kind: str) -> dict:
+    path = CRDS / CRD_FILES[kind]
+    if not path.exists():
+        pytest.skip(f"{path} is not here: the KubeRay CRDs come with the shared spec")
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _closed(version["schema"]["openAPIV3Schema"])
+
+
+def _kuberay_manifests() -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted((REPO / "cluster").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and document.get("apiVersion") == "ray.io/v1":
+                out.append((path, document))
+    return out
+
+
+def _cluster_specs(document: dict) -> list[dict]:
+    """The RayCluster specs a manifest holds, at whatever depth its kind puts them."""
+    spec = document["spec"]
+    if document["kind"] == "RayCluster":
+        return [spec]
+    if document["kind"] == "RayJob":
+        return [spec["rayClusterSpec"]]
+    return [spec["jobTemplate"]["rayClusterSpec"]]
+
+
+def test_every_kind_is_present():
+    kinds = {d["kind"] for _, d in _kuberay_manifests()}
+    assert {"RayCluster", "RayJob"} <= kinds
+
+
+@pytest.mark.parametrize("path_document", _kuberay_manifests(),
+                         ids=lambda pd: f"{pd[0].name}:{pd[1]['kind']}")
+def test_kuberay_manifest_matches_its_crd(path_document):
+    path, document = path_document
+    schema = _crd_schema(document["kind"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
+    assert not errors, f"{path.name}: " + "; ".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+
+
+@pytest.mark.parametrize("path_document", _kuberay_manifests(),
+                         ids=lambda pd: f"{pd[0].name}:{pd[1]['kind']}")
+def test_kuberay_clusters_keep_token_auth_and_pinned_images(path_document):
+    path, document = path_document
+    for spec in _cluster_specs(document):
+        assert spec["authOptions"]["mode"] == "token", path.name
+        assert re.match(r"2\.\d+", spec["rayVersion"])
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                assert container["image"] == f"csmn:{VERSION}", (path.name, container["image"])
+                names = {e["name"] for e in container.get("env", [])}
+                assert "RAY_AUTH_MODE" not in names or all(
+                    e.get("value") != "disabled" for e in container["env"])
+
+
+def test_the_crd_check_catches_a_misspelled_field():
+    path, document = next((p, d) for p, d in _kuberay_manifests() if d["kind"] == "RayCluster")
+    broken = copy.deepcopy(document)
+    broken["spec"]["authOption"] = broken["spec"].pop("authOptions")
+    validator = jsonschema.Draft7Validator(_crd_schema("RayCluster"))
+    assert any("authOption" in e.message for e in validator.iter_errors(broken))
+
+
+def test_ray_cluster_launcher_config_validates():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    # what `ray up` does before it starts anything: defaults filled in, then the schema
+    validate_config(prepare_config(copy.deepcopy(config)))
+    nodes = config["available_node_types"]
+    # every node, workers included, gets an instance profile: workers read s3:// too
+    assert all("IamInstanceProfile" in n["node_config"] for n in nodes.values())
+    assert any(n["max_workers"] > n["min_workers"] == 0 for n in nodes.values())
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    launches = [c for c in starts if "ray start" in c]
+    assert launches and all("RAY_AUTH_MODE=token" in c for c in launches)
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert config["docker"]["image"] == f"csmn:{VERSION}"
+    assert "~/.ray/auth_token" in config["file_mounts"]
+
+
+def test_dockerfile_pins_and_installs_the_system_packages():
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert ":" in base and not base.endswith(":latest")
+    for package in ("libenchant-2-2", "hunspell-en-us", "default-jre-headless"):
+        assert package in text
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert all("==" in p for p in pins)
+
+
+def test_no_cluster_file_turns_auth_off():
+    for path in [REPO / "ray-cluster.yaml", REPO / "Dockerfile", *(REPO / "cluster").glob("*")]:
+        assert "RAY_AUTH_MODE=disabled" not in path.read_text(), path.name
+
+
+def test_ray_validation_catches_a_misspelled_field():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "ray-cluster.yaml").read_text())
+    config["idle_timeout_minute"] = config.pop("idle_timeout_minutes")
+    with pytest.raises(Exception, match="idle_timeout_minute"):
+        validate_config(prepare_config(config))
