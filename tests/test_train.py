@@ -420,6 +420,8 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
             break
         time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    # One line per epoch for the person watching the job (rank 0's, through the driver).
+    assert "epoch 2/2  loss " in submitted.stdout + submitted.stderr
     client = MlflowClient(tracking_uri)
     run = client.search_runs(
         [client.get_experiment_by_name("csmn-hashtag").experiment_id],

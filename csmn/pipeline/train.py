@@ -12,7 +12,7 @@ user's posts would be a poor estimate of the gradient). Then the workers share t
 sample (a seeded sample of posts, spread over the users): loss, and greedy decoding scored on
 words against each post's text exactly as the evaluation scores it, by hashtag-set F1
 (hashtags) or corpus BLEU-1 (posts; without the evaluation's PTB tokenizer). Rank 0 prints
-one line per epoch. Rank 0 writes a checkpoint (csmn/checkpoint.py) that Ray Train
+one line per epoch. Rank 0 writes a checkpoint (csmn.core.checkpoint) that Ray Train
 stores under ``<storage>/<run name>/``, keeping the best few by the validation metric plus
 the latest. The metric, not the loss, picks the model: with users split apart, validation
 users' own hashtags and words are out of the vocabulary, and their loss rises while the model
