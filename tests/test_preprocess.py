@@ -170,7 +170,7 @@ def test_each_rule_counted(job):
             assert filtered[task][rule] == rules[rule], (task, rule)
         for rule in ("too_short", "too_long", "over_user_cap", "too_few_user_posts"):
             assert filtered[task][rule] == rules[f"{task}_{rule}"], (task, rule)
-    kept_users = {r["user_id"] for r in job["examples"]["caption/train"]}
+    kept_users = {r["user_id"] for r in job["examples"]["post/train"]}
     assert "bad" not in kept_users and "few" not in kept_users
 
 
