@@ -1,9 +1,9 @@
 """Training on a real Ray (Train V2, Ray Data) with a real MLflow SQLite store.
 
-The data root is written here in the contract format (examples parquet, pool5 features
-parquet, vocab json) with a learnable structure: an image's feature says its category, the
-category picks most hashtags, the user adds a signature hashtag that sits in the user's
-context. The model is tiny (embed 16, memory 32, CNN depth 8).
+The data root (tests/helpers.py) is in the contract format with a learnable structure: an
+image's feature says its category, the category picks most hashtags, the user adds a
+signature hashtag that sits in the user's context; its files are grouped by user, as
+preprocessing writes them. The model is tiny (embed 16, memory 32, CNN depth 8).
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ import time
 import uuid
 from pathlib import Path
 
+import helpers
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -32,16 +31,21 @@ from mlflow.tracking import MlflowClient
 from csmn.config import config_from_args
 from csmn.core import checkpoint as ckpt
 from csmn.core.tokens import EOS_ID, GO_ID
+from csmn.eval import metrics
 from csmn.pipeline.train import (
     FAILURE_MARKER,
     TrainConfig,
+    ValidationSums,
     bleu1_counts,
     build_parser,
     corpus_bleu1,
+    epoch_line,
     hashtag_f1,
+    resolve_defaults,
     train,
+    training_datasets,
 )
-from csmn.pipeline.train_data import collate_batch, joined_dataset
+from csmn.pipeline.train_data import batch_options, collate_batch, joined_dataset, read_examples
 
 REPO = Path(__file__).resolve().parent.parent
 CATEGORIES = 4
@@ -51,72 +55,11 @@ TINY_MODEL = {"embed_dim": 16, "memory_dim": 32, "cnn_depth": 8}
 CONTEXT = 8
 
 
-def write_data_root(root: Path, train_posts: int = 320, val_posts: int = 64,
-                    missing_features: int = 2, seed: int = 0) -> Path:
-    """A tiny data root in the contract format; ``missing_features`` train examples have
-    images without a feature row."""
-    rng = np.random.default_rng(seed)
-    category_tags = [[f"#c{c}t{k}" for k in range(TAGS_PER_CATEGORY)]
-                     for c in range(CATEGORIES)]
-    user_tags = [f"#u{u}" for u in range(USERS)]
-    filler = ["#photo", "#nice"]
-    tokens = ["_PAD", "_GO", "_EOS", "_UNK"] + [t for ts in category_tags for t in ts]
-    tokens += user_tags + filler
-    ids = {t: i for i, t in enumerate(tokens)}
-    (root / "vocab").mkdir(parents=True)
-    (root / "vocab" / "hashtag.json").write_text(json.dumps({"tokens": tokens}))
-
-    feature_rows = []
-
-    def split_rows(split: str, count: int, offset: int) -> list[dict]:
-        rows = []
-        for n in range(count):
-            user = int(rng.integers(USERS))
-            category = int(rng.integers(CATEGORIES))
-            words = list(rng.choice(category_tags[category], size=int(rng.integers(3, 6)),
-                                    replace=False))
-            words.insert(int(rng.integers(len(words) + 1)), user_tags[user])
-            context_words = [user_tags[user]] + filler + category_tags[(user + 1) % CATEGORIES]
-            image = f"file:///archive/images/{split}-{offset + n}.jpg"
-            rows.append({
-                "user_id": f"u{user}", "post_id": f"{split}-{n}", "created_at": None,
-                "image": image, "text": " ".join(words),
-                "token_ids": [ids[w] for w in words] + [EOS_ID],
-                "context_ids": [ids[w] for w in context_words][:CONTEXT],
-                "context_words": context_words[:CONTEXT],
-            })
-            feature = rng.normal(0, 0.1, 2048).astype(np.float32)
-            feature[category * 16:(category + 1) * 16] += 1.0
-            feature_rows.append({"image": image, "feature": feature})
-        return rows
-
-    schema = pa.schema([
-        ("user_id", pa.string()), ("post_id", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")), ("image", pa.string()),
-        ("text", pa.string()), ("token_ids", pa.list_(pa.int32())),
-        ("context_ids", pa.list_(pa.int32())), ("context_words", pa.list_(pa.string())),
-    ])
-    for split, count, offset in (("train", train_posts, 0), ("val", val_posts, 10_000)):
-        rows = split_rows(split, count, offset)
-        folder = root / "examples" / "hashtag" / split
-        folder.mkdir(parents=True)
-        half = len(rows) // 2
-        for part, chunk in enumerate((rows[:half], rows[half:])):
-            pq.write_table(pa.Table.from_pylist(chunk, schema=schema),
-                           folder / f"part-{part:05d}.parquet")
-    # Drop the features of the first train images: those examples must be skipped, counted.
-    feature_rows = feature_rows[missing_features:]
-    features = pa.table({
-        "image": [r["image"] for r in feature_rows],
-        "feature": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate([r["feature"] for r in feature_rows])), 2048),
-    })
-    (root / "features" / "pool5").mkdir(parents=True)
-    third = features.num_rows // 3
-    for part, start in enumerate((0, third, 2 * third)):
-        end = features.num_rows if part == 2 else start + third
-        pq.write_table(features.slice(start, end - start),
-                       root / "features" / "pool5" / f"part-{part:05d}.parquet")
+def write_data_root(root: Path, **options) -> Path:
+    """The tests' tiny hashtag archive (helpers.write_tagged_root), grouped by user."""
+    helpers.write_tagged_root(str(root), users=USERS, categories=CATEGORIES,
+                              tags_per_category=TAGS_PER_CATEGORY, context_size=CONTEXT,
+                              **options)
     return root
 
 
@@ -124,7 +67,7 @@ def tiny_config(root: Path, **overrides) -> TrainConfig:
     values = dict(data=str(root), task="hashtag", variant="P5", context_size=CONTEXT,
                   workers=1, cpus_per_worker=0.5, epochs=3, batch_size=32,
                   learning_rate=0.01, model=dict(TINY_MODEL), val_sample_size=64,
-                  shuffle_buffer=64, checkpoints_to_keep=2, max_failures=0)
+                  shuffle_buffer=64, block_rows=8, checkpoints_to_keep=2, max_failures=0)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -167,6 +110,79 @@ def test_validation_metrics():
     assert bleu1_counts([5, 5, 6], [5, 7, 8, EOS_ID]) == (1, 3, 3)
     assert corpus_bleu1(1, 3, 3) == pytest.approx(1 / 3)
     assert corpus_bleu1(2, 2, 4) == pytest.approx(np.exp(1 - 2))
+
+
+def test_validation_scores_as_the_evaluation_does():
+    """Validation's numbers from words and texts equal csmn.eval.metrics' on the same posts,
+    out-of-vocabulary truths (``_UNK`` in token_ids) included."""
+    texts = ["#beach #sun #rare", "#food #pasta", "#city #unseen1 #unseen2"]
+    predicted = [["#beach", "#sun"], ["#pasta", "#food", "#night"], ["#city"]]
+    sums = ValidationSums()
+    for words, text in zip(predicted, texts, strict=True):
+        sums.add_post("hashtag", words, text)
+    assert sums.metric("hashtag") == pytest.approx(metrics.score_hashtags(texts, predicted).f1)
+    # By ids, the two unknown tags would be one _UNK and F1 would be 2/3, not 0.5.
+    assert hashtag_f1(["#city"], "#city #unseen1 #unseen2".split()) == pytest.approx(0.5)
+
+    references = ["a sunny day at the beach", "homemade pasta tonight", "city lights"]
+    words = [["sunny", "beach", "day", "day"], ["pasta", "tonight"], ["lights"]]
+    posts = ValidationSums()
+    for prediction, text in zip(words, references, strict=True):
+        posts.add_post("post", prediction, text)
+    assert posts.metric("post") == pytest.approx(
+        metrics.corpus_bleu_1(references, [" ".join(w) for w in words]), rel=1e-6)
+
+
+def test_validation_sums_reduce_by_field_name():
+    sums = ValidationSums(loss_sum=3.0, tokens=4.0, posts=2.0, f1_sum=1.5)
+    assert sums.reduced(torch.device("cpu"), world_size=1) == sums
+
+
+def test_epoch_line_is_for_people():
+    line = epoch_line({"epoch": 3, "train_loss": 4.1234, "val_loss": 4.5, "val_f1": 0.2312,
+                       "examples_per_s": 1234.4}, 20, "val_f1", 12.2)
+    assert line == "epoch 3/20  loss 4.123  val_loss 4.500  val_f1 0.231  1,234 ex/s  12s left"
+    assert epoch_line({"epoch": 1, "train_loss": 1, "val_loss": 1, "val_bleu1": 0,
+                       "examples_per_s": 5}, 2, "val_bleu1", 8000).endswith("2h13m left")
+
+
+def test_validation_sample_spreads_over_users(data_root):
+    """The files hold one user after another; the sample must not be their first rows."""
+    first = read_examples(str(data_root), "hashtag", "val", columns=("user_id",))
+    assert len(set(first.column("user_id").to_pylist()[:16])) <= 2
+    sample = read_examples(str(data_root), "hashtag", "val", limit=16, columns=("user_id",))
+    assert sample.num_rows == 16 and len(set(sample.column("user_id").to_pylist())) >= 6
+    again = read_examples(str(data_root), "hashtag", "val", limit=16,
+                          columns=("post_id", "user_id"))
+    other = read_examples(str(data_root), "hashtag", "val", limit=16,
+                          columns=("post_id", "user_id"), seed=1)
+    assert again.column("user_id").to_pylist() == sample.column("user_id").to_pylist()
+    assert again.column("post_id").to_pylist() != other.column("post_id").to_pylist()
+
+
+def _user_batches(dataset, config: TrainConfig, epoch: int, users: dict[str, str]):
+    """Users of each batch, iterating as a training worker does (its shuffle options)."""
+    batches = dataset.iter_batches(
+        batch_size=config.batch_size, batch_format="pyarrow",
+        **batch_options(config.shuffle_buffer, config.seed, epoch, rank=0))
+    return [[users[image] for image in b.column("image").to_pylist()] for b in batches]
+
+
+def test_training_batches_mix_users_and_change_every_epoch(ray_session, data_root):
+    config = resolve_defaults(tiny_config(data_root))
+    users = {r["image"]: r["user_id"] for r in read_examples(
+        str(data_root), "hashtag", "train", columns=("image", "user_id")).to_pylist()}
+    train_ds, _, _ = training_datasets(config, "pool5")
+    epochs = [_user_batches(train_ds, config, epoch, users) for epoch in (1, 2)]
+    distinct = [len(set(b)) for batches in epochs for b in batches]
+    # 8 users, ~40 posts each, batches of 32: one user after another without mixing.
+    assert min(distinct) >= 3 and np.mean(distinct) >= 5.5, distinct
+    assert sum(len(b) for b in epochs[0]) == 318
+    assert [u for b in epochs[0] for u in b] != [u for b in epochs[1] for u in b]
+    # The same blocks read in file order mix far less: the shuffle is what mixes.
+    in_order, _ = joined_dataset(str(data_root), "hashtag", "train", "pool5", block_rows=8)
+    unmixed = [len(set(b)) for b in _user_batches(in_order, config, 1, users)]
+    assert np.mean(unmixed) < np.mean(distinct) - 1.5, (unmixed, distinct)
 
 
 def test_parser_switches_and_defaults():
@@ -404,6 +420,8 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
             break
         time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    # One line per epoch for the person watching the job (rank 0's, through the driver).
+    assert "epoch 2/2  loss " in submitted.stdout + submitted.stderr
     client = MlflowClient(tracking_uri)
     run = client.search_runs(
         [client.get_experiment_by_name("csmn-hashtag").experiment_id],

@@ -505,45 +505,52 @@ def _input_blocks(
     return blocks
 
 
-def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[str, Any]:
-    """Run the job on the connected (or an in-process) Ray; returns the summary.
+@dataclass
+class ImagePlan:
+    """Which images this run computes: every unique image of the examples is in exactly one
+    of already done, rejected by an earlier run, or to do."""
 
-    Ray Data's per-operator stats (where the time went) are logged at DEBUG level and
-    appended to ``stats`` when a list is given."""
-    import ray
+    references: list[str]
+    unique: list[str]
+    without_image: int
+    already_done: set[str]
+    previously_rejected: set[str]
+    todo: list[str]
+    need: dict[str, set[str]]
 
-    from csmn.data.rejects import read_rejects
-    from csmn.pipeline.runtime import init_ray
 
-    if not config.data:
-        raise ValueError("--data is required: the data root that holds examples/")
-    started = time.time()
-    root = config.data
-    layers = config.layers
-    preprocess = config.preprocess()
-    runtime_env = _worker_runtime_env()
-
-    # Weights first: a missing download should fail at once, not after the scan.
+def _load_weights(config: ExtractConfig) -> WeightsInfo:
+    """The weights' identity; loaded here first so a missing download fails at once, not
+    after the scan."""
     trunk, info = load_trunk(config.weights, config.seed)
     del trunk
     if info.random:
         banner = "*" * 100
         log.warning("\n%s\n*** %s\n%s", banner, RANDOM_WEIGHTS_WARNING, banner)
+    return info
 
-    files = example_files(root)
-    if not files:
-        raise ValueError(f"no examples under {layout.examples_root(root)}/<task>/<split>/")
+
+def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
+                     preprocess: PreprocessConfig) -> set[str]:
+    """Delete what ``--overwrite`` / ``--retry-rejects`` ask to, refuse features made
+    otherwise; returns the images rejected by earlier runs."""
+    from csmn.data.rejects import read_rejects
+
+    root = config.data
     if config.overwrite:
-        for layer in layers:
+        for layer in config.layers:
             log.warning("--overwrite: deleting %s", layout.features_dir(root, layer))
             storage.delete(layout.features_dir(root, layer))
-    for layer in layers:
+    for layer in config.layers:
         _check_meta(root, layer, info, preprocess)
     if config.retry_rejects:
         storage.delete(layout.rejects_dir(root, STAGE))
-    rejected_before = {row["record_id"] for row in read_rejects(root, STAGE)}
+    return {row["record_id"] for row in read_rejects(root, STAGE)}
 
-    init_ray()
+
+def _plan_images(root: str, layers: tuple[str, ...], files: list[str],
+                 runtime_env: dict[str, Any] | None, rejected_before: set[str]) -> ImagePlan:
+    """Read the image columns of the examples and of the finished feature parts."""
     groups = {"examples": files}
     for layer in layers:
         groups[layer] = storage.list_files(layout.features_dir(root, layer), suffix=".parquet")
@@ -554,111 +561,168 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     if without_image:
         log.warning("%d example rows have no image reference; skipped", without_image)
     done = {layer: set(columns[layer]) for layer in layers}
-
-    wanted = set(unique)
     already_done = {uri for uri in unique if all(uri in done[layer] for layer in layers)}
-    previously_rejected = (wanted - already_done) & rejected_before
+    previously_rejected = (set(unique) - already_done) & rejected_before
     todo = [uri for uri in unique if uri not in already_done and uri not in previously_rejected]
     need = {layer: {uri for uri in todo if uri not in done[layer]} for layer in layers}
+    return ImagePlan(references, unique, without_image, already_done, previously_rejected,
+                     todo, need)
 
-    use_gpu, actors, threads, cpus = _cluster_plan(config)
-    precision = _precision_name(config.precision, use_gpu, runtime_env)
-    for layer in layers:
-        _write_meta(root, layer, config, info, preprocess, precision, "running")
 
-    log.info(
-        "%d example rows, %d unique images: %d already have features, %d rejected before, "
-        "%d to compute on %d %s actor(s), batch %d",
-        len(references), len(unique), len(already_done), len(previously_rejected), len(todo),
-        actors, "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size,
+@dataclass
+class Resources:
+    """Where the model runs, resolved on the connected cluster."""
+
+    use_gpu: bool
+    actors: int
+    threads: int
+    cpus: int
+    precision: str
+
+
+def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
+                     preprocess: PreprocessConfig, resources: Resources,
+                     runtime_env: dict[str, Any] | None) -> Any:
+    """decode (CPU tasks) -> ResNet-101 (actor pool) -> write parts (CPU tasks)."""
+    import ray
+
+    layers = config.layers
+    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
+    dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
+    dataset = dataset.map_batches(
+        decode_batch,
+        batch_size=config.decode_batch_size,
+        batch_format="numpy",
+        fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
+        num_cpus=config.decode_cpus,
+        runtime_env=runtime_env,
     )
+    dataset = dataset.map_batches(
+        FeatureActor,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        fn_constructor_kwargs={
+            "weights": config.weights,
+            "seed": config.seed,
+            "fingerprint": info.fingerprint,
+            "layers": layers,
+            "use_gpu": resources.use_gpu,
+            "precision": resources.precision,
+            "mean": preprocess.mean,
+            "std": preprocess.std,
+            "torch_threads": resources.threads,
+        },
+        num_cpus=1,
+        num_gpus=1 if resources.use_gpu else 0,
+        # Also keeps Ray Data from fusing the decode tasks into the actor on CPU nodes
+        # (it fuses maps whose resource requests are identical).
+        memory=int(config.actor_memory_gb * 1024**3),
+        runtime_env=runtime_env,
+    )
+    return dataset.map_batches(
+        write_part,
+        batch_size=config.rows_per_part,
+        batch_format="numpy",
+        fn_kwargs={"root": config.data, "layers": layers, "run_id": run_id,
+                   "slots": preprocess.grid**2},
+        num_cpus=0.25,
+        runtime_env=runtime_env,
+    )
+
+
+def _run_dataset(dataset: Any, stats: list[str] | None) -> tuple[Counter[str], set[str]]:
+    """(outcome counts, images seen) of the pipeline's per-image outcomes."""
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
-    if todo:
-        run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
-        slots = preprocess.grid**2
-        dataset = ray.data.from_arrow(_input_blocks(todo, need, layers, cpus))
-        dataset = dataset.map_batches(
-            decode_batch,
-            batch_size=config.decode_batch_size,
-            batch_format="numpy",
-            fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
-            num_cpus=config.decode_cpus,
-            runtime_env=runtime_env,
-        )
-        dataset = dataset.map_batches(
-            FeatureActor,
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={
-                "weights": config.weights,
-                "seed": config.seed,
-                "fingerprint": info.fingerprint,
-                "layers": layers,
-                "use_gpu": use_gpu,
-                "precision": precision,
-                "mean": preprocess.mean,
-                "std": preprocess.std,
-                "torch_threads": threads,
-            },
-            num_cpus=1,
-            num_gpus=1 if use_gpu else 0,
-            # Also keeps Ray Data from fusing the decode tasks into the actor on CPU nodes
-            # (it fuses maps whose resource requests are identical).
-            memory=int(config.actor_memory_gb * 1024**3),
-            runtime_env=runtime_env,
-        )
-        dataset = dataset.map_batches(
-            write_part,
-            batch_size=config.rows_per_part,
-            batch_format="numpy",
-            fn_kwargs={"root": root, "layers": layers, "run_id": run_id, "slots": slots},
-            num_cpus=0.25,
-            runtime_env=runtime_env,
-        )
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            outcomes.update(batch.column("outcome").to_pylist())
-            seen.update(batch.column("image").to_pylist())
-        operator_stats = dataset.stats()
-        log.debug("Ray Data stats:\n%s", operator_stats)
-        if stats is not None:
-            stats.append(operator_stats)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        outcomes.update(batch.column("outcome").to_pylist())
+        seen.update(batch.column("image").to_pylist())
+    operator_stats = dataset.stats()
+    log.debug("Ray Data stats:\n%s", operator_stats)
+    if stats is not None:
+        stats.append(operator_stats)
+    return outcomes, seen
 
+
+def _summary(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo, resources: Resources,
+             outcomes: Counter[str], seen: set[str], seconds: float) -> dict[str, Any]:
     written = outcomes.pop(OK, 0)
     rejected_now = sum(outcomes.values())
-    seconds = time.time() - started
     summary: dict[str, Any] = {
-        "data": root,
-        "layers": list(layers),
-        "example_rows": len(references),
-        "example_rows_without_image": without_image,
-        "images": len(unique),
-        "already_done": len(already_done),
-        "previously_rejected": len(previously_rejected),
-        "to_compute": len(todo),
+        "data": config.data,
+        "layers": list(config.layers),
+        "example_rows": len(plan.references),
+        "example_rows_without_image": plan.without_image,
+        "images": len(plan.unique),
+        "already_done": len(plan.already_done),
+        "previously_rejected": len(plan.previously_rejected),
+        "to_compute": len(plan.todo),
         "written": written,
         "rejected": rejected_now,
         "rejects_by_code": dict(sorted(outcomes.items())),
         "weights": info.name,
         "weights_fingerprint": info.fingerprint,
         "random_weights": info.random,
-        "device": "cuda" if use_gpu else "cpu",
-        "precision": precision,
-        "actors": actors,
+        "device": "cuda" if resources.use_gpu else "cpu",
+        "precision": resources.precision,
+        "actors": resources.actors,
         "batch_size": config.batch_size,
         "seconds": round(seconds, 2),
-        "images_per_s": round(len(todo) / seconds, 2) if seconds > 0 else None,
+        "images_per_s": round(len(plan.todo) / seconds, 2) if seconds > 0 else None,
     }
-    balanced = (
-        len(unique)
-        == len(already_done) + len(previously_rejected) + written + rejected_now
-        and seen == set(todo)
+    # Every image accounted for: in = done before + rejected before + written + rejected.
+    summary["balanced"] = (
+        len(plan.unique)
+        == len(plan.already_done) + len(plan.previously_rejected) + written + rejected_now
+        and seen == set(plan.todo)
     )
-    summary["balanced"] = balanced
+    return summary
+
+
+def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[str, Any]:
+    """Run the job on the connected (or an in-process) Ray; returns the summary.
+
+    Ray Data's per-operator stats (where the time went) are logged at DEBUG level and
+    appended to ``stats`` when a list is given."""
+    from csmn.pipeline.runtime import init_ray
+
+    if not config.data:
+        raise ValueError("--data is required: the data root that holds examples/")
+    started = time.time()
+    root, layers = config.data, config.layers
+    preprocess = config.preprocess()
+    runtime_env = _worker_runtime_env()
+    info = _load_weights(config)
+    files = example_files(root)
+    if not files:
+        raise ValueError(f"no examples under {layout.examples_root(root)}/<task>/<split>/")
+    rejected_before = _prepare_outputs(config, info, preprocess)
+
+    init_ray()
+    plan = _plan_images(root, layers, files, runtime_env, rejected_before)
+    use_gpu, actors, threads, cpus = _cluster_plan(config)
+    resources = Resources(use_gpu, actors, threads, cpus,
+                          _precision_name(config.precision, use_gpu, runtime_env))
     for layer in layers:
-        _write_meta(root, layer, config, info, preprocess, precision, "complete", summary)
-    if not balanced:
+        _write_meta(root, layer, config, info, preprocess, resources.precision, "running")
+    log.info(
+        "%d example rows, %d unique images: %d already have features, %d rejected before, "
+        "%d to compute on %d %s actor(s), batch %d",
+        len(plan.references), len(plan.unique), len(plan.already_done),
+        len(plan.previously_rejected), len(plan.todo), actors,
+        "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size,
+    )
+    outcomes: Counter[str] = Counter()
+    seen: set[str] = set()
+    if plan.todo:
+        dataset = _feature_dataset(config, plan, info, preprocess, resources, runtime_env)
+        outcomes, seen = _run_dataset(dataset, stats)
+    summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started)
+    for layer in layers:
+        _write_meta(root, layer, config, info, preprocess, resources.precision, "complete",
+                    summary)
+    if not summary["balanced"]:
         raise RuntimeError(f"images lost: records in != out + rejected: {summary}")
     return summary
 

@@ -736,6 +736,62 @@ def written_rejects(root: str) -> dict[str, dict[str, int]]:
             for stage in (READ_STAGE, PREPROCESS_STAGE)}
 
 
+def _task_accounting(task: str, totals: dict[str, int], rejected: dict[str, int],
+                     records_in: int) -> tuple[dict[str, int], list[dict[str, Any]], dict]:
+    """(posts filtered by rule, posts left after each step, the balance) of one task."""
+    filtered = {rule: totals[rule] for rule in COMMON_RULES}
+    filtered.update({rule: totals[f"{task}_{rule}"] for rule in TASK_RULES})
+    remaining = records_in
+    steps = [{"step": "records in", "posts": remaining}]
+    for label, dropped in (
+        ("after read rejects", rejected[READ_STAGE]),
+        ("after preprocess rejects", rejected[PREPROCESS_STAGE] - totals["duplicates"]),
+        ("after duplicates", totals["duplicates"]),
+        *((f"after {rule}", filtered[rule]) for rule in COMMON_RULES),
+        *((f"after {rule}", filtered[rule]) for rule in TASK_RULES),
+    ):
+        remaining -= dropped
+        steps.append({"step": label, "posts": remaining})
+    kept = totals[f"{task}_kept"]
+    n_filtered, n_rejected = sum(filtered.values()), sum(rejected.values())
+    balance = {"records_in": records_in, "kept": kept, "filtered": n_filtered,
+               "rejected": n_rejected,
+               "balanced": records_in == kept + n_filtered + n_rejected}
+    return filtered, steps, balance
+
+
+def _task_stats(task: str, users: list[dict]) -> dict[str, Any]:
+    per_user = [u[f"{task}_kept"] for u in users if u[f"{task}_kept"]]
+    histogram = [sum(h) for h in zip(*(u[f"{task}_lengths"] for u in users), strict=True)
+                 ] if users else []
+    return {"posts": sum(per_user), "users": len(per_user),
+            "posts_per_user": _mean_median(per_user),
+            "words_per_post": _histogram_mean_median(histogram)}
+
+
+def _split_counts(summary: list[dict], config: PreprocessConfig) -> dict[str, dict]:
+    splits: dict[str, dict[str, dict[str, int]]] = {}
+    for task in TASKS:
+        splits[task] = {}
+        for split in task_splits(task, config):
+            rows = [r for r in summary if r["task"] == task and r["split"] == split]
+            splits[task][split] = {"posts": sum(r["posts"] for r in rows), "users": len(rows)}
+    return splits
+
+
+def _vocab_entries(plan: Plan, config: PreprocessConfig) -> dict[str, dict[str, Any]]:
+    vocabularies = {}
+    for name, vocab in plan.vocabs.items():
+        task = name.split("_", 1)[0]
+        vocabularies[name] = {
+            "size": len(vocab), "max_size": config.vocab_size(task),
+            "path": f"vocab/{name}.json",
+            "fit_on": f"{task}/{TRAIN_BY_POSTS if name != task else TRAIN}",
+            "idf_documents": plan.idf_docs[name],
+        }
+    return vocabularies
+
+
 def build_manifest(
     *,
     archive: str,
@@ -752,57 +808,9 @@ def build_manifest(
 ) -> dict[str, Any]:
     totals = {name: sum(u[name] for u in users) for name in COUNT_COLUMNS}
     rejected = {stage: sum(codes.values()) for stage, codes in rejects.items()}
-    n_rejected = sum(rejected.values())
     # Every record the readers saw is a reject, or a post of one user (duplicates included).
-    records_in = n_rejected + totals["posts"]
-
-    filtered: dict[str, dict[str, int]] = {}
-    steps: dict[str, list[dict[str, Any]]] = {}
-    balance: dict[str, dict[str, Any]] = {}
-    stats: dict[str, dict[str, Any]] = {}
-    for task in TASKS:
-        filtered[task] = {rule: totals[rule] for rule in COMMON_RULES}
-        filtered[task].update({rule: totals[f"{task}_{rule}"] for rule in TASK_RULES})
-        remaining = records_in
-        task_steps = [{"step": "records in", "posts": remaining}]
-        for label, dropped in (
-            ("after read rejects", rejected[READ_STAGE]),
-            ("after preprocess rejects", rejected[PREPROCESS_STAGE] - totals["duplicates"]),
-            ("after duplicates", totals["duplicates"]),
-            *((f"after {rule}", filtered[task][rule]) for rule in COMMON_RULES),
-            *((f"after {rule}", filtered[task][rule]) for rule in TASK_RULES),
-        ):
-            remaining -= dropped
-            task_steps.append({"step": label, "posts": remaining})
-        steps[task] = task_steps
-        kept = totals[f"{task}_kept"]
-        n_filtered = sum(filtered[task].values())
-        balance[task] = {"records_in": records_in, "kept": kept, "filtered": n_filtered,
-                         "rejected": n_rejected,
-                         "balanced": records_in == kept + n_filtered + n_rejected}
-        per_user = [u[f"{task}_kept"] for u in users if u[f"{task}_kept"]]
-        histogram = [sum(h) for h in zip(*(u[f"{task}_lengths"] for u in users), strict=True)
-                     ] if users else []
-        stats[task] = {"posts": kept, "users": len(per_user),
-                       "posts_per_user": _mean_median(per_user),
-                       "words_per_post": _histogram_mean_median(histogram)}
-
-    splits: dict[str, dict[str, dict[str, int]]] = {}
-    for task in TASKS:
-        splits[task] = {}
-        for split in task_splits(task, config):
-            rows = [r for r in summary if r["task"] == task and r["split"] == split]
-            splits[task][split] = {"posts": sum(r["posts"] for r in rows), "users": len(rows)}
-
-    vocabularies = {}
-    for name, vocab in plan.vocabs.items():
-        task = name.split("_", 1)[0]
-        vocabularies[name] = {
-            "size": len(vocab), "max_size": config.vocab_size(task),
-            "path": f"vocab/{name}.json",
-            "fit_on": f"{task}/{TRAIN_BY_POSTS if name != task else TRAIN}",
-            "idf_documents": plan.idf_docs[name],
-        }
+    records_in = sum(rejected.values()) + totals["posts"]
+    accounting = {task: _task_accounting(task, totals, rejected, records_in) for task in TASKS}
     vocab_by_split = {task: {split: f"vocab/{vocab_name(task, split)}.json"
                              for split in task_splits(task, config)} for task in TASKS}
     return {
@@ -816,15 +824,16 @@ def build_manifest(
         "records": {"in": records_in, "rejected": rejected, "posts": totals["posts"],
                     "duplicates": totals["duplicates"], "users": len(users)},
         "rejects": rejects,
-        "filtered": filtered,
-        "steps": steps,
-        "balance": balance,
-        "stats": {**stats, "unique": {"posts": totals["either_kept"],
-                                      "users": sum(1 for u in users if u["either_kept"])}},
-        "splits": splits,
+        "filtered": {task: a[0] for task, a in accounting.items()},
+        "steps": {task: a[1] for task, a in accounting.items()},
+        "balance": {task: a[2] for task, a in accounting.items()},
+        "stats": {**{task: _task_stats(task, users) for task in TASKS},
+                  "unique": {"posts": totals["either_kept"],
+                             "users": sum(1 for u in users if u["either_kept"])}},
+        "splits": _split_counts(summary, config),
         "by_posts_fractions": {"test": plan.by_posts_test_fraction,
                                "val": plan.by_posts_val_fraction} if plan.by_posts else None,
-        "vocab": vocabularies,
+        "vocab": _vocab_entries(plan, config),
         "vocab_sizes": {name: len(v) for name, v in plan.vocabs.items()},
         "vocab_by_split": vocab_by_split,
         "context_size": config.context_size,

@@ -43,6 +43,17 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def quiet_train_reports() -> None:
+    """Ray Train's workers log every ``ray.train.report`` as a raw ``_TrainingReport`` repr
+    (metrics dict, checkpoint object) at INFO; the training loop prints its own line per
+    epoch instead. Called in the worker process, where that logger lives."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its logs stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),

@@ -5,9 +5,14 @@ Paper 4.3: softmax cross-entropy averaged over the real target tokens, Adam (0.9
 and step, data parallel. The authors' code also clipped gradients at norm 100 (here too;
 ``grad_clip_norm 0`` turns it off).
 
-Each epoch every worker trains on its shard of the joined train split, then the workers
-share the validation sample: loss, and greedy decoding scored by hashtag-set F1 (hashtags)
-or corpus BLEU-1 (posts). Rank 0 writes a checkpoint (csmn/checkpoint.py) that Ray Train
+Each epoch every worker trains on its shard of the joined train split, in a new order: the
+split is cut into small blocks whose order is shuffled every epoch, and each worker's local
+shuffle buffer mixes the blocks it holds (files are grouped by user, and a batch of one
+user's posts would be a poor estimate of the gradient). Then the workers share the validation
+sample (a seeded sample of posts, spread over the users): loss, and greedy decoding scored on
+words against each post's text exactly as the evaluation scores it, by hashtag-set F1
+(hashtags) or corpus BLEU-1 (posts; without the evaluation's PTB tokenizer). Rank 0 prints
+one line per epoch. Rank 0 writes a checkpoint (csmn.core.checkpoint) that Ray Train
 stores under ``<storage>/<run name>/``, keeping the best few by the validation metric plus
 the latest. The metric, not the loss, picks the model: with users split apart, validation
 users' own hashtags and words are out of the vocabulary, and their loss rises while the model
@@ -33,20 +38,29 @@ import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig, sequence_loss
-from csmn.core.tokens import SPECIAL_TOKENS
+from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, MARKERS, PAD_ID
 from csmn.data import storage
 from csmn.data.layout import HASHTAG, POST, canonical_task
 from csmn.eval.metrics import hashtag_prf
-from csmn.pipeline.train_data import Collate, JoinStats, joined_dataset
+from csmn.pipeline.train_data import (
+    VALIDATION_COLUMNS,
+    Collate,
+    JoinStats,
+    batch_options,
+    collate_batch,
+    joined_dataset,
+    shuffled_each_epoch,
+)
 from csmn.text.vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -84,9 +98,12 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_sample_size: int = field(default=1000, metadata={
-        "help": "validation examples scored each epoch (the first ones of the split)"})
+        "help": "validation examples scored each epoch (a seeded sample over all users)"})
     shuffle_buffer: int = field(default=2000, metadata={
         "help": "examples in each worker's local shuffle buffer"})
+    block_rows: int = field(default=64, metadata={
+        "help": "rows per block of the joined train split, whose order is shuffled each "
+                "epoch: a buffer then holds shuffle_buffer / block_rows places of the archive"})
     seed: int = 0
     checkpoints_to_keep: int = field(default=3, metadata={
         "help": "best checkpoints kept by the validation metric (the latest is kept too)"})
@@ -114,7 +131,7 @@ class TrainConfig:
             raise ValueError(f"model overrides must be a mapping, got {self.model!r}")
         self.task = canonical_task(self.task)
         for name in ("workers", "epochs", "batch_size", "lr_decay_every", "max_length",
-                     "val_sample_size", "checkpoints_to_keep"):
+                     "val_sample_size", "checkpoints_to_keep", "block_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -151,31 +168,37 @@ class TrainSummary:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation metrics: sums that add up across workers
+# Validation metrics: the evaluation's, from sums that add up across workers
 # --------------------------------------------------------------------------------------------
 
-
-def _words(ids: list[int]) -> list[int]:
-    return [i for i in ids if i >= len(SPECIAL_TOKENS)]
+_MARKER_IDS = frozenset({PAD_ID, GO_ID, EOS_ID})
 
 
-def hashtag_f1(predicted: list[int], truth: list[int]) -> float:
-    """2PR/(P+R) between the predicted and true hashtag sets of one post (paper 5.1), on ids:
-    the evaluation's own F1 (csmn.eval.metrics), so validation and evaluation agree."""
-    return hashtag_prf([str(i) for i in _words(truth)], [str(i) for i in _words(predicted)])[2]
+def _tokens(sequence: Sequence[int | str]) -> list[int | str]:
+    """The tokens of a sequence (ids or words) without the markers _PAD, _GO, _EOS; ``_UNK``
+    stays, as in the evaluation (csmn.eval.metrics), where an unknown word is a real word of
+    the truth that no prediction can match."""
+    return [t for t in sequence if t not in _MARKER_IDS and t not in MARKERS]
 
 
-def bleu1_counts(predicted: list[int], truth: list[int]) -> tuple[int, int, int]:
+def hashtag_f1(predicted: Sequence[int | str], truth: Sequence[int | str]) -> float:
+    """2PR/(P+R) between the predicted and true hashtag sets of one post (paper 5.1): the
+    evaluation's own F1 (``csmn.eval.metrics.hashtag_prf``)."""
+    return hashtag_prf([str(t) for t in _tokens(truth)], [str(t) for t in _tokens(predicted)])[2]
+
+
+def bleu1_counts(predicted: Sequence[int | str],
+                 truth: Sequence[int | str]) -> tuple[int, int, int]:
     """(clipped unigram matches, predicted length, reference length) of one post."""
-    predicted_words, true_words = _words(predicted), _words(truth)
+    predicted_words, true_words = _tokens(predicted), _tokens(truth)
     true_counts = Counter(true_words)
     matches = sum(min(n, true_counts[w]) for w, n in Counter(predicted_words).items())
     return matches, len(predicted_words), len(true_words)
 
 
 def corpus_bleu1(matches: float, predicted_length: float, reference_length: float) -> float:
-    """BLEU-1 over a corpus with one reference per post: brevity penalty x unigram precision
-    (what pycocoevalcap's Bleu(1) computes from the same counts)."""
+    """BLEU-1 over a corpus with one reference per post (paper 5.1): brevity penalty x unigram
+    precision (what pycocoevalcap's Bleu(1) computes from the same counts)."""
     if predicted_length <= 0:
         return 0.0
     precision = matches / predicted_length
@@ -184,16 +207,101 @@ def corpus_bleu1(matches: float, predicted_length: float, reference_length: floa
     return brevity * precision
 
 
+def prediction_words(token_ids: Sequence[int], vocab: Sequence[str]) -> list[str]:
+    """Decoded ids as the evaluation writes them: real words only (ids past the specials)."""
+    return [vocab[i] for i in token_ids if i >= FIRST_WORD_ID]
+
+
+@dataclass
+class Sums:
+    """Per-worker sums whose totals over the workers are the epoch's numbers."""
+
+    def reduced(self, device: torch.device, world_size: int) -> Self:
+        """The sums over all workers: one all-reduce of a tensor of the fields, read back by
+        field name."""
+        names = [f.name for f in dataclasses.fields(self)]
+        tensor = torch.tensor([float(getattr(self, n)) for n in names], dtype=torch.float64,
+                              device=device)
+        if world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return type(self)(**dict(zip(names, tensor.tolist(), strict=True)))
+
+
+@dataclass
+class TrainSums(Sums):
+    loss_sum: float = 0.0  # token-weighted: sum over batches of mean loss x real tokens
+    tokens: float = 0.0
+    examples: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class ValidationSums(Sums):
+    """Validation loss, and the counts behind hashtag F1 (its per-post sum) and corpus
+    BLEU-1 (matches and lengths), scored on words against each post's text as
+    ``csmn.pipeline.evaluate`` scores them."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    posts: float = 0.0
+    f1_sum: float = 0.0
+    matches: float = 0.0
+    predicted_length: float = 0.0
+    reference_length: float = 0.0
+
+    def add_post(self, task: str, predicted: list[str], text: str) -> None:
+        self.posts += 1
+        if task == HASHTAG:
+            self.f1_sum += hashtag_f1(predicted, text.split())
+            return
+        matches, predicted_length, reference_length = bleu1_counts(predicted, text.split())
+        self.matches += matches
+        self.predicted_length += predicted_length
+        self.reference_length += reference_length
+
+    def metric(self, task: str) -> float:
+        if task == HASHTAG:
+            return self.f1_sum / self.posts if self.posts else float("nan")
+        return corpus_bleu1(self.matches, self.predicted_length, self.reference_length)
+
+
+def epoch_metrics(config: TrainConfig, epoch: int, train_sums: TrainSums,
+                  val_sums: ValidationSums, world_size: int) -> dict[str, float]:
+    """The epoch's numbers from the totals over the workers."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_sums.loss_sum / max(train_sums.tokens, 1),
+        "val_loss": val_sums.loss_sum / val_sums.tokens if val_sums.tokens else float("inf"),
+        config.metric_name: val_sums.metric(config.task),
+        # Workers train at the same time: global examples over the mean worker time.
+        "examples_per_s": train_sums.examples / max(train_sums.seconds / world_size, 1e-9),
+        "learning_rate": config.learning_rate_at(epoch),
+        "train_examples": train_sums.examples,
+        "val_examples": val_sums.posts,
+    }
+
+
+def epoch_line(metrics: dict[str, float], epochs: int, metric_name: str,
+               seconds_left: float | None) -> str:
+    """``epoch 3/20  loss 4.123  val_loss 4.500  val_f1 0.231  1,234 ex/s  12s left``"""
+    left = "" if seconds_left is None else f"  {_duration(seconds_left)} left"
+    return (f"epoch {int(metrics['epoch'])}/{epochs}  loss {metrics['train_loss']:.3f}  "
+            f"val_loss {metrics['val_loss']:.3f}  {metric_name} {metrics[metric_name]:.3f}  "
+            f"{metrics['examples_per_s']:,.0f} ex/s{left}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 # --------------------------------------------------------------------------------------------
 # The loop every worker runs
 # --------------------------------------------------------------------------------------------
-
-
-def _all_reduce(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def _maybe_inject_failure(loop_config: dict[str, Any], epoch: int, rank: int) -> None:
@@ -208,26 +316,45 @@ def _maybe_inject_failure(loop_config: dict[str, Any], epoch: int, rank: int) ->
     raise RuntimeError(f"injected failure at the start of epoch {epoch} (fail_once_at_epoch)")
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+@dataclass
+class Worker:
+    """What one training worker holds across epochs."""
+
+    config: TrainConfig
+    model_config: ModelConfig
+    vocab: list[str]
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    optimizer: torch.optim.Optimizer
+    start_epoch: int
+
+    @property
+    def network(self) -> CSMN:
+        return unwrap(self.model)
+
+    def collate(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tensors = collate_batch(batch, self.model_config.context_size,
+                                self.model_config.max_length, self.model_config.image_layer)
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
+
+def setup_worker(loop_config: dict[str, Any]) -> Worker:
+    """Model and optimizer of this worker, restored from the latest checkpoint if any."""
     import ray.train
     import ray.train.torch
 
     from csmn import tracking
-    from csmn.core.decoding import greedy_decode
 
     config = TrainConfig(**loop_config["train"])
-    model_config = ModelConfig(**loop_config["model"])
-    vocab: list[str] = loop_config["vocab"]
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
+    rank = context.get_world_rank()
     # The same seed everywhere: DDP broadcasts rank 0's weights anyway, and a resumed run
     # replaces them from the checkpoint.
     torch.manual_seed(config.seed)
-    model = CSMN(model_config)
-    start_epoch = 1
-    optimizer_state = None
+    model = CSMN(ModelConfig(**loop_config["model"]))
+    start_epoch, optimizer_state = 1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -241,7 +368,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # shows every resume.
             tracking.log_metrics(loop_config["tracking_uri"], loop_config["run_id"],
                                  {"resumed_at_epoch": start_epoch}, step=start_epoch)
-
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                  betas=(config.adam_beta1, config.adam_beta2),
@@ -251,105 +377,117 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                  fused=True)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    network = unwrap(model)
-    collate = Collate(model_config.context_size, model_config.max_length,
-                      model_config.image_layer)
+    return Worker(config, ModelConfig(**loop_config["model"]), loop_config["vocab"], rank,
+                  context.get_world_size(), ray.train.torch.get_device(), model, optimizer,
+                  start_epoch)
+
+
+def train_epoch(worker: Worker, shard: Any, epoch: int) -> TrainSums:
+    """One pass over this worker's shard (paper 4.3: token-averaged cross-entropy, Adam)."""
+    config, model = worker.config, worker.model
+    for group in worker.optimizer.param_groups:
+        group["lr"] = config.learning_rate_at(epoch)
+    model.train()
+    sums = TrainSums()
+    started = time.perf_counter()
+    # Ray's iterator collates in its own threads, ahead of the step.
+    batches = shard.iter_torch_batches(
+        batch_size=config.batch_size, device="cpu",
+        collate_fn=Collate(worker.model_config.context_size, worker.model_config.max_length,
+                           worker.model_config.image_layer),
+        **batch_options(config.shuffle_buffer, config.seed, epoch, worker.rank))
+    for batch in batches:
+        batch = {k: v.to(worker.device) for k, v in batch.items()}
+        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
+        mean_loss = sequence_loss(logits, batch["targets"])
+        local_tokens = (batch["targets"] != PAD_ID).sum()
+        global_tokens = local_tokens.detach().clone()
+        if worker.world_size > 1:
+            torch.distributed.all_reduce(global_tokens)
+        # DDP averages gradients over workers; weighting each worker's token mean by its
+        # share of the step's tokens makes the result the mean over all real tokens of the
+        # global batch, exactly as one worker with the whole batch would compute.
+        loss = mean_loss * local_tokens * worker.world_size / global_tokens.clamp(min=1)
+        worker.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        worker.optimizer.step()
+        sums.loss_sum += float(mean_loss.detach()) * float(local_tokens)
+        sums.tokens += float(local_tokens)
+        sums.examples += batch["targets"].shape[0]
+    sums.seconds = time.perf_counter() - started
+    return sums
+
+
+def validate(worker: Worker, shard: Any) -> ValidationSums:
+    """Loss and greedy decoding of this worker's share of the validation sample, scored on
+    words as the evaluation scores them (paper 5.1)."""
+    from csmn.core.decoding import greedy_decode
+
+    network, task = worker.network, worker.config.task
+    network.eval()
+    sums = ValidationSums()
+    with torch.no_grad():
+        for numpy_batch in shard.iter_batches(batch_size=worker.config.batch_size,
+                                              batch_format="numpy"):
+            batch = worker.collate(numpy_batch)
+            logits = network(batch["image_features"], batch["context_ids"], batch["input_ids"])
+            tokens = float((batch["targets"] != PAD_ID).sum())
+            sums.loss_sum += float(sequence_loss(logits, batch["targets"])) * tokens
+            sums.tokens += tokens
+            decoded = greedy_decode(network, batch["image_features"], batch["context_ids"],
+                                    dedupe_tokens=task == HASHTAG)
+            for ids, text in zip(decoded.token_ids, numpy_batch["text"], strict=True):
+                sums.add_post(task, prediction_words(ids, worker.vocab), str(text))
+    return sums
+
+
+def checkpoint_and_report(worker: Worker, loop_config: dict[str, Any],
+                          metrics: dict[str, float]) -> None:
+    """Rank 0 saves the checkpoint and reports it with the metrics; the others report the
+    metrics only (Ray Train wants a report from every worker)."""
+    import ray.train
+
+    from csmn import tracking
+
+    if worker.rank != 0:
+        ray.train.report(metrics)
+        return
+    epoch = int(metrics["epoch"])
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, worker.model, worker.model_config, worker.vocab,
+                        worker.config.task, epoch=epoch, metrics=metrics,
+                        train_config=loop_config["train"], optimizer=worker.optimizer)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    # After the report: a crash before it repeats the epoch, so no step is logged twice.
+    tracking.log_metrics(loop_config["tracking_uri"], loop_config["run_id"],
+                         {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from csmn.pipeline.runtime import quiet_train_reports
+
+    quiet_train_reports()
+    worker = setup_worker(loop_config)
+    config = worker.config
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        _maybe_inject_failure(loop_config, epoch, rank)
-        learning_rate = config.learning_rate_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-
-        model.train()
-        started = time.perf_counter()
-        loss_sum = tokens = examples = 0.0
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.batch_size, collate_fn=collate, device="cpu",
-            local_shuffle_buffer_size=config.shuffle_buffer or None,
-            local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank)
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
-            mean_loss = sequence_loss(logits, batch["targets"])
-            local_tokens = (batch["targets"] != 0).sum()
-            global_tokens = local_tokens.detach().clone()
-            if world_size > 1:
-                torch.distributed.all_reduce(global_tokens)
-            # DDP averages gradients over workers; weighting each worker's token mean by its
-            # share of the step's tokens makes the result the mean over all real tokens of
-            # the global batch, exactly as one worker with the whole batch would compute.
-            loss = mean_loss * local_tokens * world_size / global_tokens.clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-            optimizer.step()
-            loss_sum += float(mean_loss.detach()) * float(local_tokens)
-            tokens += float(local_tokens)
-            examples += batch["targets"].shape[0]
-        train_seconds = time.perf_counter() - started
-
-        model.eval()
-        val_loss_sum = val_tokens = metric_sum = posts = 0.0
-        matches = predicted_length = reference_length = 0.0
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=config.batch_size,
-                                                      collate_fn=collate, device="cpu"):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = network(batch["image_features"], batch["context_ids"],
-                                 batch["input_ids"])
-                batch_tokens = float((batch["targets"] != 0).sum())
-                val_loss_sum += float(sequence_loss(logits, batch["targets"])) * batch_tokens
-                val_tokens += batch_tokens
-                decoded = greedy_decode(network, batch["image_features"], batch["context_ids"],
-                                        dedupe_tokens=config.task == "hashtag")
-                for predicted, truth in zip(decoded.token_ids, batch["targets"].tolist(),
-                                            strict=True):
-                    if config.task == "hashtag":
-                        metric_sum += hashtag_f1(predicted, truth)
-                    else:
-                        m, p, r = bleu1_counts(predicted, truth)
-                        matches, predicted_length, reference_length = (
-                            matches + m, predicted_length + p, reference_length + r)
-                    posts += 1
-
-        totals = _all_reduce([loss_sum, tokens, examples, train_seconds, val_loss_sum,
-                              val_tokens, metric_sum, posts, matches, predicted_length,
-                              reference_length], device, world_size)
-        (loss_sum, tokens, examples, summed_seconds, val_loss_sum, val_tokens, metric_sum,
-         posts, matches, predicted_length, reference_length) = totals
-        if config.task == "hashtag":
-            metric = metric_sum / posts if posts else float("nan")
-        else:
-            metric = corpus_bleu1(matches, predicted_length, reference_length)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(tokens, 1),
-            "val_loss": val_loss_sum / val_tokens if val_tokens else float("inf"),
-            config.metric_name: metric,
-            # Workers train at the same time: global examples over the mean worker time.
-            "examples_per_s": examples / max(summed_seconds / world_size, 1e-9),
-            "learning_rate": learning_rate,
-            "train_examples": examples,
-            "val_examples": posts,
-        }
-
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, model, model_config, vocab, config.task,
-                                epoch=epoch, metrics=metrics,
-                                train_config=loop_config["train"], optimizer=optimizer)
-                ray.train.report(metrics,
-                                 checkpoint=ray.train.Checkpoint.from_directory(directory))
-            # After the report: a crash before it repeats the epoch, so no step is logged
-            # twice.
-            tracking.log_metrics(loop_config["tracking_uri"], loop_config["run_id"],
-                                 {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        else:
-            ray.train.report(metrics)
+    started, epochs_run = time.perf_counter(), 0
+    for epoch in range(worker.start_epoch, config.epochs + 1):
+        _maybe_inject_failure(loop_config, epoch, worker.rank)
+        train_sums = train_epoch(worker, train_shard, epoch).reduced(worker.device,
+                                                                     worker.world_size)
+        val_sums = validate(worker, val_shard).reduced(worker.device, worker.world_size)
+        metrics = epoch_metrics(config, epoch, train_sums, val_sums, worker.world_size)
+        checkpoint_and_report(worker, loop_config, metrics)
+        epochs_run += 1
+        if worker.rank == 0:
+            per_epoch = (time.perf_counter() - started) / epochs_run
+            print(epoch_line(metrics, config.epochs, config.metric_name,
+                             per_epoch * (config.epochs - epoch)), flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,37 +531,39 @@ def _check_cluster_fits(config: TrainConfig) -> None:
                     {k: have for k, (_, have) in short.items()})
 
 
-def train(config: TrainConfig) -> TrainSummary:
-    """Run (or resume) a training run; returns where everything went."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from csmn import tracking
-    from csmn.pipeline.runtime import init_ray
-
+def resolve_defaults(config: TrainConfig) -> TrainConfig:
+    """The run name, experiment and storage that the user left empty."""
     if not config.data:
         raise ValueError("--data is required: the data root written by preprocessing")
-    init_ray()
-    config = dataclasses.replace(
+    return dataclasses.replace(
         config,
         run_name=config.run_name or _default_run_name(config),
         experiment=config.experiment or f"csmn-{config.task}",
         storage=config.storage or storage.join(config.data, "runs"),
     )
-    # The by-posts hashtag split has its own vocabulary, fit on train_by_posts.
-    vocab = load_vocab(config.data, config.task, config.train_split).tokens
-    model_config = build_model_config(config, len(vocab))
-    layer = model_config.image_layer
 
-    train_ds, train_stats = joined_dataset(config.data, config.task, config.train_split, layer)
+
+def training_datasets(config: TrainConfig, layer: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, validation sample, join counts): the train split in small blocks whose order
+    changes every epoch, the validation sample spread over users with its texts."""
+    train_ds, train_stats = joined_dataset(config.data, config.task, config.train_split,
+                                           layer, block_rows=config.block_rows)
     val_ds, val_stats = joined_dataset(config.data, config.task, config.val_split, layer,
-                                       limit=config.val_sample_size)
+                                       limit=config.val_sample_size,
+                                       columns=VALIDATION_COLUMNS, seed=config.seed)
     for stats in (train_stats, val_stats):
         if stats.joined == 0:
             raise ValueError(f"{config.task}/{stats.split}: none of {stats.examples} examples "
                              f"has {layer} features: run extract-features first")
     data = _data_params([train_stats, val_stats])
     log.info("data: %s", data)
+    return shuffled_each_epoch(train_ds, config.seed), val_ds, data
+
+
+def _start_run(config: TrainConfig, model_config: ModelConfig,
+               data: dict[str, Any]) -> tuple[str, str]:
+    """(tracking URI, run id) of the run created (or resumed, by name), its params logged."""
+    from csmn import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(config.data)
     run_id = tracking.start_or_resume_run(
@@ -437,21 +577,19 @@ def train(config: TrainConfig) -> TrainSummary:
         "data": data,
     })
     tracking.log_params(tracking_uri, run_id, params)
+    return tracking_uri, run_id
 
-    _check_cluster_fits(config)
+
+def build_trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, Any]):
+    """The TorchTrainer: DDP workers, checkpoints kept by the validation metric, restarts."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     fs, storage_path = storage.resolve(config.storage)
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
-    loop_config = {
-        "train": dataclasses.asdict(config),
-        "model": dataclasses.asdict(model_config),
-        "vocab": vocab,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "run_storage": storage.join(config.storage, config.run_name),
-    }
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -467,50 +605,82 @@ def train(config: TrainConfig) -> TrainSummary:
                 checkpoint_score_attribute=config.metric_name,
                 checkpoint_score_order="max"),
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
     )
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
 
-    final_metrics = {k: float(v) for k, v in (result.metrics or {}).items()
-                     if isinstance(v, (int, float))}
+@dataclass
+class LoggedModel:
+    checkpoint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    registered_version: str | None = None
+
+
+def log_best_model(config: TrainConfig, result: Any, tracking_uri: str, run_id: str,
+                   input_example: Any, final_metrics: dict[str, float]) -> LoggedModel:
+    """The best checkpoint by the validation metric, logged as the run's pyfunc model (and
+    registered with ``--register``)."""
+    from csmn import tracking
+
     best = (result.get_best_checkpoint(metric=config.metric_name, mode="max")
             or result.checkpoint)
-    best_metrics: dict[str, float] = {}
-    model_uri = registered_version = None
-    best_path = None
-    if best is not None:
-        best_path = best.path
-        with tempfile.TemporaryDirectory() as directory:
-            best.to_directory(directory)
-            restored = load_checkpoint(directory)
-            best_metrics = restored.metrics
-            tracking.log_metrics(tracking_uri, run_id,
-                                 {f"best_{k}": v for k, v in best_metrics.items()},
-                                 step=int(best_metrics.get("epoch", 0)))
-            info = tracking.log_pyfunc_model(
-                tracking_uri, run_id, directory, config.task, register=config.register,
-                input_example=_input_example(val_ds, vocab))
-        model_uri = info.model_uri
-        if config.register:
-            registered_version = str(info.registered_model_version)
-            tracking.tag_model_version(
-                tracking_uri, tracking.registered_model_name(config.task), registered_version,
-                {**{f"best_{k}": v for k, v in best_metrics.items()},
-                 **{f"final_{k}": v for k, v in final_metrics.items()},
-                 "run_id": run_id, "variant": config.variant})
-    client.set_terminated(run_id, status="FINISHED")
+    if best is None:
+        return LoggedModel()
+    with tempfile.TemporaryDirectory() as directory:
+        best.to_directory(directory)
+        best_metrics = load_checkpoint(directory).metrics
+        tracking.log_metrics(tracking_uri, run_id,
+                             {f"best_{k}": v for k, v in best_metrics.items()},
+                             step=int(best_metrics.get("epoch", 0)))
+        info = tracking.log_pyfunc_model(tracking_uri, run_id, directory, config.task,
+                                         register=config.register, input_example=input_example)
+    logged = LoggedModel(best.path, best_metrics, info.model_uri)
+    if config.register:
+        logged.registered_version = str(info.registered_model_version)
+        tracking.tag_model_version(
+            tracking_uri, tracking.registered_model_name(config.task), logged.registered_version,
+            {**{f"best_{k}": v for k, v in best_metrics.items()},
+             **{f"final_{k}": v for k, v in final_metrics.items()},
+             "run_id": run_id, "variant": config.variant})
+    return logged
+
+
+def train(config: TrainConfig) -> TrainSummary:
+    """Run (or resume) a training run; returns where everything went. The MLflow run ends
+    FINISHED, or FAILED on any error after it started."""
+    from csmn import tracking
+    from csmn.pipeline.runtime import init_ray
+
+    config = resolve_defaults(config)
+    init_ray()
+    # The by-posts hashtag split has its own vocabulary, fit on train_by_posts.
+    vocab = load_vocab(config.data, config.task, config.train_split).tokens
+    model_config = build_model_config(config, len(vocab))
+    train_ds, val_ds, data = training_datasets(config, model_config.image_layer)
+    tracking_uri, run_id = _start_run(config, model_config, data)
+    with tracking.finished_or_failed(tracking_uri, run_id):
+        _check_cluster_fits(config)
+        loop_config = {
+            "train": dataclasses.asdict(config),
+            "model": dataclasses.asdict(model_config),
+            "vocab": vocab,
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "run_storage": storage.join(config.storage, config.run_name),
+        }
+        trainer = build_trainer(config, loop_config, {"train": train_ds, "val": val_ds})
+        result = trainer.fit()
+        final_metrics = {k: float(v) for k, v in (result.metrics or {}).items()
+                         if isinstance(v, (int, float))}
+        logged = log_best_model(config, result, tracking_uri, run_id,
+                                _input_example(val_ds, vocab), final_metrics)
     return TrainSummary(
         run_name=config.run_name, mlflow_run_id=run_id, tracking_uri=tracking_uri,
         storage=config.storage, epochs_completed=int(final_metrics.get("epoch", 0)),
-        best_checkpoint=best_path, best_metrics=best_metrics, final_metrics=final_metrics,
-        model_uri=model_uri, registered_version=registered_version, data=data)
+        best_checkpoint=logged.checkpoint, best_metrics=logged.metrics,
+        final_metrics=final_metrics, model_uri=logged.model_uri,
+        registered_version=logged.registered_version, data=data)
 
 
 # --------------------------------------------------------------------------------------------

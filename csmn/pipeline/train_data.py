@@ -16,6 +16,7 @@ feature extractor wrote the failed image to its own rejects), never silently los
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The columns training needs; user ids, dates and texts stay behind in the examples table.
 TRAINING_COLUMNS = ("image", "context_ids", "token_ids")
+# Validation scores against the text, as the evaluation does (out-of-vocabulary words too).
+VALIDATION_COLUMNS = (*TRAINING_COLUMNS, "text")
 
 
 @dataclass
@@ -52,15 +55,35 @@ class JoinStats:
                 "skipped_no_features": self.skipped_no_features}
 
 
-def read_examples(root: str, task: str, split: str, limit: int | None = None) -> pa.Table:
-    """The training columns of one split (first ``limit`` rows, for a validation sample)."""
+def sample_rows(post_ids: list[str], size: int, seed: int = 0) -> np.ndarray:
+    """Row numbers of a seeded sample of ``size`` posts: those whose hash of (seed, post id)
+    is smallest, in file order.
+
+    Files are grouped by user, so the first rows would be a handful of users; a hash sample
+    is uniform over posts, hence spread over users in proportion to their posts, as the
+    evaluation's per-post average (paper 5.1) weighs them. It is stable: the same posts for
+    the same seed, whatever the file layout.
+    """
+    if len(post_ids) <= size:
+        return np.arange(len(post_ids))
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest(), "big")
+         for p in post_ids), dtype=np.uint64, count=len(post_ids))
+    return np.sort(np.argsort(keys, kind="stable")[:size])
+
+
+def read_examples(root: str, task: str, split: str, limit: int | None = None,
+                  columns: tuple[str, ...] = TRAINING_COLUMNS, seed: int = 0) -> pa.Table:
+    """``columns`` of one split; with ``limit``, a seeded sample of that many posts
+    (:func:`sample_rows`), for validation."""
     uri = layout.examples_dir(root, task, split)
     if not storage.list_files(uri, suffix=".parquet"):
         raise FileNotFoundError(f"no examples at {uri}: run preprocessing first")
-    table = storage.read_parquet(uri, columns=list(TRAINING_COLUMNS))
-    if limit is not None and table.num_rows > limit:
-        table = table.slice(0, limit)
-    return table.combine_chunks()
+    read = list(columns) if limit is None else list(dict.fromkeys([*columns, "post_id"]))
+    table = storage.read_parquet(uri, columns=read)
+    if limit is not None:
+        table = table.take(sample_rows(table.column("post_id").to_pylist(), limit, seed))
+    return table.select(list(columns)).combine_chunks()
 
 
 def _lookup_examples(features: pa.Table, examples: pa.Table) -> pa.Table:
@@ -75,8 +98,27 @@ def _lookup_examples(features: pa.Table, examples: pa.Table) -> pa.Table:
     return matched.append_column("feature", feature)
 
 
+@dataclass(frozen=True)
+class JoinSpec:
+    """Which examples to join, and how the joined rows are cut into blocks.
+
+    ``block_rows`` small blocks are what a block-order shuffle moves around: rows of one
+    block stay together (they are one user's posts, as the files are written), so the smaller
+    the blocks, the more users a shuffle buffer of a given size holds.
+    """
+
+    task: str
+    split: str
+    layer: str
+    limit: int | None = None
+    columns: tuple[str, ...] = TRAINING_COLUMNS
+    block_rows: int | None = None
+    seed: int = 0
+
+
 def joined_dataset(
     root: str, task: str, split: str, layer: str, limit: int | None = None,
+    columns: tuple[str, ...] = TRAINING_COLUMNS, block_rows: int | None = None, seed: int = 0,
 ) -> tuple[ray.data.Dataset, JoinStats]:
     """Examples of ``task``/``split`` joined with ``layer`` features, materialized.
 
@@ -87,37 +129,74 @@ def joined_dataset(
     """
     import ray
 
+    spec = JoinSpec(task, split, layer, limit, tuple(columns), block_rows, seed)
     example_files = storage.list_files(layout.examples_dir(root, task, split), suffix=".parquet")
-    feature_dir = layout.features_dir(root, layer)
-    feature_files = storage.list_files(feature_dir, suffix=".parquet")
-    key = (ray.get_runtime_context().get_job_id(), task, split, layer, limit,
+    feature_files = storage.list_files(layout.features_dir(root, layer), suffix=".parquet")
+    key = (ray.get_runtime_context().get_job_id(), spec,
            _fingerprint(example_files), _fingerprint(feature_files))
-    if key in _JOIN_CACHE:
-        return _JOIN_CACHE[key]
-    examples = read_examples(root, task, split, limit)
+    if key not in _JOIN_CACHE:
+        while len(_JOIN_CACHE) >= _JOIN_CACHE_SIZE:  # oldest out: a few joins, not every one
+            _JOIN_CACHE.pop(next(iter(_JOIN_CACHE)))
+        _JOIN_CACHE[key] = _join(root, spec, feature_files)
+    return _JOIN_CACHE[key]
+
+
+def _join(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, JoinStats]:
+    import ray
+
+    examples = read_examples(root, spec.task, spec.split, spec.limit, spec.columns, spec.seed)
+    feature_dir = layout.features_dir(root, spec.layer)
     if not feature_files:
-        raise FileNotFoundError(f"no {layer} features at {feature_dir}: run extract-features")
+        raise FileNotFoundError(f"no {spec.layer} features at {feature_dir}: "
+                                "run extract-features")
     fs, paths = _paths(feature_files)
     features = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "feature"])
     # Ray Data stores the examples table in the object store once for all the tasks.
     joined = features.map_batches(
         _lookup_examples, fn_kwargs={"examples": examples}, batch_format="pyarrow",
         batch_size=1024,
-    ).materialize()
+    )
+    if spec.block_rows:
+        # Streaming: splits and merges neighbouring blocks, moves no row across the cluster.
+        joined = joined.repartition(target_num_rows_per_block=spec.block_rows)
+    joined = joined.materialize()
     joined_count = joined.count()
     # Unique keys on the examples side would be wrong (two posts may share an image); unique
     # keys on the feature side are the extractor's contract, and this checks it.
     if joined_count > examples.num_rows:
         raise ValueError(f"{feature_dir}: {joined_count} joined rows for {examples.num_rows} "
                          "examples: the feature table has duplicate images")
-    stats = JoinStats(split, examples.num_rows, joined_count, examples.num_rows - joined_count)
+    stats = JoinStats(spec.split, examples.num_rows, joined_count,
+                      examples.num_rows - joined_count)
     if stats.skipped_no_features:
         log.warning("%s/%s: %d of %d examples skipped: no %s features for their image",
-                    task, split, stats.skipped_no_features, stats.examples, layer)
-    while len(_JOIN_CACHE) >= _JOIN_CACHE_SIZE:  # oldest out: a few joins, not every one
-        _JOIN_CACHE.pop(next(iter(_JOIN_CACHE)))
-    _JOIN_CACHE[key] = (joined, stats)
+                    spec.task, spec.split, stats.skipped_no_features, stats.examples,
+                    spec.layer)
     return joined, stats
+
+
+def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """The blocks in a new order at every pass (epoch), reproducible from ``seed``.
+
+    A block-order shuffle moves references, not rows: its cost stays flat however big the
+    archive, where a full ``random_shuffle`` would send every feature across the object store
+    each epoch. With small blocks (:class:`JoinSpec`) and each worker's local shuffle buffer
+    (:func:`batch_options`) a batch draws from many blocks, hence many users.
+    """
+    from ray.data import RandomSeedConfig
+
+    return dataset.randomize_block_order(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def batch_options(shuffle_buffer: int, seed: int, epoch: int, rank: int) -> dict[str, Any]:
+    """The local-shuffle arguments of a worker's ``iter_*batches`` for one epoch: a different
+    seed for every (epoch, rank), so two epochs (and two workers) never mix alike."""
+    if not shuffle_buffer:
+        return {}
+    return {"local_shuffle_buffer_size": shuffle_buffer,
+            # hash() of a tuple of ints is the same in every process (no hash salt).
+            "local_shuffle_seed": hash((seed, epoch, rank)) % 2**32}
 
 
 _JOIN_CACHE: dict[tuple, tuple[Any, JoinStats]] = {}

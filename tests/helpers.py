@@ -1,0 +1,150 @@
+"""Builders of tiny data roots in the contract format, shared by the tests.
+
+A plain module (pytest puts ``tests/`` on ``sys.path`` for the test modules and conftest),
+imported as ``import helpers``. Everything is written through ``csmn.data.layout`` and
+``csmn.data.schemas.conform``, so a builder breaks when the contract changes, as the jobs do.
+
+Two levels:
+
+* pieces: :func:`example_row`, :func:`write_vocab`, :func:`write_examples`,
+  :func:`write_features`, :func:`write_contexts`, :func:`category_feature`, for a test that
+  lays out its own users and posts (local paths or ``s3://`` roots alike);
+* :func:`write_tagged_root`: a learnable hashtag archive (an image's feature says its
+  category, the category picks most hashtags, the user adds a signature tag that is in the
+  user's context), written grouped by user, in user order, as preprocessing writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from csmn.core.tokens import EOS_ID, SPECIAL_TOKENS, UNK_ID
+from csmn.data import layout, schemas, storage
+
+FEATURE_DIM = layout.FEATURE_DIM
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+
+
+def category_feature(category: int, rng: np.random.Generator, noise: float = 0.1,
+                     width: int = 16) -> np.ndarray:
+    """A pool5-sized vector whose ``width`` dimensions at ``category * width`` stand out."""
+    vector = rng.normal(0, noise, FEATURE_DIM).astype(np.float32)
+    vector[category * width:(category + 1) * width] += 1.0
+    return vector
+
+
+def example_row(user_id: str, post_id: str, image: str, tokens: Sequence[str],
+                context: Sequence[str], ids: Mapping[str, int],
+                context_size: int | None = None) -> dict[str, Any]:
+    """One ``example`` row: tokens out of the vocabulary become ``_UNK``, ``_EOS`` ends them."""
+    context = list(context)[:context_size]
+    return {
+        "user_id": user_id, "post_id": post_id, "created_at": None, "image": image,
+        "text": " ".join(tokens),
+        "token_ids": [ids.get(t, UNK_ID) for t in tokens] + [EOS_ID],
+        "context_ids": [ids.get(w, UNK_ID) for w in context],
+        "context_words": context,
+    }
+
+
+def write_vocab(root: str, task: str, words: Iterable[str], split: str | None = None) -> list[str]:
+    """The special tokens, then ``words``; returns the token list (index = id)."""
+    tokens = [*SPECIAL_TOKENS, *words]
+    storage.write_json(layout.vocab_uri(root, task, split), {"tokens": tokens})
+    return tokens
+
+
+def _parts(rows: Sequence[Any], parts: int) -> list[Sequence[Any]]:
+    size = -(-len(rows) // parts) if rows else 0
+    return [rows[i * size:(i + 1) * size] for i in range(parts) if rows[i * size:(i + 1) * size]]
+
+
+def write_examples(root: str, task: str, split: str, rows: Sequence[dict[str, Any]],
+                   parts: int = 1) -> None:
+    """The rows, in their order, as ``parts`` parquet files of the split."""
+    folder = layout.examples_dir(root, task, split)
+    for part, chunk in enumerate(_parts(rows, parts)):
+        storage.write_parquet(storage.join(folder, f"part-{part:05d}.parquet"),
+                              schemas.conform(list(chunk), "example"))
+
+
+def write_features(root: str, features: Sequence[tuple[str, np.ndarray]], parts: int = 1,
+                   layer: str = "pool5") -> None:
+    """(image, feature) pairs, in their order, as ``parts`` parquet files of ``layer``."""
+    folder = layout.features_dir(root, layer)
+    for part, chunk in enumerate(_parts(features, parts)):
+        table = schemas.conform({"image": [image for image, _ in chunk],
+                                 "feature": [np.ravel(f).tolist() for _, f in chunk]},
+                                f"features_{layer}")
+        storage.write_parquet(storage.join(folder, f"part-{part:05d}.parquet"), table)
+
+
+def write_contexts(root: str, task: str, contexts: Mapping[str, Sequence[str]]) -> None:
+    """The per-user context table of ``task`` (user -> context words)."""
+    storage.write_parquet(layout.contexts_uri(root, task), schemas.conform(
+        {"user_id": list(contexts), "context_words": [list(c) for c in contexts.values()]},
+        "user_context"))
+
+
+# ---- a learnable hashtag archive -------------------------------------------------------------
+
+
+@dataclass
+class TaggedArchive:
+    """What :func:`write_tagged_root` wrote, for assertions."""
+
+    root: str
+    vocab: list[str]
+    rows: dict[str, list[dict[str, Any]]] = field(repr=False)
+    features_missing: list[str] = field(default_factory=list)
+
+    def users_by_image(self) -> dict[str, str]:
+        return {r["image"]: r["user_id"] for rows in self.rows.values() for r in rows}
+
+
+def write_tagged_root(root: str, train_posts: int = 320, val_posts: int = 64,
+                      missing_features: int = 2, users: int = 8, categories: int = 4,
+                      tags_per_category: int = 5, context_size: int = 8, seed: int = 0,
+                      example_parts: int = 2, feature_parts: int = 3) -> TaggedArchive:
+    """A hashtag data root (task ``hashtag``, splits ``train`` and ``val``, pool5 features).
+
+    Posts go to users at random, then are written grouped by user in user order (and the
+    features in the same order), as preprocessing and extraction write a real archive: a
+    reader that does not mix sees one user at a time. The first ``missing_features`` train
+    images get no feature row (their examples must be skipped and counted).
+    """
+    rng = np.random.default_rng(seed)
+    category_tags = [[f"#c{c}t{k}" for k in range(tags_per_category)]
+                     for c in range(categories)]
+    user_tags = [f"#u{u}" for u in range(users)]
+    filler = ["#photo", "#nice"]
+    vocab = write_vocab(root, layout.HASHTAG,
+                        [t for ts in category_tags for t in ts] + user_tags + filler)
+    ids = {t: i for i, t in enumerate(vocab)}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    features: list[tuple[str, np.ndarray]] = []
+    for split, count in ((layout.TRAIN, train_posts), (layout.VAL, val_posts)):
+        drawn = []
+        for n in range(count):
+            user, category = int(rng.integers(users)), int(rng.integers(categories))
+            words = list(rng.choice(category_tags[category], size=int(rng.integers(3, 6)),
+                                    replace=False))
+            words.insert(int(rng.integers(len(words) + 1)), user_tags[user])
+            context = [user_tags[user], *filler, *category_tags[(user + 1) % categories]]
+            image = f"file:///archive/images/u{user}/{split}-{n}.jpg"
+            drawn.append((user, example_row(f"u{user}", f"{split}-{n}", image, words, context,
+                                            ids, context_size),
+                          category_feature(category, rng)))
+        drawn.sort(key=lambda d: d[0])  # stable: grouped by user, posts in drawn order
+        rows[split] = [row for _, row, _ in drawn]
+        features += [(row["image"], feature) for _, row, feature in drawn]
+        write_examples(root, layout.HASHTAG, split, rows[split], parts=example_parts)
+    missing = [image for image, _ in features[:missing_features]]
+    write_features(root, features[missing_features:], parts=feature_parts)
+    return TaggedArchive(root=root, vocab=vocab, rows=rows, features_missing=missing)
