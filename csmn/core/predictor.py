@@ -53,10 +53,7 @@ class Predictor:
 
     def __init__(self, loaded: LoadedCheckpoint, *, device: str = "cpu", batch_size: int = 256,
                  beam_width: int = 1):
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda asked, but torch sees no GPU")
+        _check_device(device)
         if batch_size < 1 or beam_width < 1:
             raise ValueError(f"batch_size and beam_width must be >= 1, got {batch_size}, "
                              f"{beam_width}")
@@ -70,7 +67,9 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, directory: str, **options: Any) -> Predictor:
         """Load the checkpoint folder (local or ``s3://``) straight onto ``options['device']``."""
-        return cls(load_checkpoint(directory, options.get("device", "cpu")), **options)
+        device = options.get("device", "cpu")
+        _check_device(device)
+        return cls(load_checkpoint(directory, device), **options)
 
     @property
     def feature_size(self) -> int:
@@ -138,6 +137,13 @@ class Predictor:
             weights = {name: a.cpu().numpy() for name, a in decoded.attention.items()}
             result.attention.extend({name: w[row, :length] for name, w in weights.items()}
                                     for row, length in enumerate(lengths))
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked, but torch sees no GPU")
 
 
 __all__ = ["Prediction", "Predictor"]
