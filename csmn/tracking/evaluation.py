@@ -88,9 +88,20 @@ def model_source(model_uri: str, tracking_uri: str) -> ModelSource:
         else:
             name, number = path.split("/", 1)
             version = client.get_model_version(name, number)
-        return ModelSource(version.run_id, name, str(version.version), version.model_id)
+        return ModelSource(version.run_id, name, str(version.version), _version_model_id(version))
     logged = client.get_logged_model(path)
     return ModelSource(logged.source_run_id, model_id=logged.model_id)
+
+
+def _version_model_id(version: Any) -> str | None:
+    """The LoggedModel behind a registered version. The SQL registry leaves
+    ``ModelVersion.model_id`` empty and keeps the LoggedModel's URI as the source."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    if source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/", 1)[0]
+    return None
 
 
 def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str | None:
