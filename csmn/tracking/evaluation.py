@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -179,8 +180,11 @@ def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
 def _dataset(data_root: str, digest: str) -> MetaDataset:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-    return MetaDataset(resolve_dataset_source(data_root), name=_dataset_name(data_root),
-                       digest=digest)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that a path matches both.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data_root)
+    return MetaDataset(source, name=_dataset_name(data_root), digest=digest)
 
 
 def _dataset_name(data_root: str) -> str:
