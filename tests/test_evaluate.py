@@ -19,7 +19,8 @@ from csmn.core.model import CSMN, ModelConfig
 from csmn.data import schemas, storage
 from csmn.eval import metrics
 from csmn.eval.baselines import Queries, load_training_set, run_baselines
-from csmn.pipeline.evaluate import EvaluateConfig, evaluate, main, resolve_checkpoint
+from csmn.pipeline.evaluate import EvaluateConfig, evaluate, main
+from csmn.tracking import data_digest, find_evaluation, resolve_checkpoint
 
 DIM = 2048
 SPECIALS = ["_PAD", "_GO", "_EOS", "_UNK"]
@@ -122,6 +123,8 @@ def write_data_root(root: str) -> None:
         storage.join(root, "features", "pool5", "part-00000.parquet"),
         schemas.conform(features, "features_pool5"),
     )
+    # written last, as preprocessing does: the evaluation's dataset digest comes from it
+    storage.write_json(storage.join(root, "manifest.json"), {"version": 1, "root": root})
 
 
 def tiny_model_config(vocab_size: int) -> ModelConfig:
@@ -314,11 +317,23 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
     assert evaluation.data.metrics["count/scored"] == 5
     logged = {a.path for a in client.list_artifacts(evaluation.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/report.json"} <= logged
+    # linked to the LoggedModel and the data root (MLflow 3), and found again by the gate's
+    # keys: registered name and version, split, data digest
+    digest = data_digest(data_root)
+    assert evaluation.data.tags["csmn.data_digest"] == digest
+    assert [d.dataset.digest for d in evaluation.inputs.dataset_inputs] == [digest]
+    model_metrics = {m.key: m.value for m in mlflow.get_logged_model(info.model_id).metrics
+                     if m.run_id == evaluation.info.run_id}
+    assert model_metrics["csmn/f1"] == pytest.approx(by_alias["results"]["csmn"]["f1"])
+    found = find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
+                            "test", digest)
+    assert found.run_id == evaluation.info.run_id
+    assert found.metrics["csmn/f1"] == evaluation.data.metrics["csmn/f1"]
     # every MLflow URI form reaches the same checkpoint
     for uri in (f"runs:/{run_id}/model", "models:/csmn-hashtag/1", info.model_uri):
         found = resolve_checkpoint(uri, tracking_uri, str(tmp_path / "dl" / uri.replace("/", "_")))
         assert storage.read_json(storage.join(found, "csmn.json"))["task"] == "hashtag"
-    with pytest.raises(ValueError, match="hashtag model, not caption"):
+    with pytest.raises(ValueError, match="hashtag model, not post"):
         evaluate(
             EvaluateConfig(
                 data=data_root,

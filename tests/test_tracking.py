@@ -47,3 +47,91 @@ def test_registered_model_names():
     assert tracking.registered_model_name("caption") == "csmn-post"
     with pytest.raises(ValueError):
         tracking.registered_model_name("poem")
+
+
+# ------------------------------------------------------------------ evaluation runs
+
+
+def _registered_version(tmp_path, uri: str) -> tuple[str, object]:
+    """A tiny checkpoint logged and registered as csmn-hashtag (a real LoggedModel)."""
+    import mlflow
+    import torch
+
+    from csmn.core.checkpoint import save_checkpoint
+    from csmn.core.model import CSMN, ModelConfig
+
+    config = ModelConfig(vocab_size=6, embed_dim=4, memory_dim=8, context_size=5,
+                         max_length=6, cnn_depth=2)
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "ckpt")
+    save_checkpoint(checkpoint, CSMN(config), config,
+                    ["_PAD", "_GO", "_EOS", "_UNK", "#a", "#b"], "hashtag")
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.set_experiment("csmn-hashtag").experiment_id
+    run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
+    return run_id, tracking.log_pyfunc_model(uri, run_id, checkpoint, "hashtag", register=True)
+
+
+def _report(directory, f1: float) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.md").write_text(f"# f1 {f1}\n")
+    return {"out": str(directory), "counts": {"examples": 3, "scored": 2},
+            "results": {"csmn": {"f1": f1, "n": 2, "flag": True}}}
+
+
+def test_evaluation_runs_are_linked_to_the_model_and_the_data_and_found_again(
+        tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "manifest.json").write_text('{"version": 1, "records": {"in": 7}}\n')
+    uri = tracking.resolve_tracking_uri(str(root))
+    train_run, info = _registered_version(tmp_path, uri)
+    version = str(info.registered_model_version)
+    digest = tracking.data_digest(str(root))
+    assert digest and len(digest) == 16 and tracking.data_digest(str(tmp_path)) is None
+    assert tracking.model_source(f"runs:/{train_run}/model", uri).model_id == info.model_id
+    source = tracking.model_source("models:/csmn-hashtag/1", uri)
+    assert (source.run_id, source.name, source.version, source.model_id) == (
+        train_run, "csmn-hashtag", version, info.model_id)
+
+    found = {}
+    for split, f1 in (("test", 0.25), ("test", 0.5), ("val", 0.75)):
+        with tracking.evaluation_run(uri, model_uri="models:/csmn-hashtag/1", task="hashtag",
+                                     split=split, data_root=str(root),
+                                     out=str(tmp_path / split)) as run:
+            tracking.log_evaluation(run, _report(tmp_path / f"r{f1}", f1))
+        found[f1] = run.run_id
+    with pytest.raises(RuntimeError, match="report failed"):
+        with tracking.evaluation_run(uri, model_uri="models:/csmn-hashtag/1", task="hashtag",
+                                     split="test", data_root=str(root), out="x") as failed:
+            raise RuntimeError("report failed")
+    client = MlflowClient(uri)
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+
+    # the latest FINISHED evaluation of (name, version, split, data digest)
+    record = tracking.find_evaluation(uri, "csmn-hashtag", version, "test", digest)
+    assert record.run_id == found[0.5]
+    assert record.metrics == {"csmn/f1": 0.5, "csmn/n": 2.0, "count/examples": 3.0,
+                              "count/scored": 2.0}
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "val", digest).run_id == (
+        found[0.75])
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "test", "0" * 16) is None
+
+    run = client.get_run(found[0.5])
+    assert run.info.experiment_id == client.get_run(train_run).info.experiment_id
+    assert run.data.tags["csmn.data_digest"] == digest
+    assert run.data.tags["csmn.model_version"] == version
+    assert run.data.tags["csmn.model_run_id"] == train_run
+    # MLflow 3: the data root is a dataset input with the manifest's digest, the model an
+    # input too, and the metrics are the LoggedModel's, measured on that dataset
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == digest and dataset_input.dataset.name == "data"
+    assert [m.model_id for m in run.inputs.model_inputs] == [info.model_id]
+    model_metrics = [m for m in mlflow.get_logged_model(info.model_id).metrics
+                     if m.run_id == found[0.5]]
+    assert {m.key: m.value for m in model_metrics}["csmn/f1"] == 0.5
+    assert {m.dataset_digest for m in model_metrics} == {digest}
+    assert [a.path for a in client.list_artifacts(found[0.5], "report")] == ["report/report.md"]

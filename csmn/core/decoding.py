@@ -7,6 +7,10 @@ prefix. Decoding stops at ``_EOS`` or after ``max_length`` tokens (16 in the pap
 
 For hashtags the paper removes duplicates after decoding (``dedupe=True``);
 ``block_repeats=True`` instead forbids a post's already emitted words while decoding.
+
+``_PAD``, ``_GO`` and ``_UNK`` are never emitted (``NEVER_EMITTED_IDS``): padding and the start
+symbol are not words, and ``_UNK`` is a guess that is always wrong, so the step takes the most
+probable real word instead. ``banned_ids`` adds to them, it never lifts them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import torch
 from torch import Tensor
 
 from csmn.core.model import CSMN
-from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
+from csmn.core.tokens import EOS_ID, GO_ID, NEVER_EMITTED_IDS, PAD_ID
 
-# Never generated: padding and the start symbol are not words.
-DEFAULT_BANNED_IDS: tuple[int, ...] = (PAD_ID, GO_ID)
+# Always banned, whatever a caller adds.
+DEFAULT_BANNED_IDS: tuple[int, ...] = NEVER_EMITTED_IDS
 
 
 @dataclass
@@ -52,8 +56,7 @@ def dedupe(token_ids: Sequence[int]) -> list[int]:
 def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int],
                block_repeats: bool) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if banned_ids:
-        log_probs[:, list(banned_ids)] = float("-inf")
+    log_probs[:, sorted(set(NEVER_EMITTED_IDS) | set(banned_ids))] = float("-inf")
     if block_repeats and history is not None and history.shape[1] > 0:
         # history holds only real words (finished rows are not decoded further).
         log_probs.scatter_(1, history, float("-inf"))

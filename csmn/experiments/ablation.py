@@ -392,53 +392,30 @@ def table_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def log_to_mlflow(config: AblationConfig, result: dict[str, Any]) -> str:
-    """One run ``ablation-<task>`` in the ablation experiment: the table as metrics, the
-    markdown and JSON as artifacts, the variant runs' ids as tags. Returns its run id."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    """One run ``ablation-<task>`` in the ablation experiment (csmn.tracking.log_ablation):
+    the table as metrics, the markdown and JSON as artifacts, the variant runs' ids as tags.
+    Returns its run id."""
+    from csmn import tracking
 
-    from csmn.tracking import flatten_params, log_metrics, resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(config.data)
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = mlflow.set_experiment(config.experiment).experiment_id
-    client = MlflowClient(tracking_uri)
-    tags = {"csmn.kind": "ablation", "csmn.task": config.task, "csmn.data": config.data}
-    for method, by_family in result["methods"].items():
-        for family, run in by_family.items():
-            if "mlflow_run_id" in run:
-                tags[f"csmn.run.{method}.{family}"] = run["mlflow_run_id"]
-    run_id = client.create_run(experiment_id, run_name=f"ablation-{config.task}",
-                               tags=tags).info.run_id
-    params = flatten_params({k: v for k, v in dataclasses.asdict(config).items()
-                             if k != "model"})
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, v)
-                                     for k, v in list(params.items())[:100]])
-    log_metrics(tracking_uri, run_id, table_metrics(result), step=0)
-    for name in ("ablation.md", "ablation.json"):
-        uri = storage.join(result["out"], name)
-        _log_artifact_text(client, run_id, name, storage.read_text(uri))
-    client.set_terminated(run_id, status="FINISHED")
+    method_runs = {f"{method}.{family}": run["mlflow_run_id"]
+                   for method, by_family in result["methods"].items()
+                   for family, run in by_family.items() if "mlflow_run_id" in run}
+    run_id = tracking.log_ablation(
+        tracking.resolve_tracking_uri(config.data), config.experiment, task=config.task,
+        data_root=config.data,
+        params={k: v for k, v in dataclasses.asdict(config).items() if k != "model"},
+        method_runs=method_runs, metrics=table_metrics(result),
+        files={name: storage.read_text(storage.join(result["out"], name))
+               for name in ("ablation.md", "ablation.json")})
     result["mlflow_run_id"] = run_id
     return run_id
-
-
-def _log_artifact_text(client: Any, run_id: str, name: str, text: str) -> None:
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, name)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        client.log_artifact(run_id, path)
 
 
 # ------------------------------------------------------------------------------ command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(AblationConfig, "csmn evaluate --ablation", __doc__.split("\n")[0])
+    return config_parser(AblationConfig, "csmn ablation", __doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

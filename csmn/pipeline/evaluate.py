@@ -15,22 +15,20 @@ the pyfunc logged by training, which carries the checkpoint) or a checkpoint fol
 ``s3://``). With no ``--model`` only the baselines run.
 
 MLflow: when the model came from MLflow (``runs:/`` or ``models:/``), the evaluation is a new
-run in the experiment of the model's training run, named ``evaluate-<task>-<split>`` and
-tagged with the model URI, its training run, the split and the data root; its metrics are
-``<method>/<metric>`` (``csmn/f1``, ``1nn-usrim/f1``, ``csmn/bleu_4``...) and its artifacts
-the report files under ``report/``. A separate run, not the training run: a model is evaluated
-on several splits and data roots, and each evaluation keeps its own metrics and report (the
-promotion gate finds them by the ``csmn.model_uri`` and ``csmn.split`` tags). A checkpoint
-folder has no MLflow run to attach to: its evaluation is not logged.
+run in the experiment of the model's training run (csmn.tracking.evaluation: its tags, the
+metrics ``<method>/<metric>`` linked to the LoggedModel and the data root's dataset, the
+report files under ``report/``); ``csmn.tracking.find_evaluation`` finds it again for a
+promotion gate. A checkpoint folder has no MLflow run to attach to: its evaluation is not
+logged.
 
-``csmn evaluate --ablation ...`` runs the paper's Tables 2/3 instead (csmn.experiments.ablation).
+Decoding goes through csmn.core.predictor, as the served model does. The paper's Tables 2/3
+are ``csmn ablation`` (csmn.experiments.ablation), which calls this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 EVALUATION_SPLITS = (TEST, VAL, TEST_BY_POSTS, VAL_BY_POSTS)
 EXAMPLE_COLUMNS = ["user_id", "post_id", "image", "text", "context_words"]
 MODEL_METHOD = "csmn"
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 @dataclass
@@ -110,29 +107,12 @@ class EvaluateConfig:
         return names
 
 
-# ------------------------------------------------------------------------ model resolution
-
-
-def resolve_checkpoint(model_uri: str, tracking_uri: str | None, work_dir: str) -> str:
-    """The checkpoint folder behind a model URI (MLflow models are downloaded to work_dir)."""
-    if not model_uri.startswith(MLFLOW_SCHEMES):
-        return model_uri
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=work_dir)
-    from csmn.core.checkpoint import METADATA_FILE
-
-    for directory, _, files in os.walk(local):
-        if METADATA_FILE in files:
-            return directory
-    raise FileNotFoundError(f"{model_uri}: no CSMN checkpoint ({METADATA_FILE}) in the model")
+# ------------------------------------------------------------------------------ decoding
 
 
 class Decoder:
-    """One model per actor: a batch of feature rows in, the predicted words of the split's
-    examples with those images out.
+    """One csmn.core.predictor.Predictor per actor: a batch of feature rows in, the predicted
+    words of the split's examples with those images out.
 
     The join is done here, in the decoding actor (no second actor pool holding CPUs): the
     split's examples table (small: ids and context words) comes through the object store once
@@ -146,19 +126,19 @@ class Decoder:
         tracking_uri: str | None,
         beam_width: int,
         gpu: bool,
+        batch_size: int = 256,
     ):
         import ray
         import torch
 
-        from csmn.core.checkpoint import load_checkpoint
+        from csmn.core.predictor import Predictor
 
         device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         # the downloaded model is only read here: once in memory, its files can go
         with tempfile.TemporaryDirectory(prefix="csmn-eval-model-") as work_dir:
-            loaded = load_checkpoint(resolve_checkpoint(model_uri, tracking_uri, work_dir), device)
-        self.model, self.config, self.vocab = loaded.model, loaded.model_config, loaded.vocab
-        self.task, self.device, self.beam_width = loaded.task, device, beam_width
-        self.word_ids = {word: i for i, word in enumerate(self.vocab)}
+            self.predictor = Predictor.from_checkpoint(
+                _checkpoint_dir(model_uri, tracking_uri, work_dir),
+                device=device, batch_size=batch_size, beam_width=beam_width)
         self.examples: pa.Table = ray.get(examples_ref)
 
     def _join(self, features: pa.Table) -> pa.Table:
@@ -170,46 +150,28 @@ class Decoder:
         )
 
     def __call__(self, features: pa.Table) -> pa.Table:
-        import torch
-
-        from csmn.core.decoding import decode
-        from csmn.core.tokens import SPECIAL_TOKENS
-
         batch = self._join(features)
-        if batch.num_rows == 0:
-            return pa.table(
-                {
-                    "post_id": pa.array([], pa.string()),
-                    "prediction": pa.array([], pa.list_(pa.string())),
-                }
-            )
-        first_word = len(SPECIAL_TOKENS)
-        features = batch.column("feature").combine_chunks()
-        matrix = features.values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
-        # Arrow's buffers are read-only and torch.from_numpy wants a writable array.
-        matrix = np.require(matrix, dtype=np.float32, requirements="W")
-        if self.config.image_slots > 1:
-            matrix = matrix.reshape(len(batch), self.config.image_slots, -1)
-        context = np.zeros((len(batch), self.config.context_size), dtype=np.int64)
-        for row, words in enumerate(batch.column("context_words").to_pylist()):
-            # the checkpoint's vocabulary decides the ids; unknown words carry nothing learned
-            ids = [self.word_ids[w] for w in words or [] if self.word_ids.get(w, 0) >= first_word]
-            ids = ids[: self.config.context_size]
-            context[row, : len(ids)] = ids
-        result = decode(
-            self.model,
-            torch.from_numpy(matrix).to(self.device),
-            torch.from_numpy(context).to(self.device),
-            beam_width=self.beam_width,
-            dedupe_tokens=self.task == "hashtag",
-        )
-        words = [[self.vocab[i] for i in ids if i >= first_word] for ids in result.token_ids]
+        words: list[list[str]] = []
+        if batch.num_rows:
+            flat = pc.list_flatten(batch.column("feature")).to_numpy()
+            matrix = flat.reshape(batch.num_rows, -1)
+            contexts = batch.column("context_words").to_pylist()
+            words = self.predictor.predict(matrix, contexts).words
         return pa.table(
             {
-                "post_id": batch.column("post_id"),
+                "post_id": batch.column("post_id").cast(pa.string()),
                 "prediction": pa.array(words, pa.list_(pa.string())),
             }
         )
+
+
+def _checkpoint_dir(model_uri: str, tracking_uri: str | None, work_dir: str) -> str:
+    """A checkpoint folder as is; an MLflow model downloaded into work_dir."""
+    if tracking_uri is None:
+        return model_uri
+    from csmn import tracking
+
+    return tracking.resolve_checkpoint(model_uri, tracking_uri, work_dir)
 
 
 def decode_split(
@@ -237,6 +199,7 @@ def decode_split(
             tracking_uri,
             config.beam_width,
             config.use_gpu,
+            config.batch_size,
         ),
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -258,6 +221,111 @@ def decode_split(
 # ------------------------------------------------------------------------------ evaluation
 
 
+@dataclass
+class ResolvedModel:
+    """The evaluated model: its URI, the store it lives in (None for a checkpoint folder),
+    its image layer and what the report says about it."""
+
+    uri: str
+    tracking_uri: str | None
+    layer: str
+    info: dict[str, Any]
+
+
+@dataclass
+class Scored:
+    """The posts every method is scored on, with their predictions per method."""
+
+    examples: pa.Table
+    counts: dict[str, int]
+    predictions: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def column(self, name: str) -> list[Any]:
+        return self.examples.column(name).to_pylist()
+
+    @property
+    def contexts(self) -> list[list[str]]:
+        return [c or [] for c in self.column("context_words")]
+
+
+def load_examples(config: EvaluateConfig) -> pa.Table:
+    """The split's examples, with the columns evaluation reads."""
+    examples_dir = layout.examples_dir(config.data, config.task, config.split)
+    if not storage.list_files(examples_dir, ".parquet"):
+        raise FileNotFoundError(f"no examples at {examples_dir}: run preprocessing first")
+    examples = storage.read_parquet(examples_dir, columns=EXAMPLE_COLUMNS).combine_chunks()
+    missing_columns = set(EXAMPLE_COLUMNS) - set(examples.column_names)
+    if missing_columns:
+        raise ValueError(f"{examples_dir}: missing columns {sorted(missing_columns)}")
+    return examples
+
+
+def resolve_model(config: EvaluateConfig) -> ResolvedModel:
+    """The model's checkpoint metadata (downloaded from MLflow when needed), checked
+    against the task."""
+    from csmn import tracking
+    from csmn.core.checkpoint import read_metadata
+
+    tracking_uri = None
+    if tracking.is_mlflow_uri(config.model):
+        tracking_uri = tracking.resolve_tracking_uri(config.data)
+    with tempfile.TemporaryDirectory() as work_dir:
+        metadata = read_metadata(_checkpoint_dir(config.model, tracking_uri, work_dir))
+    if metadata["task"] != config.task:
+        raise ValueError(f"{config.model} is a {metadata['task']} model, not {config.task}")
+    layer = metadata["model_config"]["image_layer"]
+    info = {
+        "uri": config.model,
+        "epoch": metadata.get("epoch"),
+        "image_layer": layer,
+        "checkpoint_metrics": metadata.get("metrics", {}),
+        "variant": (metadata.get("train_config") or {}).get("variant"),
+    }
+    return ResolvedModel(config.model, tracking_uri, layer, info)
+
+
+def scored_examples(config: EvaluateConfig, examples: pa.Table,
+                    decoded: dict[str, list[str]] | None) -> Scored:
+    """The posts with features for every method run (decoded by the model; pool5 for the
+    baselines); the others are counted, never dropped silently."""
+    from csmn.eval.baselines import features_by_image
+
+    usable = np.ones(examples.num_rows, dtype=bool)
+    if decoded is not None:
+        usable &= np.array([p in decoded for p in examples.column("post_id").to_pylist()])
+    if config.baseline_names:
+        known = features_by_image(config.data)
+        usable &= np.array([image in known for image in examples.column("image").to_pylist()])
+    scored = examples.filter(pa.array(usable))
+    if scored.num_rows == 0:
+        raise ValueError(f"none of the {examples.num_rows} examples of {config.split} has features")
+    counts = {
+        "examples": examples.num_rows,
+        "scored": scored.num_rows,
+        "skipped_no_features": int((~usable).sum()),
+    }
+    result = Scored(scored, counts)
+    if decoded is not None:
+        result.predictions[MODEL_METHOD] = [decoded[p] for p in result.column("post_id")]
+    return result
+
+
+def run_baselines(config: EvaluateConfig, scored: Scored) -> None:
+    """The nearest-neighbour baselines' predictions, added to ``scored``."""
+    from csmn.eval.baselines import Queries, load_training_set, read_features
+    from csmn.eval.baselines import run_baselines as run_nn
+
+    training = load_training_set(config.data, config.task, train_split_of(config.split))
+    queries = Queries(
+        post_ids=scored.column("post_id"),
+        features=read_features(config.data, scored.column("image")),
+        context_words=scored.contexts,
+    )
+    for name, result in run_nn(training, queries, config.baseline_names,
+                               seed=config.seed).items():
+        scored.predictions[name] = [text.split() for text in result.texts]
+
+
 def _score(task: str, truths: list[str], predictions: list[list[str]], contexts, scorer):
     from csmn.eval import metrics
 
@@ -269,210 +337,91 @@ def _score(task: str, truths: list[str], predictions: list[list[str]], contexts,
     return {**posts.summary(), "context_share": share}, None, posts
 
 
+def score(task: str, scored: Scored) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:
+    """(metrics per method, per-user metrics per method)."""
+    from csmn.eval import metrics
+
+    truths, contexts, user_ids = scored.column("text"), scored.contexts, scored.column("user_id")
+    results: dict[str, dict[str, Any]] = {}
+    per_user: dict[str, list[dict[str, Any]]] = {}
+    with metrics.CocoScorer() as scorer:
+        for method, predicted in scored.predictions.items():
+            summary, hashtags, posts = _score(task, truths, predicted, contexts, scorer)
+            results[method] = summary
+            users = metrics.per_user_metrics(user_ids, predicted, contexts, hashtags, posts)
+            per_user[method] = [asdict(u) for u in users]
+    return results, per_user
+
+
+def build_report(config: EvaluateConfig, out: str, model: ResolvedModel | None,
+                 scored: Scored) -> dict[str, Any]:
+    from csmn.eval import report
+
+    results, per_user = score(config.task, scored)
+    return report.build_report(
+        config=asdict(config),
+        out=out,
+        model=model.info if model else {},
+        counts=scored.counts,
+        results=results,
+        per_user=per_user,
+        examples=report.example_rows(
+            scored.column("post_id"),
+            scored.column("user_id"),
+            scored.column("text"),
+            scored.contexts,
+            scored.predictions,
+            config.report_examples,
+            config.seed,
+            images=scored.column("image"),
+        ),
+    )
+
+
+def write_and_log(config: EvaluateConfig, built: dict[str, Any], scored: Scored) -> None:
+    """Write the report files; for a model of the tracking store, log them and the metrics
+    to a new evaluation run (csmn.tracking.evaluation), which fails with the writing."""
+    from csmn.eval import report
+
+    def write() -> None:
+        report.write_report(built["out"], built, scored.column("post_id"),
+                            scored.column("user_id"), scored.predictions, config.report_users)
+
+    if not (config.log_to_mlflow and config.model.startswith(("runs:/", "models:/"))):
+        write()
+        return
+    from csmn import tracking
+
+    with tracking.evaluation_run(
+        tracking.resolve_tracking_uri(config.data), model_uri=config.model, task=config.task,
+        split=config.split, data_root=config.data, out=built["out"],
+    ) as run:
+        built["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.tracking_uri}
+        write()
+        tracking.log_evaluation(run, built)
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluation; write ``report.json``, ``report.md`` and ``predictions.parquet``
     under ``config.out`` and return the report."""
-    from csmn.eval import metrics, report
-    from csmn.eval.baselines import Queries, features_by_image, load_training_set, read_features
-    from csmn.eval.baselines import run_baselines as run_nn
-    from csmn.tracking import resolve_tracking_uri
-
     if not config.data:
         raise ValueError("--data is required: the data root written by preprocessing")
-    baseline_names = config.baseline_names
-    if not config.model and not baseline_names:
+    if not config.model and not config.baseline_names:
         raise ValueError("nothing to evaluate: give --model and/or --baselines")
     out = config.out or storage.join(
         layout.evaluations_dir(config.data),
         f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}",
     )
-    examples_dir = layout.examples_dir(config.data, config.task, config.split)
-    if not storage.list_files(examples_dir, ".parquet"):
-        raise FileNotFoundError(f"no examples at {examples_dir}: run preprocessing first")
-    examples = storage.read_parquet(examples_dir, columns=EXAMPLE_COLUMNS).combine_chunks()
-    missing_columns = set(EXAMPLE_COLUMNS) - set(examples.column_names)
-    if missing_columns:
-        raise ValueError(f"{examples_dir}: missing columns {sorted(missing_columns)}")
-
-    model_info: dict[str, Any] = {}
-    decoded: dict[str, list[str]] = {}
-    usable = np.ones(examples.num_rows, dtype=bool)
-    images = examples.column("image").to_pylist()
-    if config.model:
-        from csmn.core.checkpoint import read_metadata
-
-        tracking_uri = None
-        if config.model.startswith(MLFLOW_SCHEMES):
-            tracking_uri = resolve_tracking_uri(config.data)
-        with tempfile.TemporaryDirectory() as work_dir:
-            metadata = read_metadata(resolve_checkpoint(config.model, tracking_uri, work_dir))
-        if metadata["task"] != config.task:
-            raise ValueError(f"{config.model} is a {metadata['task']} model, not {config.task}")
-        layer = metadata["model_config"]["image_layer"]
-        model_info = {
-            "uri": config.model,
-            "epoch": metadata.get("epoch"),
-            "image_layer": layer,
-            "checkpoint_metrics": metadata.get("metrics", {}),
-            "variant": (metadata.get("train_config") or {}).get("variant"),
-        }
-        decoded = decode_split(config, examples, layer, tracking_uri)
-        usable &= np.array([p in decoded for p in examples.column("post_id").to_pylist()])
-    if baseline_names:
-        known = features_by_image(config.data)
-        usable &= np.array([image in known for image in images])
-    scored = examples.filter(pa.array(usable))
-    counts = {
-        "examples": examples.num_rows,
-        "scored": scored.num_rows,
-        "skipped_no_features": int((~usable).sum()),
-    }
-    if scored.num_rows == 0:
-        raise ValueError(f"none of the {examples.num_rows} examples of {config.split} has features")
-
-    post_ids = scored.column("post_id").to_pylist()
-    user_ids = scored.column("user_id").to_pylist()
-    truths = scored.column("text").to_pylist()
-    contexts = [c or [] for c in scored.column("context_words").to_pylist()]
-    predictions: dict[str, list[list[str]]] = {}
-    if config.model:
-        predictions[MODEL_METHOD] = [decoded[p] for p in post_ids]
-    if baseline_names:
-        training = load_training_set(config.data, config.task, train_split_of(config.split))
-        queries = Queries(
-            post_ids=post_ids,
-            features=read_features(config.data, scored.column("image").to_pylist()),
-            context_words=contexts,
-        )
-        for name, result in run_nn(training, queries, baseline_names, seed=config.seed).items():
-            predictions[name] = [text.split() for text in result.texts]
-
-    results: dict[str, dict[str, Any]] = {}
-    per_user: dict[str, list[dict[str, Any]]] = {}
-    with metrics.CocoScorer() as scorer:
-        for method, predicted in predictions.items():
-            summary, hashtags, posts = _score(config.task, truths, predicted, contexts, scorer)
-            results[method] = summary
-            users = metrics.per_user_metrics(user_ids, predicted, contexts, hashtags, posts)
-            per_user[method] = [asdict(u) for u in users]
-    built = report.build_report(
-        config=asdict(config),
-        out=out,
-        model=model_info,
-        counts=counts,
-        results=results,
-        per_user=per_user,
-        examples=report.example_rows(
-            post_ids,
-            user_ids,
-            truths,
-            contexts,
-            predictions,
-            config.report_examples,
-            config.seed,
-            images=scored.column("image").to_pylist(),
-        ),
-    )
-    mlflow_run = None
-    if config.model.startswith(("runs:/", "models:/")) and config.log_to_mlflow:
-        mlflow_run = start_evaluation_run(config, resolve_tracking_uri(config.data), out)
-        built["mlflow"] = {"run_id": mlflow_run[1], "tracking_uri": mlflow_run[0]}
-    try:
-        report.write_report(out, built, post_ids, user_ids, predictions, config.report_users)
-        if mlflow_run is not None:
-            finish_evaluation_run(*mlflow_run, built)
-    except BaseException:
-        if mlflow_run is not None:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(mlflow_run[0]).set_terminated(mlflow_run[1], status="FAILED")
-        raise
+    examples = load_examples(config)
+    model = resolve_model(config) if config.model else None
+    decoded = (decode_split(config, examples, model.layer, model.tracking_uri)
+               if model else None)
+    scored = scored_examples(config, examples, decoded)
+    if config.baseline_names:
+        run_baselines(config, scored)
+    built = build_report(config, out, model, scored)
+    write_and_log(config, built, scored)
     return built
-
-
-# ------------------------------------------------------------------------------ MLflow
-
-REPORT_FILES = ("report.md", "report.html", "report.json", "predictions.parquet")
-
-
-def model_source_run(model_uri: str, tracking_uri: str) -> tuple[str | None, str | None]:
-    """(training run id, registered version or None) behind ``runs:/`` or ``models:/``:
-    ``models:/name@alias``, ``models:/name/version`` or a LoggedModel ``models:/m-<id>``."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    if model_uri.startswith("runs:/"):
-        return model_uri.removeprefix("runs:/").split("/", 1)[0], None
-    path = model_uri.removeprefix("models:/").strip("/")
-    if "@" in path:
-        name, alias = path.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-        return version.run_id, str(version.version)
-    if "/" in path:
-        name, number = path.split("/", 1)
-        version = client.get_model_version(name, number)
-        return version.run_id, str(version.version)
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.get_logged_model(path).source_run_id, None
-
-
-def start_evaluation_run(config: EvaluateConfig, tracking_uri: str, out: str) -> tuple[str, str]:
-    """Create the evaluation run (see the module docstring); returns (tracking URI, run id)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    source_run, version = model_source_run(config.model, tracking_uri)
-    if source_run:
-        experiment_id = client.get_run(source_run).info.experiment_id
-    else:
-        mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = mlflow.set_experiment(f"csmn-{config.task}").experiment_id
-    tags = {
-        "csmn.kind": "evaluation",
-        "csmn.model_uri": config.model,
-        "csmn.task": config.task,
-        "csmn.split": config.split,
-        "csmn.data": config.data,
-        "csmn.report": out,
-    }
-    if source_run:
-        tags["csmn.model_run_id"] = source_run
-    if version:
-        tags["csmn.model_version"] = version
-    run = client.create_run(
-        experiment_id, run_name=f"evaluate-{config.task}-{config.split}", tags=tags
-    )
-    return tracking_uri, run.info.run_id
-
-
-def evaluation_metrics(built: dict[str, Any]) -> dict[str, float]:
-    """``<method>/<metric>`` for every numeric result, and the post counts."""
-    values = {f"count/{k}": float(v) for k, v in built["counts"].items()}
-    for method, results in built["results"].items():
-        for key, value in results.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[f"{method}/{key}"] = float(value)
-    return values
-
-
-def finish_evaluation_run(tracking_uri: str, run_id: str, built: dict[str, Any]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from csmn.tracking import log_metrics
-
-    client = MlflowClient(tracking_uri)
-    log_metrics(tracking_uri, run_id, evaluation_metrics(built), step=0)
-    with tempfile.TemporaryDirectory(prefix="csmn-eval-report-") as directory:
-        for name in REPORT_FILES:
-            uri = storage.join(built["out"], name)
-            if storage.exists(uri):
-                with open(os.path.join(directory, name), "wb") as handle:
-                    handle.write(storage.read_bytes(uri))
-        client.log_artifacts(run_id, directory, artifact_path="report")
-    client.set_terminated(run_id, status="FINISHED")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,16 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import json
-    import sys
 
     from csmn.pipeline.runtime import setup_logging
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--ablation" in argv:
-        from csmn.experiments.ablation import main as ablation_main
-
-        argv.remove("--ablation")
-        return ablation_main(argv)
     setup_logging()
     args = build_parser().parse_args(argv)
     config = config_from_args(EvaluateConfig, args, args.config_file)

@@ -1,6 +1,21 @@
 """Everything MLflow, and the only package that imports it: runs (store, params, metrics,
-runs that end FAILED on errors), the pyfunc model, and the Model Registry."""
+runs that end FAILED on errors), the pyfunc model, the Model Registry, and evaluation and
+ablation runs."""
 
+from csmn.tracking.evaluation import (
+    EvaluationRecord,
+    EvaluationRun,
+    ModelSource,
+    data_digest,
+    evaluation_metrics,
+    evaluation_run,
+    find_evaluation,
+    is_mlflow_uri,
+    log_ablation,
+    log_evaluation,
+    model_source,
+    resolve_checkpoint,
+)
 from csmn.tracking.model import CSMNPyfunc, log_pyfunc_model, model_signature
 from csmn.tracking.registry import registered_model_name, tag_model_version
 from csmn.tracking.runs import (
@@ -13,7 +28,10 @@ from csmn.tracking.runs import (
 )
 
 __all__ = [
-    "CSMNPyfunc", "finished_or_failed", "flatten_params", "log_metrics", "log_params",
-    "log_pyfunc_model", "model_signature", "registered_model_name", "resolve_tracking_uri",
+    "CSMNPyfunc", "EvaluationRecord", "EvaluationRun", "ModelSource", "data_digest",
+    "evaluation_metrics", "evaluation_run", "find_evaluation", "finished_or_failed",
+    "flatten_params", "is_mlflow_uri", "log_ablation", "log_evaluation", "log_metrics",
+    "log_params", "log_pyfunc_model", "model_signature", "model_source",
+    "registered_model_name", "resolve_checkpoint", "resolve_tracking_uri",
     "start_or_resume_run", "tag_model_version",
 ]

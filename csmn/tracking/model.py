@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import DataType
@@ -36,69 +35,35 @@ def model_signature(task: str) -> ModelSignature:
 
 
 class CSMNPyfunc(mlflow.pyfunc.PythonModel):
-    """The network, its vocabulary and config, answering a DataFrame of posts."""
+    """The network, its vocabulary and config, answering a DataFrame of posts through
+    csmn.core.predictor (the same words for the same inputs as the evaluation job)."""
 
     batch_size = 256
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from csmn.core.checkpoint import load_checkpoint
+        from csmn.core.predictor import Predictor
 
-        loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.model = loaded.model
-        self.config = loaded.model_config
-        self.vocab = loaded.vocab
-        self.task = loaded.task
-        self.word_ids = {word: i for i, word in enumerate(self.vocab)}
+        self.predictor = Predictor.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT],
+                                                   batch_size=self.batch_size)
+        self.task = self.predictor.task
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
         missing = {"image_feature", "context_words"} - set(model_input.columns)
         if missing:
             raise ValueError(f"input DataFrame lacks column(s) {sorted(missing)}")
-        predictions: list[Any] = []
-        for start in range(0, len(model_input), self.batch_size):
-            chunk = model_input.iloc[start:start + self.batch_size]
-            predictions.extend(self._predict_chunk(chunk))
+        words = self.predictor.predict(list(model_input["image_feature"]),
+                                       [_as_words(v) for v in model_input["context_words"]]).words
+        predictions = words if self.task == "hashtag" else [" ".join(w) for w in words]
         return pd.DataFrame({"prediction": predictions}, index=model_input.index)
 
-    def _predict_chunk(self, chunk: pd.DataFrame) -> list[Any]:
-        import torch
 
-        from csmn.core.decoding import greedy_decode
-        from csmn.core.tokens import SPECIAL_TOKENS
-
-        features = self._features(chunk["image_feature"])
-        context = np.zeros((len(chunk), self.config.context_size), dtype=np.int64)
-        for row, words in enumerate(chunk["context_words"]):
-            # Out-of-vocabulary context words carry nothing the model learned: left out.
-            ids = [self.word_ids[w] for w in _as_list(words) if w in self.word_ids]
-            ids = [i for i in ids if i >= len(SPECIAL_TOKENS)][: self.config.context_size]
-            context[row, : len(ids)] = ids
-        result = greedy_decode(self.model, torch.from_numpy(features), torch.from_numpy(context),
-                               dedupe_tokens=self.task == "hashtag")
-        out: list[Any] = []
-        for ids in result.token_ids:
-            words = [self.vocab[i] for i in ids if i >= len(SPECIAL_TOKENS)]
-            out.append(words if self.task == "hashtag" else " ".join(words))
-        return out
-
-    def _features(self, column: pd.Series) -> np.ndarray:
-        expected = self.config.image_slots * self.config.image_feature_dim
-        rows = [np.asarray(v, dtype=np.float32).reshape(-1) for v in column]
-        bad = [i for i, r in enumerate(rows) if r.size != expected]
-        if bad:
-            raise ValueError(f"image_feature must hold {expected} floats for "
-                             f"{self.config.image_layer}; rows {bad[:5]} do not")
-        features = np.stack(rows)
-        if self.config.image_slots > 1:
-            features = features.reshape(len(rows), self.config.image_slots, -1)
-        return features
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return value.split()
+def _as_words(value: Any) -> list[str] | str | None:
+    """A DataFrame cell as the predictor takes it: None, a space-joined string, or words
+    (pandas hands arrays of strings, or NaN for a missing cell)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float) and value != value:
+        return None
     return [str(v) for v in value]
 
 

@@ -101,11 +101,16 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> Non
         client.log_batch(run_id, params=batch)
 
 
-def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Finite values only, in batches (one request per 1,000 metrics, MLflow's limit)."""
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int, *,
+                model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
+    """Finite values only, in batches (one request per 1,000 metrics, MLflow's limit).
+    ``model_id``: the metrics are the LoggedModel's too (MLflow 3); ``dataset``: (name,
+    digest) of the data they were measured on."""
     finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     now = int(time.time() * 1000)
-    entries = [mlflow.entities.Metric(k, v, now, step) for k, v in finite.items()]
+    name, digest = dataset or (None, None)
+    entries = [mlflow.entities.Metric(k, v, now, step, model_id=model_id, dataset_name=name,
+                                      dataset_digest=digest) for k, v in finite.items()]
     client = MlflowClient(tracking_uri)
     for start in range(0, len(entries), 1000):
         client.log_batch(run_id, metrics=entries[start:start + 1000])

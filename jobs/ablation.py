@@ -1,0 +1,3 @@
+from csmn.experiments.ablation import main
+
+raise SystemExit(main())
