@@ -1,6 +1,7 @@
 """Timing shared by the benchmarks: the machine's own matmul peak, measured in the same run
 as the figure it scales (docs/method.md, "Where the time goes": about 300 GFLOP/s fp32 at
-n=2048 on these 2-core machines). Only torch: the benchmarks also run on a bare GPU box without Ray."""
+n=2048 on these 2-core machines). Only torch: the benchmarks also run on a bare GPU box
+without Ray."""
 
 from __future__ import annotations
 

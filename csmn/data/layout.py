@@ -142,13 +142,32 @@ def evaluations_dir(root: str) -> str:
     return storage.join(root, "evaluations")
 
 
+# Manifest fields that differ between two runs over the same data: not part of its identity.
+VOLATILE_MANIFEST_FIELDS = ("created_at", "seconds", "digest")
+
+
+def content_digest(manifest: dict) -> str:
+    """A digest of what the manifest says about the data (counts, splits, vocabularies,
+    config), the same for two preprocessing runs of the same archive with the same config."""
+    import hashlib
+    import json
+
+    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS}
+    text = json.dumps(stable, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def data_digest(root: str) -> str:
-    """The data root's identity: a digest of its manifest, which preprocessing writes last.
-    Evaluations and promotions compare models on the same digest only."""
+    """The data root's identity: its manifest's content digest (the whole manifest's, for a
+    manifest written before digests). Evaluations and promotions compare models on the same
+    digest only."""
     import hashlib
 
     uri = manifest_uri(root)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{root} has no {MANIFEST_FILE}: the data root is incomplete; "
                                 "rerun preprocess")
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+    raw = storage.read_bytes(uri)
+    manifest = storage.read_json(uri)
+    digest = manifest.get("digest") if isinstance(manifest, dict) else None
+    return str(digest) if digest else hashlib.sha256(raw).hexdigest()[:16]

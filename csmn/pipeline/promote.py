@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from csmn import tracking
 from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import read_metadata
 from csmn.data import layout, storage
@@ -91,9 +92,7 @@ class PromoteConfig:
 def check_candidate(config: PromoteConfig, client: Any, version: Any, work_dir: str) -> None:
     """Refuse a candidate that does not fit the data root, or that learned from random
     image features without leave."""
-    from csmn.pipeline.evaluate import resolve_checkpoint
-
-    metadata = read_metadata(resolve_checkpoint(
+    metadata = read_metadata(tracking.resolve_checkpoint(
         f"models:/{config.name}/{version.version}", resolve_tracking_uri(config.data), work_dir))
     vocab = storage.read_json(layout.vocab_uri(config.data, config.task, config.split))["tokens"]
     if metadata["vocab"] != vocab:
@@ -118,10 +117,12 @@ def _predictions(config: PromoteConfig, client: Any, version: Any, digest: str,
                  work_dir: str) -> dict[tuple[str, str], str]:
     """(user, post) -> the version's prediction on the split: from its latest evaluation run
     of this split and data digest, else from a new evaluation."""
-    run_id = registry.latest_evaluation(client, version.run_id, config.split, digest)
-    if run_id is not None:
-        log.info("%s v%s: reusing evaluation run %s", config.name, version.version, run_id)
-        table = storage.read_parquet(registry.download_predictions(client, run_id, work_dir))
+    found = tracking.find_evaluation(resolve_tracking_uri(config.data), config.name,
+                                     version.version, config.split, digest)
+    if found is not None:
+        log.info("%s v%s: reusing evaluation run %s", config.name, version.version, found.run_id)
+        table = storage.read_parquet(
+            registry.download_predictions(client, found.run_id, work_dir))
     else:
         from csmn.pipeline.evaluate import EvaluateConfig, evaluate
 

@@ -49,7 +49,7 @@ from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig, sequence_loss
 from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, MARKERS, PAD_ID
-from csmn.data import storage
+from csmn.data import layout, storage
 from csmn.data.layout import HASHTAG, POST, canonical_task
 from csmn.eval.metrics import hashtag_prf
 from csmn.pipeline.train_data import (
@@ -560,8 +560,20 @@ def training_datasets(config: TrainConfig, layer: str) -> tuple[Any, Any, dict[s
     return shuffled_each_epoch(train_ds, config.seed), val_ds, data
 
 
-def _start_run(config: TrainConfig, model_config: ModelConfig,
-               data: dict[str, Any]) -> tuple[str, str]:
+def features_provenance(data: str, layer: str) -> dict[str, str]:
+    """Where the image features came from, as tags that follow the model to its registered
+    versions: the promotion gate refuses a model that learned from random ResNet weights."""
+    from csmn.tracking.promotion import RANDOM_FEATURES_TAG
+
+    uri = layout.features_meta_uri(data, layer)
+    meta = storage.read_json(uri) if storage.exists(uri) else {}
+    weights = meta.get("weights") or {}
+    return {RANDOM_FEATURES_TAG: str(bool(meta.get("random_weights", True))).lower(),
+            "csmn.features_weights": str(weights.get("fingerprint", "unknown"))}
+
+
+def _start_run(config: TrainConfig, model_config: ModelConfig, data: dict[str, Any],
+               provenance: dict[str, str]) -> tuple[str, str]:
     """(tracking URI, run id) of the run created (or resumed, by name), its params logged."""
     from csmn import tracking
 
@@ -569,7 +581,8 @@ def _start_run(config: TrainConfig, model_config: ModelConfig,
     run_id = tracking.start_or_resume_run(
         tracking_uri, config.experiment, config.run_name,
         tags={"csmn.task": config.task, "csmn.variant": config.variant,
-              "csmn.storage": config.storage})
+              "csmn.storage": config.storage,
+              **provenance})
     params = tracking.flatten_params({
         "train": {k: v for k, v in dataclasses.asdict(config).items()
                   if k not in ("model", "fail_once_at_epoch")},
@@ -618,7 +631,8 @@ class LoggedModel:
 
 
 def log_best_model(config: TrainConfig, result: Any, tracking_uri: str, run_id: str,
-                   input_example: Any, final_metrics: dict[str, float]) -> LoggedModel:
+                   input_example: Any, final_metrics: dict[str, float],
+                   provenance: dict[str, str]) -> LoggedModel:
     """The best checkpoint by the validation metric, logged as the run's pyfunc model (and
     registered with ``--register``)."""
     from csmn import tracking
@@ -642,7 +656,7 @@ def log_best_model(config: TrainConfig, result: Any, tracking_uri: str, run_id: 
             tracking_uri, tracking.registered_model_name(config.task), logged.registered_version,
             {**{f"best_{k}": v for k, v in best_metrics.items()},
              **{f"final_{k}": v for k, v in final_metrics.items()},
-             "run_id": run_id, "variant": config.variant})
+             "run_id": run_id, "variant": config.variant, **provenance})
     return logged
 
 
@@ -658,7 +672,8 @@ def train(config: TrainConfig) -> TrainSummary:
     vocab = load_vocab(config.data, config.task, config.train_split).tokens
     model_config = build_model_config(config, len(vocab))
     train_ds, val_ds, data = training_datasets(config, model_config.image_layer)
-    tracking_uri, run_id = _start_run(config, model_config, data)
+    provenance = features_provenance(config.data, model_config.image_layer)
+    tracking_uri, run_id = _start_run(config, model_config, data, provenance)
     with tracking.finished_or_failed(tracking_uri, run_id):
         _check_cluster_fits(config)
         loop_config = {
@@ -674,7 +689,7 @@ def train(config: TrainConfig) -> TrainSummary:
         final_metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                          if isinstance(v, (int, float))}
         logged = log_best_model(config, result, tracking_uri, run_id,
-                                _input_example(val_ds, vocab), final_metrics)
+                                _input_example(val_ds, vocab), final_metrics, provenance)
     return TrainSummary(
         run_name=config.run_name, mlflow_run_id=run_id, tracking_uri=tracking_uri,
         storage=config.storage, epochs_completed=int(final_metrics.get("epoch", 0)),

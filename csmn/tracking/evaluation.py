@@ -18,7 +18,6 @@ splits and data roots), in the experiment of the model's training run, named
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 import warnings
@@ -115,16 +114,11 @@ def _run_model_id(client: MlflowClient, run_id: str, name: str) -> str | None:
 
 
 def data_digest(data_root: str) -> str | None:
-    """The data root's identity: the manifest's ``digest`` when it has one, else the SHA-256
-    (16 hex digits) of ``manifest.json`` itself, which preprocessing writes last and which
-    records every count, split and vocabulary of the root. None without a manifest."""
-    uri = layout.manifest_uri(data_root)
-    if not storage.exists(uri):
+    """The data root's digest (csmn.data.layout), None for a root without a manifest."""
+    try:
+        return layout.data_digest(data_root)
+    except FileNotFoundError:
         return None
-    raw = storage.read_bytes(uri)
-    manifest = storage.read_json(uri)
-    digest = manifest.get("digest") if isinstance(manifest, dict) else None
-    return str(digest) if digest else hashlib.sha256(raw).hexdigest()[:16]
 
 
 def evaluation_metrics(built: Mapping[str, Any]) -> dict[str, float]:

@@ -138,20 +138,6 @@ def tag_decision(client: MlflowClient, name: str, candidate: str, champion: str 
             client.set_model_version_tag(name, champion, f"csmn.challenge.{key}", value)
 
 
-def latest_evaluation(client: MlflowClient, model_run_id: str, split: str,
-                      data_digest: str) -> str | None:
-    """The newest finished evaluation run of the model trained in ``model_run_id`` on this
-    split of this data root, or None."""
-    filter_string = (
-        f"tags.`csmn.kind` = 'evaluation' and tags.`csmn.model_run_id` = '{model_run_id}' "
-        f"and tags.`csmn.split` = '{split}' and tags.`csmn.data_digest` = '{data_digest}' "
-        "and attributes.status = 'FINISHED'")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=filter_string,
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def download_predictions(client: MlflowClient, run_id: str, work_dir: str) -> str:
     """The evaluation run's predictions.parquet, downloaded into ``work_dir``."""
     return client.download_artifacts(run_id, "report/predictions.parquet", work_dir)
