@@ -16,12 +16,14 @@ Two levels:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from csmn.core.model import ModelConfig
 from csmn.core.tokens import EOS_ID, SPECIAL_TOKENS, UNK_ID
 from csmn.data import layout, schemas, storage
 
@@ -148,3 +150,115 @@ def write_tagged_root(root: str, train_posts: int = 320, val_posts: int = 64,
     missing = [image for image, _ in features[:missing_features]]
     write_features(root, features[missing_features:], parts=feature_parts)
     return TaggedArchive(root=root, vocab=vocab, rows=rows, features_missing=missing)
+
+
+# ---- the evaluation tests' root: train users u0..u3, test users t0, t1 (also used by promotion)
+
+DIM = 2048
+CATEGORY_TAGS = {0: ["#beach", "#sun"], 1: ["#food", "#pasta"], 2: ["#city", "#night"]}
+CATEGORY_WORDS = {
+    0: ["sunny", "beach", "day"],
+    1: ["homemade", "pasta", "tonight"],
+    2: ["city", "lights", "tonight"],
+}
+
+
+def _feature(category: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    vector = rng.normal(scale=noise, size=DIM).astype(np.float32)
+    vector[category * 10 : category * 10 + 10] += 1.0
+    return vector
+
+
+def _write_jpeg(uri: str, category: int) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (80 * category, 120, 200 - 60 * category)).save(buffer, "JPEG")
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def write_data_root(root: str) -> None:
+    """Train users u0..u3 and test users t0, t1; each user has a signature tag and favourite
+    category. One test post's image has no feature (it must be counted, not lost); the test
+    images exist as small JPEGs (for the HTML report's thumbnails) except t0's first."""
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "test": []}
+    features = []
+    contexts = {}
+    for split, users, posts in (("train", ["u0", "u1", "u2", "u3"], 5), ("test", ["t0", "t1"], 3)):
+        for u, user in enumerate(users):
+            favourite = u % 3
+            signature = f"#{user}tag"
+            contexts[user] = [signature, *CATEGORY_TAGS[favourite], "emoji😍"]
+            for p in range(posts):
+                category = favourite if p % 2 == 0 else (favourite + 1) % 3
+                image = f"{root}/images/{user}_{p}.jpg"
+                if split == "test" and (user, p) != ("t0", 0):
+                    _write_jpeg(image, category)
+                rows[split].append(
+                    {
+                        "user_id": user,
+                        "post_id": f"{user}-{p}",
+                        "created_at": None,
+                        "image": image,
+                        "category": category,
+                        "signature": signature,
+                    }
+                )
+                if not (split == "test" and user == "t1" and p == 2):
+                    features.append(
+                        {"image": image, "feature": _feature(category, 0.05, rng).tolist()}
+                    )
+    tags = sorted(
+        {t for ts in CATEGORY_TAGS.values() for t in ts} | {c[0] for c in contexts.values()}
+    )
+    words = sorted({w for ws in CATEGORY_WORDS.values() for w in ws} | {"😍"})
+    vocab = {"hashtag": [*SPECIAL_TOKENS, *tags, "emoji😍"], "post": [*SPECIAL_TOKENS, *words]}
+    for task in ("hashtag", "post"):
+        ids = {t: i for i, t in enumerate(vocab[task])}
+        storage.write_json(storage.join(root, "vocab", f"{task}.json"), {"tokens": vocab[task]})
+        for split, split_rows in rows.items():
+            out = []
+            for row in split_rows:
+                if task == "hashtag":
+                    tokens = [*CATEGORY_TAGS[row["category"]], row["signature"]]
+                else:
+                    tokens = [*CATEGORY_WORDS[row["category"]], "😍"]
+                context = contexts[row["user_id"]] if task == "hashtag" else ["tonight", "😍"]
+                out.append(
+                    {
+                        **{k: row[k] for k in ("user_id", "post_id", "created_at", "image")},
+                        "text": " ".join(tokens),
+                        "token_ids": [ids.get(t, 3) for t in tokens] + [2],
+                        "context_ids": [ids.get(w, 3) for w in context],
+                        "context_words": context,
+                    }
+                )
+            storage.write_parquet(
+                storage.join(root, "examples", task, split, "part-00000.parquet"),
+                schemas.conform(out, "example"),
+            )
+        storage.write_parquet(
+            storage.join(root, "contexts", f"{task}.parquet"),
+            schemas.conform(
+                {
+                    "user_id": list(contexts),
+                    "context_words": [
+                        contexts[u] if task == "hashtag" else ["tonight", "😍"] for u in contexts
+                    ],
+                },
+                "user_context",
+            ),
+        )
+    storage.write_parquet(
+        storage.join(root, "features", "pool5", "part-00000.parquet"),
+        schemas.conform(features, "features_pool5"),
+    )
+    # written last, as preprocessing does: the evaluation's dataset digest comes from it
+    storage.write_json(storage.join(root, "manifest.json"), {"version": 1, "root": root})
+
+
+def tiny_model_config(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, embed_dim=8, memory_dim=16, context_size=5, max_length=8, cnn_depth=4
+    )

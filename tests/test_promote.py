@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model_config, write_data_root
 from mlflow.tracking import MlflowClient
-from test_evaluate import tiny_model_config, write_data_root
 
 from csmn.core.checkpoint import save_checkpoint
 from csmn.core.model import CSMN, sequence_loss
