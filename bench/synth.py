@@ -34,14 +34,14 @@ def _rss_mib() -> float:
 
 def users_for(posts: int, config) -> int:
     """Users needed for about ``posts`` posts, from the mean post count of sampled users."""
-    from csmn.synth.archive import make_user
+    from csmn.synth import make_user
 
     sample = [make_user(replace(config, seed=config.seed + 1), i).n_posts for i in range(400)]
     return max(1, math.ceil(posts / (sum(sample) / len(sample))))
 
 
 def child(args: argparse.Namespace) -> None:
-    from csmn.synth.archive import SynthConfig, write_archive
+    from csmn.synth import SynthConfig, write_archive
 
     config = SynthConfig(out=args.out, seed=args.seed, write_images=args.write_images,
                          image_threads=args.image_threads)

@@ -20,7 +20,7 @@ from PIL import Image
 from csmn.data import readers, storage
 from csmn.data.rejects import reason_code
 from csmn.data.schemas import validate
-from csmn.synth.archive import (
+from csmn.synth import (
     CATEGORIES,
     FOREIGN_WORDS,
     SynthConfig,
