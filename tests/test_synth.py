@@ -195,7 +195,10 @@ def test_lengths_and_noise_match_the_knobs_and_the_files(tmp_path):
 
 
 def test_signature_hashtags_are_personal_and_frequent(tmp_path):
-    write_archive(small_config(tmp_path, users=12, write_images=False, **NO_NOISE))
+    # At 0.6 a signature tag is in most posts; the default is lower so that niche tags, which
+    # new users share, weigh more than tags only one user writes.
+    write_archive(small_config(tmp_path, users=12, write_images=False, signature_tag_rate=0.6,
+                               **NO_NOISE))
     users = {row["user_id"]: row for row in truth_users(tmp_path)}
     tags_by_user: dict[str, set[str]] = defaultdict(set)
     posts_with_signature: Counter[str] = Counter()

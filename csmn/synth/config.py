@@ -33,20 +33,20 @@ class SynthConfig:
         default=0.08, metadata={"help": "posts outside the user's favourite categories"}
     )
     signature_tag_rate: float = field(
-        default=0.6, metadata={"help": "mean chance a signature hashtag is in a user's post"}
+        default=0.45, metadata={"help": "mean chance a signature hashtag is in a user's post"}
     )
     # Niches (communities inside a category that share tags and words, see csmn.synth).
     second_niche_rate: float = field(
-        default=0.35, metadata={"help": "users who belong to a second niche"}
+        default=0.6, metadata={"help": "users who belong to a second niche"}
     )
     niche_tag_rate: float = field(
-        default=0.45, metadata={"help": "share of a niche post's non-signature tags from the niche"}
+        default=0.65, metadata={"help": "share of a niche post's non-signature tags from the niche"}
     )
     niche_word_rate: float = field(
         default=0.3, metadata={"help": "share of a niche post's topic nouns from the niche"}
     )
     niche_preference_sigma: float = field(
-        default=0.6, metadata={"help": "spread of a member's preferences over the niche's pool"}
+        default=0.3, metadata={"help": "spread of a member's preferences over the niche's pool"}
     )
     # User-level noise.
     too_few_users_rate: float = field(default=0.05, metadata={"help": "users with 5..45 posts"})

@@ -176,7 +176,7 @@ def _niches(
     weights = []
     for niche in chosen:
         pool = len(NICHES[niche].hashtags)
-        raw = [rng.lognormvariate(0.0, config.niche_preference_sigma) / (rank + 1) ** 0.7
+        raw = [rng.lognormvariate(0.0, config.niche_preference_sigma) / (rank + 1)
                for rank in range(pool)]
         cumulative, total = [], 0.0
         for w in raw:

@@ -470,15 +470,16 @@ _NICHE_SUFFIXES: tuple[str, ...] = (
 
 
 def _niche_tags(index: int, stem: str, words: tuple[str, ...], taken: set[str]) -> tuple[str, ...]:
-    """The pool of one niche: its stem, the stem with three endings, three word compounds.
+    """The pool of one niche: its stem, the stem with five endings, six word compounds.
 
     A tag another niche, a category or the global list already holds is skipped: every niche
     tag belongs to exactly one niche, so the truth can say which niche a post's tags are from.
     """
     n = len(_NICHE_SUFFIXES)
-    endings = [_NICHE_SUFFIXES[(7 * index + k * 5) % n] for k in range(4)]
-    candidates = [stem] + [stem + e for e in endings[:3]] + [
-        words[0] + words[1], words[2] + endings[3], words[1] + words[3],
+    endings = [_NICHE_SUFFIXES[(7 * index + k * 5) % n] for k in range(8)]
+    candidates = [stem] + [stem + e for e in endings[:5]] + [
+        words[0] + words[1], words[2] + endings[5], words[1] + words[3], words[3] + endings[6],
+        words[4] + words[0], words[4] + endings[7],
     ]
     pool = []
     for body in candidates:
