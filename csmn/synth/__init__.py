@@ -25,14 +25,18 @@ What can be learned from it:
 
 And the noise the paper's filters exist for (section 3.1), each at its own rate (``*_rate``
 knobs), with truth tables that say which post got which noise so that every filter can be
-checked against them. Users are generated one at a time, posts shard by shard, images through
-a bounded thread pool: memory stays flat however large the archive.
+checked against them; :func:`reference_scores` reads them back into the hashtag F1 of
+reference predictors (what an image tells, what a new user's niche tells, what copying one of
+the user's own posts gives) to print beside a model's. Users are generated one at a time,
+posts shard by shard, images through a bounded thread pool: memory stays flat however large
+the archive.
 """
 
 from csmn.synth.config import SynthConfig
 from csmn.synth.images import draw_image
 from csmn.synth.posts import iter_user_posts
 from csmn.synth.streams import derive_seed, length_cum_weights
+from csmn.synth.truth import reference_scores
 from csmn.synth.users import UserProfile, make_user
 from csmn.synth.vocabulary import CATEGORIES, FOREIGN_WORDS, NICHES, english_vocabulary
 from csmn.synth.writer import main, write_archive
@@ -50,5 +54,6 @@ __all__ = [
     "length_cum_weights",
     "main",
     "make_user",
+    "reference_scores",
     "write_archive",
 ]
