@@ -440,3 +440,10 @@ def test_niche_ceiling_tops_another_post_and_the_category_mode(tmp_path):
     assert ceiling > scores["another_post"]["f1"] + 0.02, scores
     assert ceiling > scores["category_mode"]["f1"] + 0.05, scores
     assert all(0.0 < scores[k]["f1"] < 1.0 for k in ("category_mode", "another_post"))
+    assert "user_category_mode" not in scores  # a new user's own tags are never in training
+    # Split by posts the user's own most frequent tags are learnable, and beat copying one post.
+    by_posts = reference_scores(str(tmp_path), split="by_posts")
+    assert by_posts["split"] == "by_posts" and by_posts["test_posts"] > 50
+    assert by_posts["user_category_mode"]["f1"] > by_posts["another_post"]["f1"] + 0.02, by_posts
+    with pytest.raises(ValueError, match="by_users or by_posts"):
+        reference_scores(str(tmp_path), split="by_images")

@@ -14,8 +14,10 @@ They say what the archive lets a model learn, to print beside the results of Tab
   1NN-UsrIm (section 5.2) can do: it copies one post of the nearest user, and no user is nearer
   than the user themselves.
 
-All three are scored with the project's hashtag F1 on the test users of the split by users,
-made from the clean posts of regular users, the posts the preprocessing keeps (section 3.1).
+All are scored with the project's hashtag F1 on the test posts of the split by users (or by
+posts, where ``user_category_mode``, the user's own most frequent tags in the category, is
+the ceiling), made from the clean posts of regular users, the posts the preprocessing keeps
+(section 3.1).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from csmn.data import storage
-from csmn.data.layout import TEST, TRAIN
+from csmn.data.layout import TEST, TEST_BY_POSTS, TRAIN, TRAIN_BY_POSTS
 from csmn.eval.metrics import hashtag_set, score_hashtags
-from csmn.text.splits import split_users, unit_hash
+from csmn.text.splits import by_posts_fractions, split_user_posts, split_users, unit_hash
 
 
 @dataclass
@@ -65,6 +67,13 @@ def _clean_posts(archive_uri: str) -> list[_Post]:
             posts.append(_Post(row["user_id"], row["post_id"], row["category"], row["niche"],
                                frozenset(hashtag_set(record["hashtags"]))))
     return posts
+
+
+def _count(posts: Iterable[_Post]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for post in posts:
+        counts.update(post.tags)
+    return counts
 
 
 def _top(counts: Counter[str], k: int) -> list[str]:
@@ -103,57 +112,92 @@ def _scores(truths: Iterable[frozenset[str]], predictions: Iterable[Iterable[str
             "f1": round(scores.f1, 4)}
 
 
+def _split(
+    posts: Sequence[_Post], split: str, seed: int, train_fraction: float, test_posts: int,
+    max_test_share: float,
+) -> tuple[list[_Post], list[_Post]]:
+    """(training posts, test posts) as the preprocessing splits them (section 5.1)."""
+    counts = Counter(p.user_id for p in posts)
+    if split == "by_users":
+        users = split_users(counts, seed, train_fraction, test_posts, max_test_share)
+        return ([p for p in posts if users[p.user_id] == TRAIN],
+                [p for p in posts if users[p.user_id] == TEST])
+    if split != "by_posts":
+        raise ValueError(f"split must be by_users or by_posts, got {split!r}")
+    test_fraction, val_fraction = by_posts_fractions(
+        len(posts), train_fraction, test_posts, max_test_share)
+    ids_of: dict[str, list[str]] = defaultdict(list)
+    for post in posts:
+        ids_of[post.user_id].append(post.post_id)
+    where = {}
+    for user_id, ids in ids_of.items():
+        where.update(split_user_posts(user_id, ids, seed, test_fraction, val_fraction))
+    return ([p for p in posts if where[p.post_id] == TRAIN_BY_POSTS],
+            [p for p in posts if where[p.post_id] == TEST_BY_POSTS])
+
+
+def _group(posts: Iterable[_Post], key) -> dict[Any, list[_Post]]:
+    groups: dict[Any, list[_Post]] = defaultdict(list)
+    for post in posts:
+        groups[key(post)].append(post)
+    return groups
+
+
 def reference_scores(
     archive_uri: str,
+    split: str = "by_users",
     seed: int = 0,
     train_fraction: float = 0.9,
     test_posts: int = 5000,
     max_test_share: float = 0.5,
 ) -> dict[str, Any]:
-    """Hashtag precision, recall and F1 of the three reference predictors on the test users of
-    the split by users (the split arguments are the preprocessing's, to pick the same users).
+    """Hashtag precision, recall and F1 of the reference predictors on the test posts of
+    ``split`` (``by_users`` or ``by_posts``; the split arguments are the preprocessing's, to
+    pick the same users and posts).
 
-    Returns ``{"test_posts", "test_users", "tag_list_size", "category_mode",
-    "niche_category_mode", "another_post"}``, each predictor a dict of precision/recall/f1."""
+    Returns ``{"split", "test_posts", "test_users", "tag_list_size", "category_mode",
+    "niche_category_mode", "another_post"}`` and, split by posts, ``"user_category_mode"``
+    (the user's own most frequent tags in the category: what a model that knows the user can
+    learn); each predictor a dict of precision/recall/f1. Split by users, ``another_post``
+    copies another held-out post of the same user; split by posts, one of the user's
+    training posts, as 1NN-UsrIm does."""
     posts = _clean_posts(archive_uri)
-    counts = Counter(p.user_id for p in posts)
-    splits = split_users(counts, seed, train_fraction, test_posts, max_test_share)
-    train = [p for p in posts if splits[p.user_id] == TRAIN]
-    test = [p for p in posts if splits[p.user_id] == TEST]
+    train, test = _split(posts, split, seed, train_fraction, test_posts, max_test_share)
     if not train or not test:
-        raise ValueError(f"{archive_uri}: too few clean posts for a split by users")
+        raise ValueError(f"{archive_uri}: too few clean posts for a split {split}")
     sizes = sorted(len(p.tags) for p in train)
     k = sizes[len(sizes) // 2]  # a typical tag list: the median length
 
-    by_category: dict[str, Counter[str]] = defaultdict(Counter)
-    by_niche: dict[tuple[str, str | None], Counter[str]] = defaultdict(Counter)
-    for post in train:
-        by_category[post.category].update(post.tags)
-        by_niche[(post.category, post.niche)].update(post.tags)
     niches_of = _user_niches(archive_uri)
-    posts_of: dict[str, list[_Post]] = defaultdict(list)
-    for post in test:
-        posts_of[post.user_id].append(post)
+    by_category = {c: _count(ps) for c, ps in _group(train, lambda p: p.category).items()}
+    by_niche = {key: _count(ps) for key, ps in
+                _group(train, lambda p: (p.category, p.niche)).items()}
+    other_user = split == "by_users"
+    copy_from = _group(test if other_user else train, lambda p: p.user_id)
+    copy_same = _group(test if other_user else train, lambda p: (p.user_id, p.category))
+    own_mode = {key: _count(ps) for key, ps in
+                _group(train, lambda p: (p.user_id, p.category)).items()}
 
-    truths, category_mode, niche_mode, another = [], [], [], []
-    for user_id, own in sorted(posts_of.items()):
-        own_by_category: dict[str, list[_Post]] = defaultdict(list)
-        for post in own:
-            own_by_category[post.category].append(post)
-        for post in own:
-            truths.append(post.tags)
-            category_mode.append(_top(by_category[post.category], k))
-            pool: Counter[str] = Counter()
-            for niche in niches_of[user_id].get(post.category, [None]):
-                pool.update(by_niche[(post.category, niche)])
-            niche_mode.append(_top(pool or by_category[post.category], k))
-            another.append(_another_post(own, own_by_category[post.category], post, seed))
+    predictions: dict[str, list[list[str] | frozenset[str]]] = defaultdict(list)
+    truths = []
+    for post in sorted(test, key=lambda p: p.post_id):
+        truths.append(post.tags)
+        category = by_category.get(post.category, Counter())
+        predictions["category_mode"].append(_top(category, k))
+        pool: Counter[str] = Counter()
+        for niche in niches_of[post.user_id].get(post.category, [None]):
+            pool.update(by_niche.get((post.category, niche), Counter()))
+        predictions["niche_category_mode"].append(_top(pool or category, k))
+        predictions["another_post"].append(_another_post(
+            copy_from.get(post.user_id, []), copy_same.get((post.user_id, post.category), []),
+            post, seed))
+        if not other_user:
+            own = own_mode.get((post.user_id, post.category)) or category
+            predictions["user_category_mode"].append(_top(own, k))
     return {
+        "split": split,
         "test_posts": len(truths),
-        "test_users": len(posts_of),
+        "test_users": len({p.user_id for p in test}),
         "tag_list_size": k,
-        "category_mode": _scores(truths, category_mode),
-        "niche_category_mode": _scores(truths, niche_mode),
-        "another_post": _scores(truths, another),
+        **{name: _scores(truths, predicted) for name, predicted in predictions.items()},
     }
-
