@@ -20,6 +20,9 @@ from csmn.synth.vocabulary import CATEGORIES
 
 @dataclass(frozen=True)
 class ImageJob:
+    """One file to write: where, what to draw (category and the post's own seed) and whether
+    to break it."""
+
     uri: str
     seed: int
     category: int
@@ -172,10 +175,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, size: int, fg, bg, rng) ->
 def draw_image(category: int, seed: int, size: int) -> Image.Image:
     """The category's visual signature, jittered per post.
 
-    Nothing in an image depends on its user: an image-only model (1NN-Im, CSMN-NoUC) must
-    not be able to tell whose post it sees, or the user context would not be what
-    personalizes (DESIGN.md, the synthetic archive). A per-user colour tint, as an earlier
-    version drew, let CSMN-NoUC name the user's signature hashtags from the colour alone."""
+    Nothing in an image depends on its user or their niche: an image-only model (1NN-Im,
+    CSMN-NoUC, section 5.2) must not be able to tell whose post it sees, or the user context
+    would not be what personalizes. A per-user colour tint, as an earlier version drew, let
+    CSMN-NoUC name the user's signature hashtags from the colour alone."""
     cat = CATEGORIES[category]
     rng = random.Random(seed)
     delta = [rng.randint(-12, 12) for _ in range(3)]
