@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -14,21 +15,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import enchant
+import numpy as np
 import pytest
 from PIL import Image
 
 from csmn.data import readers, storage
 from csmn.data.rejects import reason_code
 from csmn.data.schemas import validate
-from csmn.synth.archive import (
+from csmn.synth import (
     CATEGORIES,
     FOREIGN_WORDS,
+    NICHES,
     SynthConfig,
     english_vocabulary,
     length_cum_weights,
     main,
     write_archive,
 )
+from csmn.synth.truth import reference_scores
 
 EN_US = enchant.Dict("en_US")
 EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001faff\u200d\ufe0f]")
@@ -195,7 +199,10 @@ def test_lengths_and_noise_match_the_knobs_and_the_files(tmp_path):
 
 
 def test_signature_hashtags_are_personal_and_frequent(tmp_path):
-    write_archive(small_config(tmp_path, users=12, write_images=False, **NO_NOISE))
+    # At 0.6 a signature tag is in most posts; the default is lower so that niche tags, which
+    # new users share, weigh more than tags only one user writes.
+    write_archive(small_config(tmp_path, users=12, write_images=False, signature_tag_rate=0.6,
+                               **NO_NOISE))
     users = {row["user_id"]: row for row in truth_users(tmp_path)}
     tags_by_user: dict[str, set[str]] = defaultdict(set)
     posts_with_signature: Counter[str] = Counter()
@@ -346,3 +353,97 @@ def test_read_back_records_in_equal_posts_plus_rejects(tmp_path):
                    if r["shard"] == os.path.basename(shard) and r["line"] == int(line))
         assert reason_code(reject["reason"]) in expected[row["broken_record"]], reject
     assert math.isclose(len(rejects), sum(summary["broken_records"].values()))
+
+
+def _niche_config(out: Path, **overrides) -> SynthConfig:
+    """Three categories (nine niches) and no noise: every niche has several members."""
+    values = dict(users=36, categories=3, write_images=False, posts_per_shard=2000,
+                  **NO_NOISE)
+    values.update(overrides)
+    return small_config(out, **values)
+
+
+def _cosine(a: Counter, b: Counter) -> float:
+    dot = sum(a[t] * b[t] for t in a.keys() & b.keys())
+    norm = math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values()))
+    return dot / norm if norm else 0.0
+
+
+def test_niche_members_share_its_pool_and_the_truth_says_which(tmp_path):
+    write_archive(_niche_config(tmp_path))
+    users = {row["user_id"]: row for row in truth_users(tmp_path)}
+    pools = {n.name: set(n.hashtags) for n in NICHES}
+    niche_of_tag = {tag: name for name, pool in pools.items() for tag in pool}
+    truth = {row["post_id"]: row for row in truth_posts(tmp_path)}
+    tags_by_user: dict[str, Counter[str]] = defaultdict(Counter)
+    for line in raw_lines(tmp_path).values():
+        post = json.loads(line)
+        row, user = truth[post["post_id"]], users[post["user_id"]]
+        # A post's niche tags all come from the niche its truth names, one of the user's own.
+        from_niches = {niche_of_tag[t] for t in post["hashtags"] if t in niche_of_tag}
+        assert from_niches <= ({row["niche"]} if row["niche"] else set()), (from_niches, row)
+        if row["niche"]:
+            assert row["niche"] in user["niches"]
+        signature = set(user["signature_hashtags"])
+        tags_by_user[post["user_id"]].update(t for t in post["hashtags"] if t not in signature)
+    for row in users.values():
+        assert 1 <= len(row["niches"]) <= 2
+        assert set(row["niche_categories"]) <= set(row["favourite_categories"])
+    same, across = [], []
+    for a, b in itertools.combinations(sorted(users), 2):
+        if users[a]["favourite_categories"][0] != users[b]["favourite_categories"][0]:
+            continue
+        shared = set(users[a]["niches"]) & set(users[b]["niches"])
+        (same if shared else across).append(_cosine(tags_by_user[a], tags_by_user[b]))
+    assert len(same) >= 10 and len(across) >= 10
+    # Same category either way: what is shared beyond it is the niche's pool.
+    assert sum(same) / len(same) > sum(across) / len(across) + 0.15, (same, across)
+
+
+def test_images_tell_the_category_but_not_the_user_or_the_niche(tmp_path):
+    write_archive(_niche_config(tmp_path, users=8, write_images=True, image_size=16,
+                                image_threads=1))
+    rows = truth_posts(tmp_path)
+    pixels = np.stack([
+        np.asarray(Image.open(tmp_path / row["image"]).convert("RGB"), dtype=np.float32).ravel()
+        for row in rows
+    ])
+    distances = ((pixels[:, None, :] - pixels[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    nearest = distances.argmin(1)
+    same_category = same_user = same_niche = 0
+    chance_user = chance_niche = 0.0
+    for i, j in enumerate(nearest):
+        me, other = rows[i], rows[j]
+        if me["category"] != other["category"]:
+            continue
+        same_category += 1
+        same_user += me["user_id"] == other["user_id"]
+        same_niche += me["niche"] is not None and me["niche"] == other["niche"]
+        # Chance: the share of the other posts of my category that are mine (of my niche).
+        pool = [r for k, r in enumerate(rows) if k != i and r["category"] == me["category"]]
+        chance_user += sum(r["user_id"] == me["user_id"] for r in pool) / len(pool)
+        chance_niche += sum(me["niche"] is not None and r["niche"] == me["niche"]
+                            for r in pool) / len(pool)
+    assert same_category / len(rows) > 0.9
+    assert same_user / same_category < chance_user / same_category + 0.1
+    assert same_niche / same_category < chance_niche / same_category + 0.1
+
+
+def test_niche_ceiling_tops_another_post_and_the_category_mode(tmp_path):
+    write_archive(_niche_config(tmp_path, users=80))
+    scores = reference_scores(str(tmp_path), train_fraction=0.7, test_posts=10**6,
+                              max_test_share=1.0)
+    assert scores["test_users"] >= 4 and scores["test_posts"] > 100
+    assert 6 <= scores["tag_list_size"] <= 9
+    ceiling = scores["niche_category_mode"]["f1"]
+    assert ceiling > scores["another_post"]["f1"] + 0.02, scores
+    assert ceiling > scores["category_mode"]["f1"] + 0.05, scores
+    assert all(0.0 < scores[k]["f1"] < 1.0 for k in ("category_mode", "another_post"))
+    assert "user_category_mode" not in scores  # a new user's own tags are never in training
+    # Split by posts the user's own most frequent tags are learnable, and beat copying one post.
+    by_posts = reference_scores(str(tmp_path), split="by_posts")
+    assert by_posts["split"] == "by_posts" and by_posts["test_posts"] > 50
+    assert by_posts["user_category_mode"]["f1"] > by_posts["another_post"]["f1"] + 0.02, by_posts
+    with pytest.raises(ValueError, match="by_users or by_posts"):
+        reference_scores(str(tmp_path), split="by_images")
