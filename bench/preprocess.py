@@ -123,7 +123,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def users_for(posts: int, config) -> int:
-    from csmn.synth.archive import make_user
+    from csmn.synth import make_user
 
     sample = [make_user(replace(config, seed=config.seed + 1), i).n_posts for i in range(300)]
     return max(1, math.ceil(posts / (sum(sample) / len(sample))))
@@ -154,7 +154,7 @@ def main() -> None:
         child(args)
         return
 
-    from csmn.synth.archive import SynthConfig, write_archive
+    from csmn.synth import SynthConfig, write_archive
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")

@@ -8,7 +8,7 @@ import sys
 # subcommand -> module with a ``main(argv) -> int``; imported lazily so `csmn synth` does not
 # pay for torch and Ray.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("csmn.synth.archive", "write a synthetic Instagram-like archive"),
+    "synth": ("csmn.synth", "write a synthetic Instagram-like archive"),
     "preprocess": ("csmn.pipeline.preprocess",
                    "filter, normalize, build vocabularies, contexts, splits"),
     "extract-features": ("csmn.pipeline.extract",

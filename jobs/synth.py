@@ -1,3 +1,3 @@
-from csmn.synth.archive import main
+from csmn.synth import main
 
 raise SystemExit(main())

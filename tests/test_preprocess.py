@@ -309,8 +309,8 @@ def test_writes_to_s3(job, s3_bucket):
 def test_synthetic_archive_end_to_end(ray_session, tmp_path):
     """csmn.synth.archive plants each kind of noise and says where: every planted non-English or
     link post is filtered, every broken record rejected, the rest balances."""
-    from csmn.synth.archive import SynthConfig
-    from csmn.synth.archive import write_archive as write_synth
+    from csmn.synth import SynthConfig
+    from csmn.synth import write_archive as write_synth
 
     archive = str(tmp_path / "synth")
     summary = write_synth(SynthConfig(out=archive, users=12, seed=5, write_images=False,

@@ -76,7 +76,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from csmn.pipeline.extract import ExtractConfig, format_summary, run_extract
     from csmn.pipeline.preprocess import PreprocessConfig, preprocess
     from csmn.pipeline.train import TrainConfig, train
-    from csmn.synth.archive import SynthConfig, write_archive
+    from csmn.synth import SynthConfig, write_archive
 
     archive = storage.join(config.out, "archive")
     root = storage.join(config.out, "data")
