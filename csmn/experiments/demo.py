@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"archive": archive, "data": root, "tasks": {}}
 
-    _banner(f"1/5 synthetic archive: {config.users} users -> {archive}")
+    _banner(f"1/6 synthetic archive: {config.users} users -> {archive}")
     synth = write_archive(
         SynthConfig(out=archive, users=config.users, seed=config.seed, overwrite=True)
     )
@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     init_ray()
     quiet_ray_data()
-    _banner(f"2/5 preprocess (Ray Data) -> {root}")
+    _banner(f"2/6 preprocess (Ray Data) -> {root}")
     manifest = preprocess(
         archive,
         root,
@@ -99,7 +99,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     )
     print(json.dumps({"records": manifest["records"], "splits": manifest["splits"]}))
 
-    _banner(f"3/5 image features: ResNet-101 pool5, weights={config.weights}")
+    _banner(f"3/6 image features: ResNet-101 pool5, weights={config.weights}")
     summary = run_extract(
         ExtractConfig(
             data=root,
@@ -126,7 +126,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         by_posts = family == "by_posts"
         train_split, val_split, test_split = SPLIT_FAMILIES[family]
         name = vocab_name(task, test_split)
-        _banner(f"4/5 train CSMN-P5 for {task}, split {family.replace('_', ' ')} "
+        _banner(f"4/6 train CSMN-P5 for {task}, split {family.replace('_', ' ')} "
                 "(Ray Train, MLflow)")
         trained = train(
             TrainConfig(
@@ -146,10 +146,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                      else f"models:/{REGISTERED_MODEL_NAMES[task]}/{trained.registered_version}")
         print(f"model {model_uri} (MLflow run {trained.mlflow_run_id})")
 
-        _banner(f"5/5 evaluate on {test_split}, with the 1NN baselines")
+        _banner(f"5/6 evaluate on {test_split}, with the 1NN baselines")
         os.environ.setdefault("MLFLOW_TRACKING_URI", trained.tracking_uri)
         report = evaluate(EvaluateConfig(data=root, model=model_uri, task=task,
                                          split=test_split))
+        if not by_posts:
+            result.setdefault("promotions", {})[task] = _promote(
+                config, REGISTERED_MODEL_NAMES[task], trained.registered_version, root)
         result["tasks"][name] = {
             "model": model_uri,
             "mlflow_run_id": trained.mlflow_run_id,
@@ -162,6 +165,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     return result
 
 
+def _promote(config: DemoConfig, name: str, version: str, root: str) -> str:
+    """The gate against the current champion (a demo run before this one, on the same data,
+    left one); the demo's features come from random weights unless --weights says otherwise,
+    and that is written on the version."""
+    from csmn.pipeline.promote import PromoteConfig, Refused, promote, summary_line
+
+    _banner(f"6/6 promote {name} v{version} (paired bootstrap against @champion)")
+    try:
+        decision = promote(PromoteConfig(name=name, candidate=version, data=root,
+                                         allow_random_features=config.weights == "random"))
+    except Refused as err:
+        line = f"{name} v{version}: refused: {err}"
+    else:
+        line = summary_line(decision)
+    print(line)
+    return line
+
+
 def _print_outcome(result: dict[str, Any], config: DemoConfig) -> None:
     _banner("done")
     print(f"archive:  {result['archive']}\ndata:     {result['data']}")
@@ -170,6 +191,8 @@ def _print_outcome(result: dict[str, Any], config: DemoConfig) -> None:
         for method, scores in info["results"].items():
             shown = {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}
             print(f"    {method:<12} {shown}")
+    for line in result.get("promotions", {}).values():
+        print(f"promotion: {line}")
     tracking = next(iter(result["tasks"].values()), {}).get("tracking_uri")
     if tracking:
         print(f"MLflow:   mlflow ui --backend-store-uri {tracking}")
