@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 USERNAME_TOKEN = "@username"
 
@@ -66,8 +67,15 @@ _DIGIT = re.compile(r"\d")
 _WORD_SPLIT = re.compile(r"[^\w'\-]+|_+")
 
 
+# Every URL holds one of these; most captions and hashtags hold none, and then the scan
+# above (whose "skip" branch matches nearly every word) need not run.
+_URL_HINT = re.compile(rf"://|www\.|\.(?:{_TLDS})\b", re.IGNORECASE)
+
+
 def find_urls(text: str) -> Iterator[tuple[int, int]]:
     """(start, end) of each URL in ``text``, left to right; linear time."""
+    if _URL_HINT.search(text) is None:
+        return
     for match in URL_PATTERN.finditer(text):
         if match.lastgroup == "url":
             yield match.span()
@@ -79,6 +87,8 @@ def _replace_url(match: re.Match[str]) -> str:
 
 def remove_urls(text: str) -> str:
     """``text`` with each URL replaced by a space."""
+    if _URL_HINT.search(text) is None:
+        return text
     return URL_PATTERN.sub(_replace_url, text)
 
 
@@ -151,6 +161,7 @@ def normalize_caption(text: str | None) -> list[str]:
     return tokenize(text)
 
 
+@lru_cache(maxsize=1 << 16)
 def normalize_hashtag(tag: str | None) -> str | None:
     """One raw hashtag (with or without ``#``) -> ``#tag``, or None when nothing is left.
 
