@@ -318,10 +318,10 @@ def test_loss_averages_over_real_tokens_only():
     assert sequence_loss(logits, torch.zeros_like(targets)) == 0
 
 
-def ragged_batch(config: ModelConfig, lengths: tuple[int, ...], steps: int,
-                 seed: int = 1) -> tuple[torch.Tensor, ...]:
+def ragged_batch(config: ModelConfig, lengths: tuple[int, ...], steps: int, seed: int = 1,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     """A batch padded to ``steps`` whose rows have ``lengths`` real targets (the last _EOS)."""
-    image, context, _, targets = tiny_batch(config, len(lengths), steps, seed)
+    image, context, _, targets = tiny_batch(config, len(lengths), steps, seed, dtype)
     for row, length in enumerate(lengths):
         targets[row, length - 1] = EOS_ID
         targets[row, length:] = PAD_ID
@@ -368,6 +368,18 @@ def test_real_token_loss_matches_the_literal_memory_cnn():
     efficient, _ = model.training_loss(*batch)
     literal, _ = model.training_loss(*batch, literal=True)
     torch.testing.assert_close(efficient, literal, rtol=1e-12, atol=1e-12)
+
+
+def test_real_token_loss_runs_under_bf16_autocast():
+    # The GPU path's dtype, on the CPU: logits and the loss stay float32.
+    model = tiny_model(dtype=torch.float32, max_length=12)
+    batch = ragged_batch(model.config, (5, 3, 2), steps=12, dtype=torch.float32)
+    exact, _ = model.training_loss(*batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, tokens = model.training_loss(*batch, chunk_tokens=4)
+    assert loss.dtype == torch.float32 and int(tokens) == 10
+    torch.testing.assert_close(loss, exact, rtol=0.05, atol=0.05)
+    loss.backward()
 
 
 def test_tiny_model_overfits_a_tiny_batch():
