@@ -180,7 +180,12 @@ def _synthetic_posts(count: int) -> list[dict]:
                 post = json.loads(planned.line)
             except ValueError:
                 continue  # a deliberately broken record
-            if isinstance(post, dict):
+            # Broken records (a caption that is not text, ...) are the read stage's rejects.
+            if not isinstance(post, dict):
+                continue
+            tags = post.get("hashtags") or []
+            if (isinstance(post.get("caption") or "", str) and isinstance(tags, list)
+                    and all(isinstance(t, str) for t in tags)):
                 posts.append(post)
             if len(posts) == count:
                 return posts
