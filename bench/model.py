@@ -6,11 +6,17 @@ res5c), on CPU or CUDA. Not a test: it prints figures.
   this machine's own matmul peak, measured in the same run;
 - the speed-up of the parallel teacher-forced pass over a loop over time (step by step with
   the cached memories) and over the literal memory CNN of eq. 9-10 (forward + backward);
+- training examples/s of ``CSMN.training_loss`` (h_t and W_f at real targets only) against
+  the padded form (logits at all 16 steps, then ``sequence_loss``), on posts of 2-16 targets
+  (about 45% padding), both timed in turns in the same run;
 - batched greedy decoding (posts/s) against one post at a time.
 
     python bench/model.py                 # CPU, about 2-3 minutes on 2 cores
-    python bench/model.py --quick         # CPU, about a minute
+    python bench/model.py --quick         # CPU, a small model (V = 4K), seconds
     python bench/model.py --device cuda   # bf16 autocast, batch 200 (the paper's per GPU)
+    python bench/model.py --device cuda --compile   # and torch.compile
+
+``--device cuda`` without a visible GPU says so and runs the CPU settings instead.
 
 Only torch and csmn.model/csmn.core.decoding are imported (no Ray), so it runs on a bare GPU box.
 """
@@ -22,6 +28,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.timing import matmul_peak, timed  # noqa: E402
+from bench.timing import matmul_peak, synchronize, timed  # noqa: E402
 from csmn.core.decoding import greedy_decode  # noqa: E402
 from csmn.core.model import (  # noqa: E402
     CSMN,
@@ -51,11 +58,16 @@ class BenchSettings:
     single_posts: int
 
 
+# --quick: a model small enough for seconds per section; its W_f is a smaller share of the
+# work than at paper size, so its real-token speed-up is smaller too.
+QUICK_MODEL = {"vocab_size": 4000, "embed_dim": 128, "memory_dim": 256, "cnn_depth": 64}
+
+
 def settings_for(args: argparse.Namespace) -> BenchSettings:
     if args.device == "cuda":
         defaults = BenchSettings(200, 20, 5, 1000, 20)
     elif args.quick:
-        defaults = BenchSettings(8, 2, 1, 16, 2)
+        defaults = BenchSettings(16, 8, 1, 16, 2)
     else:
         defaults = BenchSettings(32, 3, 2, 64, 4)
     return BenchSettings(
@@ -68,8 +80,9 @@ def settings_for(args: argparse.Namespace) -> BenchSettings:
 
 
 def synthetic_batch(config: ModelConfig, batch: int, device: torch.device,
-                    seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Full-length posts (16 targets: 15 words and _EOS), users with 50-60 context words."""
+                    seed: int = 0, ragged: bool = False) -> tuple[torch.Tensor, ...]:
+    """Full-length posts (16 targets: 15 words and _EOS), users with 50-60 context words.
+    ``ragged``: 2-16 targets (uniform), 0-padded to 16 steps, about 45% padding."""
     gen = torch.Generator().manual_seed(seed)
     steps = config.max_length
     shape = (batch, config.image_feature_dim) if config.image_layer == "pool5" else (
@@ -79,8 +92,13 @@ def synthetic_batch(config: ModelConfig, batch: int, device: torch.device,
     known = torch.randint(50, config.context_size + 1, (batch, 1), generator=gen)
     context[torch.arange(config.context_size).unsqueeze(0) >= known] = PAD_ID
     targets = torch.randint(4, config.vocab_size, (batch, steps), generator=gen)
-    targets[:, -1] = EOS_ID
+    lengths = (torch.randint(2, steps + 1, (batch,), generator=gen) if ragged
+               else torch.full((batch,), steps))
+    position = torch.arange(steps).unsqueeze(0)
+    targets[position == lengths.unsqueeze(1) - 1] = EOS_ID
+    targets[position >= lengths.unsqueeze(1)] = PAD_ID
     inputs = torch.cat([torch.full((batch, 1), GO_ID), targets[:, :-1]], dim=1)
+    inputs[position >= lengths.unsqueeze(1)] = PAD_ID  # as the training collate pads them
     return tuple(t.to(device) for t in (image, context, inputs, targets))
 
 
@@ -96,13 +114,87 @@ def loop_over_time_logits(model: CSMN, image: torch.Tensor, context: torch.Tenso
     return model.logits(torch.stack(hidden, dim=1))
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                device: torch.device) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds per call of each function, each the best of ``repeats``, the
+    functions timed in turns: a change in the machine's load then shifts all of them. The
+    CPU time (this process, all threads) leaves out the time other processes hold the cores,
+    which on a shared machine is most of the wall time's noise."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            synchronize(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def bench_real_tokens(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      config: ModelConfig, settings: BenchSettings, device: torch.device,
+                      autocast: Callable[[], contextlib.AbstractContextManager],
+                      ) -> dict[str, float]:
+    """Training steps (fwd + bwd + Adam) on ragged posts: ``training_loss`` against the
+    logits of all 16 steps and ``sequence_loss``. ``model`` may be ``torch.compile``d."""
+    batch = settings.batch_size
+    image, context, inputs, targets = synthetic_batch(config, batch, device, seed=2,
+                                                      ragged=True)
+    tokens = int((targets != PAD_ID).sum())
+    padding = 1 - tokens / targets.numel()
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn()
+            loss.backward()
+            optimizer.step()
+        return run
+
+    def padded() -> torch.Tensor:
+        return sequence_loss(model(image, context, inputs), targets)
+
+    def real_tokens() -> torch.Tensor:
+        return model(image, context, inputs, target_ids=targets)[0]
+
+    timings = interleaved({"padded": step(padded), "real": step(real_tokens)},
+                          settings.steps, device)
+    seconds = {name: wall for name, (wall, _) in timings.items()}
+    wall_ratio = seconds["padded"] / seconds["real"]
+    cpu_ratio = timings["padded"][1] / timings["real"][1]
+    # On a GPU the host's CPU time says little (kernels run asynchronously): wall time there.
+    ratio = cpu_ratio if device.type == "cpu" else wall_ratio
+    # Useful work: the per-token FLOPs with per-sequence work spread over the real tokens.
+    useful = 3 * flops_per_token(config, tokens / batch).efficient_total * tokens
+    print(f"ragged posts: {tokens} real targets of {targets.numel()} ({padding:.0%} padding); "
+          f"padded {batch / seconds['padded']:.1f} examples/s "
+          f"({seconds['padded'] * 1e3:.0f} ms/step), real tokens "
+          f"{batch / seconds['real']:.1f} examples/s ({seconds['real'] * 1e3:.0f} ms/step, "
+          f"{useful / seconds['real'] / 1e9:.1f} useful GFLOP/s)")
+    if device.type == "cpu":
+        print(f"(the ratio below is of CPU time; of wall time it is {wall_ratio:.2f}x)")
+    print(f"training, real tokens vs padded: {ratio:.2f}x")
+    return {"real_tokens_examples_per_s": batch / seconds["real"],
+            "padded_examples_per_s": batch / seconds["padded"],
+            "real_tokens_speedup": ratio, "real_tokens_speedup_wall": wall_ratio,
+            "ragged_padding": padding,
+            "real_tokens_achieved_flops": useful / seconds["real"]}
+
+
 def bench_layer(layer: str, args: argparse.Namespace, settings: BenchSettings,
                 device: torch.device,
-                autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
-    config = ModelConfig(image_layer=layer)
+                autocast: Callable[[], contextlib.AbstractContextManager],
+                ) -> dict[str, float]:
+    config = ModelConfig(image_layer=layer, **(QUICK_MODEL if args.quick else {}))
     torch.manual_seed(0)
     model = CSMN(config).to(device)
     model.train()
+    # Compiled for the training comparisons only: decoding and the baselines stay eager.
+    trained = torch.compile(model) if args.compile else model
     # fused: one pass over the 190M parameters; torch's CPU default (a per-tensor loop) took
     # 3.5 s per step here against 0.1 s fused.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -122,7 +214,7 @@ def bench_layer(layer: str, args: argparse.Namespace, settings: BenchSettings,
             return sequence_loss(logits_fn(), targets)
 
     def parallel_logits() -> torch.Tensor:
-        return model(image, context, inputs)
+        return trained(image, context, inputs)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -151,23 +243,35 @@ def bench_layer(layer: str, args: argparse.Namespace, settings: BenchSettings,
           f"(fwd+bwd {fwd_bwd_s * 1e3:.0f} ms, Adam on every parameter the rest); "
           f"{results['achieved_flops'] / 1e9:.1f} GFLOP/s")
 
+    if not args.skip_baselines:
+        results.update(bench_baselines(model, image, context, inputs, fwd_bwd_s, settings,
+                                       device, forward_backward))
+    results.update(bench_real_tokens(trained, optimizer, config, settings, device, autocast))
+    if not args.skip_decoding:
+        results.update(bench_decoding(model, config, settings, device, autocast))
+    return results
+
+
+def bench_baselines(model: CSMN, image: torch.Tensor, context: torch.Tensor,
+                    inputs: torch.Tensor, fwd_bwd_s: float, settings: BenchSettings,
+                    device: torch.device,
+                    forward_backward: Callable[[Callable[[], torch.Tensor]], Callable[[], None]],
+                    ) -> dict[str, float]:
+    """fwd + bwd of the loop over time and of the literal eq. 9-10, against the parallel."""
     loop_s = timed(forward_backward(lambda: loop_over_time_logits(model, image, context,
                                                                    inputs)),
                    settings.baseline_steps, device)
     literal_s = timed(forward_backward(lambda: model(image, context, inputs, literal=True)),
                       settings.baseline_steps, device)
-    results.update({
+    results = {
         "loop_over_time_s": loop_s,
         "literal_s": literal_s,
         "speedup_over_loop": loop_s / fwd_bwd_s,
         "speedup_over_literal": literal_s / fwd_bwd_s,
-    })
+    }
     print(f"fwd+bwd: parallel {fwd_bwd_s * 1e3:.0f} ms, loop over time {loop_s * 1e3:.0f} ms "
           f"({results['speedup_over_loop']:.2f}x), literal eq. 9-10 {literal_s * 1e3:.0f} ms "
           f"({results['speedup_over_literal']:.2f}x)")
-
-    if not args.skip_decoding:
-        results.update(bench_decoding(model, config, settings, device, autocast))
     return results
 
 
@@ -216,13 +320,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="posts decoded one at a time")
     parser.add_argument("--res5c", action="store_true", help="also benchmark CSMN-R5C")
     parser.add_argument("--skip-decoding", action="store_true")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="skip the loop over time and the literal eq. 9-10 (slow)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
-    parser.add_argument("--quick", action="store_true", help="a smaller CPU run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small model (V = 4K) and batch: seconds on a CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for the training figures")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device visible to torch")
+        print("--device cuda: no CUDA device visible to torch; running on the CPU instead, "
+              "with the CPU settings (fp32 unless --dtype says otherwise)", file=sys.stderr)
+        args.device = "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -275,8 +386,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         share = layer_results["achieved_flops"] / best_peak
         share_fwd_bwd = layer_results["achieved_flops_forward_backward"] / best_peak
         layer_results.update(peak_fraction=share, peak_fraction_forward_backward=share_fwd_bwd)
+        real_share = layer_results["real_tokens_achieved_flops"] / best_peak
+        layer_results.update(real_tokens_peak_fraction=real_share)
         print(f"{layer}: training step at {share:.0%} of the matmul peak "
-              f"({share_fwd_bwd:.0%} counting fwd+bwd only, without Adam)")
+              f"({share_fwd_bwd:.0%} counting fwd+bwd only, without Adam); real-token "
+              f"training step at {real_share:.0%}")
     if device.type == "cpu":
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
               "(other processes share these cores: figures vary with them)")

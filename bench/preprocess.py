@@ -11,6 +11,11 @@ so the tree figure is an upper bound), and the ratio Ray / plain loop.
 
     python bench/preprocess.py                  # ~5K and ~20K raw posts
     python bench/preprocess.py --sizes 2000 100000
+    python bench/preprocess.py --text-stage 20000 --baseline-rev e4fb5c8
+
+``--text-stage N`` times only the per-post text work (normalize the caption and hashtags, the
+English and advertisement tests) on N synthetic posts, in this process, for the code as it is
+and for ``csmn/text`` at ``--baseline-rev`` (read with ``git show``), in turns in one run.
 """
 
 from __future__ import annotations
@@ -139,6 +144,85 @@ def run_child(engine: str, archive: str, out: str, repeat: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _text_modules(rev: str | None) -> tuple[object, object]:
+    """(normalize, filters) as they are, or as committed at ``rev``."""
+    import importlib
+    import types
+
+    filters = importlib.import_module("csmn.text.filters")
+    current = importlib.import_module("csmn.text.normalize")
+    if rev is None:
+        return current, filters
+    loaded = []
+    try:
+        for name in ("normalize", "filters"):
+            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:csmn/text/{name}.py"],
+                                    check=True, capture_output=True, text=True).stdout
+            module = types.ModuleType(f"csmn.text.{name}")
+            # The old filters import has_url and language_words from the old normalize.
+            sys.modules[module.__name__] = module
+            exec(compile(source, f"{rev}:csmn/text/{name}.py", "exec"), module.__dict__)
+            loaded.append(module)
+    finally:
+        sys.modules["csmn.text.normalize"] = current
+        sys.modules["csmn.text.filters"] = filters
+    return loaded[0], loaded[1]
+
+
+def _synthetic_posts(count: int) -> list[dict]:
+    from csmn.synth.archive import SynthConfig, iter_user_posts, make_user
+
+    config = SynthConfig(users=max(1, count // 150))
+    posts: list[dict] = []
+    for index in range(config.users):
+        for planned in iter_user_posts(config, make_user(config, index)):
+            try:
+                post = json.loads(planned.line)
+            except ValueError:
+                continue  # a deliberately broken record
+            # Broken records (a caption that is not text, ...) are the read stage's rejects.
+            if not isinstance(post, dict):
+                continue
+            tags = post.get("hashtags") or []
+            if (isinstance(post.get("caption") or "", str) and isinstance(tags, list)
+                    and all(isinstance(t, str) for t in tags)):
+                posts.append(post)
+            if len(posts) == count:
+                return posts
+    return posts
+
+
+def text_stage(count: int, rev: str, repeats: int = 3) -> dict:
+    """Posts/s of the text work of preprocessing, as it is and at ``rev``, timed in turns."""
+    posts = _synthetic_posts(count)
+    variants = {"before": _text_modules(rev), "after": _text_modules(None)}
+
+    def run(normalize, filters) -> None:
+        # Each pass starts with cold caches.
+        filters.is_english_word.cache_clear()
+        if hasattr(normalize.normalize_hashtag, "cache_clear"):
+            normalize.normalize_hashtag.cache_clear()
+        for post in posts:
+            caption = post.get("caption") or ""
+            normalize.normalize_caption(caption)
+            normalize.normalize_hashtags(post.get("hashtags") or [])
+            filters.is_non_english(caption)
+            filters.is_advertisement(caption)
+
+    best = dict.fromkeys(variants, math.inf)
+    for _ in range(repeats):
+        for name, modules in variants.items():
+            start = time.process_time()
+            run(*modules)
+            best[name] = min(best[name], time.process_time() - start)
+    rates = {name: len(posts) / seconds for name, seconds in best.items()}
+    print(f"text stage, {len(posts)} synthetic posts (CPU time, best of {repeats}): "
+          f"before ({rev}) {rates['before']:.0f} posts/s, after {rates['after']:.0f} posts/s, "
+          f"{rates['after'] / rates['before']:.2f}x")
+    return {"posts": len(posts), "before_posts_per_s": rates["before"],
+            "after_posts_per_s": rates["after"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000],
@@ -149,9 +233,16 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    parser.add_argument("--text-stage", type=int, default=0, metavar="N",
+                        help="only time the text work on N synthetic posts, before and after")
+    parser.add_argument("--baseline-rev", default="e4fb5c8",
+                        help="git revision of csmn/text for --text-stage's 'before'")
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.text_stage:
+        print(json.dumps(text_stage(args.text_stage, args.baseline_rev)))
         return
 
     from csmn.synth import SynthConfig, write_archive

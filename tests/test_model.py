@@ -318,6 +318,70 @@ def test_loss_averages_over_real_tokens_only():
     assert sequence_loss(logits, torch.zeros_like(targets)) == 0
 
 
+def ragged_batch(config: ModelConfig, lengths: tuple[int, ...], steps: int, seed: int = 1,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """A batch padded to ``steps`` whose rows have ``lengths`` real targets (the last _EOS)."""
+    image, context, _, targets = tiny_batch(config, len(lengths), steps, seed, dtype)
+    for row, length in enumerate(lengths):
+        targets[row, length - 1] = EOS_ID
+        targets[row, length:] = PAD_ID
+    inputs = torch.cat([torch.full((len(lengths), 1), GO_ID), targets[:, :-1]], dim=1)
+    return image, context, inputs, targets
+
+
+def _gradients(model: CSMN, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+@pytest.mark.parametrize("layer,variant", [(layer, variant) for layer in LAYERS
+                                           for variant in VARIANTS])
+@pytest.mark.parametrize("lengths", [(5, 3, 2), (12, 1, 4), (1, 1)])
+def test_real_token_loss_and_gradients_equal_the_padded_form(layer: str, variant: str,
+                                                             lengths: tuple[int, ...]):
+    # max_length 12 and a longest row of 5: both the steps and the output slots get cut.
+    model = tiny_model(image_layer=layer, max_length=12, **VARIANTS[variant])
+    image, context, inputs, targets = ragged_batch(model.config, lengths, steps=12)
+    padded = sequence_loss(model(image, context, inputs), targets)
+    real, tokens = model.training_loss(image, context, inputs, targets)
+    assert int(tokens) == sum(lengths)
+    torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
+    for new, old in zip(_gradients(model, real), _gradients(model, padded), strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_real_token_loss_equals_the_unchunked_one():
+    model = tiny_model(max_length=12)
+    batch = ragged_batch(model.config, (5, 3, 2), steps=12)
+    whole, tokens = model.training_loss(*batch)
+    chunked, chunked_tokens = model(*batch[:3], target_ids=batch[3], chunk_tokens=3)
+    assert int(chunked_tokens) == int(tokens) == 10
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for new, old in zip(_gradients(model, chunked), _gradients(model, whole), strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+
+
+def test_real_token_loss_matches_the_literal_memory_cnn():
+    model = tiny_model(image_layer="res5c", max_length=12)
+    batch = ragged_batch(model.config, (5, 3, 2), steps=12)
+    efficient, _ = model.training_loss(*batch)
+    literal, _ = model.training_loss(*batch, literal=True)
+    torch.testing.assert_close(efficient, literal, rtol=1e-12, atol=1e-12)
+
+
+def test_real_token_loss_runs_under_bf16_autocast():
+    # The GPU path's dtype, on the CPU: logits and the loss stay float32.
+    model = tiny_model(dtype=torch.float32, max_length=12)
+    batch = ragged_batch(model.config, (5, 3, 2), steps=12, dtype=torch.float32)
+    exact, _ = model.training_loss(*batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, tokens = model.training_loss(*batch, chunk_tokens=4)
+    assert loss.dtype == torch.float32 and int(tokens) == 10
+    torch.testing.assert_close(loss, exact, rtol=0.05, atol=0.05)
+    loss.backward()
+
+
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     config = tiny_config(vocab_size=30, embed_dim=16, memory_dim=24, cnn_depth=8)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import random
+import re
+import time
+
 import pytest
 
 from csmn.text.normalize import (
     USERNAME_TOKEN,
+    find_urls,
     has_url,
     is_emoji,
     language_words,
     normalize_caption,
     normalize_hashtag,
     normalize_hashtags,
+    remove_urls,
     tokenize,
 )
 
@@ -115,3 +121,33 @@ def test_language_words_skip_hashtags_mentions_emoji_numbers_urls():
 def test_language_words_keep_non_latin_words():
     assert language_words("hello 世界, bonjour") == ["hello", "世界", "bonjour"]
     assert language_words("Ｆｕｌｌ") == ["Full"]
+
+
+# The URL rule as one backtracking regex, before it was made linear: the reference that
+# find_urls must agree with.
+_QUADRATIC_URL = re.compile(
+    r"(?:(?:https?|ftp)://|www\.)\S+"
+    r"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?:com|net|org|io|co|us|uk|ly|me|gl|info|biz|"
+    r"edu|gov|tv|be|it|de|fr|ca|au|shop|store|online|site|link)\b(?:/\S*)?",
+    re.IGNORECASE,
+)
+
+
+def test_url_matches_equal_the_backtracking_regex():
+    rng = random.Random(0)
+    pieces = ["a", "x", "1", ".", ".", "-", "_", " ", "/", "com", "co", "uk", "COM", "ly",
+              "www.", "http://", "ftp:/", "\u00e9", "@", "#", "\u017f", "m"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert list(find_urls(text)) == [m.span() for m in _QUADRATIC_URL.finditer(text)], text
+        assert remove_urls(text) == _QUADRATIC_URL.sub(" ", text)
+
+
+@pytest.mark.parametrize("unit", ["a.", "a-", "a.-", "x.co-"])
+def test_a_one_megabyte_hostile_caption_normalizes_in_well_under_a_second(unit):
+    caption = unit * (1_000_000 // len(unit))
+    # CPU time, not wall time: other processes on a shared machine do not count.
+    for normalize in (normalize_caption, language_words):
+        start = time.process_time()
+        normalize(caption)
+        assert time.process_time() - start < 1.0  # about 0.5 s; quadratic, it took hours

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
 from csmn.data.layout import IMAGE_SLOTS
@@ -414,10 +415,10 @@ class CSMN(nn.Module):
 
     # ---- attention, memory CNN, output (eq. 9-12) ------------------------------------------
 
-    def _read(self, queries: Tensor, banks: dict[str, MemoryBank],
-              step_masks: dict[str, Tensor | None],
-              literal: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        """-> (h_t [B, T, state_dim], attention per type). queries [B, T, memory_dim];
+    def _memory_read(self, queries: Tensor, banks: dict[str, MemoryBank],
+                     step_masks: dict[str, Tensor | None],
+                     literal: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """-> (c_t [B, T, state_dim], attention per type), eq. 9-10. queries [B, T, memory_dim];
         step_masks[type]: bool, broadcastable to [B, T, slots], True where the slot is real at
         that step (None: all)."""
         names = self.memory_types
@@ -440,8 +441,18 @@ class CSMN(nn.Module):
                 parts.append(readout.read_literal(per_type[name], banks[name].values))
             else:
                 parts.append(readout.read(per_type[name], banks[name].products))
-        hidden = torch.relu(aligned_linear(torch.cat(parts, dim=-1), self.hidden))  # eq. 11
-        return hidden, per_type
+        return torch.cat(parts, dim=-1), per_type
+
+    def _read(self, queries: Tensor, banks: dict[str, MemoryBank],
+              step_masks: dict[str, Tensor | None],
+              literal: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """-> (h_t [B, T, state_dim], attention per type): ``_memory_read`` and eq. 11."""
+        state, per_type = self._memory_read(queries, banks, step_masks, literal)
+        return self.hidden_state(state), per_type
+
+    def hidden_state(self, memory_state: Tensor) -> Tensor:
+        """h_t = ReLU(W_o c_t + b_o), eq. 11, for c_t of any leading shape."""
+        return torch.relu(aligned_linear(memory_state, self.hidden))
 
     def teacher_forced(self, image_features: Tensor, context_ids: Tensor | None,
                        input_ids: Tensor, literal: bool = False) -> CSMNOutput:
@@ -452,30 +463,98 @@ class CSMN(nn.Module):
         causally and where padded. The buffer always has ``max_length`` slots, as while
         decoding, so the memory CNN sees the same positions in both.
         """
-        batch, steps = input_ids.shape
-        slots = self.config.max_length
-        if steps - 1 > slots:
+        steps = input_ids.shape[1]
+        if steps - 1 > self.config.max_length:
             raise ValueError(f"{steps} steps need {steps - 1} output slots; max_length is "
-                             f"{slots}")
+                             f"{self.config.max_length}")
+        banks, step_masks = self._teacher_forced_memories(
+            image_features, context_ids, input_ids, self.config.max_length)
+        hidden, attention = self._read(self._queries(input_ids), banks, step_masks, literal)
+        return CSMNOutput(self.logits(hidden), attention)
+
+    def _teacher_forced_memories(
+        self, image_features: Tensor, context_ids: Tensor | None, input_ids: Tensor,
+        output_slots: int,
+    ) -> tuple[dict[str, MemoryBank], dict[str, Tensor | None]]:
+        """The memories of a teacher-forced pass and their per-step masks, with the word
+        output memory cut to its first ``output_slots`` slots."""
         banks = self.encode_static_memories(image_features, context_ids)
         step_masks: dict[str, Tensor | None] = {}
         if "context" in banks:
             step_masks["context"] = banks["context"].mask.unsqueeze(1)
         if "output" in self.readouts:
-            words = input_ids[:, 1:]
-            words = F.pad(words, (0, slots - words.shape[1]), value=PAD_ID)
+            words = input_ids[:, 1:1 + output_slots]
+            words = F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
             keys, values = self._word_memory(words)
             banks["output"] = self._bank("output", keys, values)
-            slot = torch.arange(slots, device=input_ids.device)
-            step = torch.arange(steps, device=input_ids.device)
+            slot = torch.arange(output_slots, device=input_ids.device)
+            step = torch.arange(input_ids.shape[1], device=input_ids.device)
             causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
             step_masks["output"] = causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
-        hidden, attention = self._read(self._queries(input_ids), banks, step_masks, literal)
-        return CSMNOutput(self.logits(hidden), attention)
+        return banks, step_masks
+
+    def training_loss(self, image_features: Tensor, context_ids: Tensor | None,
+                      input_ids: Tensor, target_ids: Tensor, literal: bool = False,
+                      chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+        """-> (softmax cross-entropy averaged over the real target tokens, their number as an
+        int64 tensor): ``sequence_loss(self(...), target_ids)`` (section 4.3: the loss stops at
+        _EOS), without the work that padding costs there.
+
+        - Steps after the batch's last real target are dropped; no kept step attends to them.
+        - c_t is gathered at the real targets before W_o and W_f (eq. 11-12), the largest
+          layers, so padding costs neither them nor the V-wide softmax.
+        - The word output memory keeps only the slots a kept step can attend to, plus the
+          widest filter's reach past them: later slots get zero attention (eq. 9), so every
+          window over them sums to exactly 0, and one all-zero window is kept, so the
+          max-pool of eq. 10 sees the same values. Results equal the padded form's up to
+          the order of floating-point additions.
+        - ``chunk_tokens``: the W_f logits are made ``chunk_tokens`` targets at a time and
+          rebuilt in the backward pass, so no more than that many V-wide rows exist at
+          once (memory for time: W_f runs twice forward).
+        """
+        real = target_ids != PAD_ID
+        # One host sync per batch: the sizes below depend on the data.
+        kept = int(real.any(dim=0).nonzero().max()) + 1 if bool(real.any()) else 1
+        slots = self.config.max_length
+        if "output" in self.readouts:
+            reach = max(self.config.cnn_widths) if self.config.use_cnn else 1
+            slots = min(slots, max(1, kept - 1 + reach))
+        input_ids, real = input_ids[:, :kept], real[:, :kept]
+        banks, step_masks = self._teacher_forced_memories(
+            image_features, context_ids, input_ids, slots)
+        state, _ = self._memory_read(self._queries(input_ids), banks, step_masks, literal)
+        hidden = self.hidden_state(state[real])  # [tokens, state_dim], row-major
+        targets = target_ids[:, :kept][real]
+        loss_sum = self._vocab_loss_sum(hidden, targets, chunk_tokens)
+        tokens = real.sum()
+        return loss_sum / tokens.clamp(min=1), tokens
+
+    def _vocab_loss_sum(self, hidden: Tensor, targets: Tensor,
+                        chunk_tokens: int | None) -> Tensor:
+        """Summed cross-entropy of softmax(W_f h) (eq. 12) against ``targets``."""
+        def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
+            logits = _at_least_float32(self.logits(h))
+            return F.cross_entropy(logits, t, reduction="sum")
+
+        if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
+            return chunk_loss(hidden, targets)
+        total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64
+                                 else torch.float64)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            total = total + checkpoint(chunk_loss, hidden[part], targets[part],
+                                       use_reentrant=False)
+        return total
 
     def forward(self, image_features: Tensor, context_ids: Tensor | None,
-                input_ids: Tensor, literal: bool = False) -> Tensor:
-        """-> logits [B, T, V] for the targets ``y_1 .. y_T`` (teacher forcing)."""
+                input_ids: Tensor, literal: bool = False, target_ids: Tensor | None = None,
+                chunk_tokens: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """-> logits [B, T, V] for the targets ``y_1 .. y_T`` (teacher forcing); with
+        ``target_ids``, ``training_loss`` instead, so that a DistributedDataParallel wrapper,
+        which syncs gradients only through ``forward``, can call it."""
+        if target_ids is not None:
+            return self.training_loss(image_features, context_ids, input_ids, target_ids,
+                                      literal, chunk_tokens)
         return self.teacher_forced(image_features, context_ids, input_ids, literal).logits
 
     def logits(self, hidden: Tensor) -> Tensor:

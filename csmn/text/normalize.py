@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 USERNAME_TOKEN = "@username"
 
@@ -41,9 +42,17 @@ _TLDS = (
     "com|net|org|io|co|us|uk|ly|me|gl|info|biz|edu|gov|tv|be|it|de|fr|ca|au|shop|store|"
     "online|site|link"
 )
+# A URL: a scheme or www. link up to the next space, or a bare domain (labels of [a-z0-9-]
+# joined by dots, from a word boundary to its last ".<tld>" at a word boundary, then an
+# optional /path). Alone, the bare-domain branch takes quadratic time (18 s on "a." * 8000):
+# each start inside a long dotted run backtracks over the rest of the run and fails. A start
+# inside a run that failed reaches the same end with fewer TLDs, so it fails too; the third
+# branch (group "skip") therefore consumes such a run whole, possessively, stopping only
+# where a link begins (a link needs no word boundary, so one can start inside a run).
 URL_PATTERN = re.compile(
-    r"(?:(?:https?|ftp)://|www\.)\S+"
-    rf"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?:{_TLDS})\b(?:/\S*)?",
+    r"(?P<url>(?:(?:https?|ftp)://|www\.)\S+"
+    rf"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?:{_TLDS})\b(?:/\S*)?)"
+    r"|(?P<skip>\b[a-z0-9](?:(?!(?:https?|ftp)://|www\.)(?:[a-z0-9\-]|\.(?=[a-z0-9\-])))*+)",
     re.IGNORECASE,
 )
 _MENTION = re.compile(r"@[a-z0-9._]+")
@@ -58,9 +67,34 @@ _DIGIT = re.compile(r"\d")
 _WORD_SPLIT = re.compile(r"[^\w'\-]+|_+")
 
 
+# Every URL holds one of these; most captions and hashtags hold none, and then the scan
+# above (whose "skip" branch matches nearly every word) need not run.
+_URL_HINT = re.compile(rf"://|www\.|\.(?:{_TLDS})\b", re.IGNORECASE)
+
+
+def find_urls(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each URL in ``text``, left to right; linear time."""
+    if _URL_HINT.search(text) is None:
+        return
+    for match in URL_PATTERN.finditer(text):
+        if match.lastgroup == "url":
+            yield match.span()
+
+
+def _replace_url(match: re.Match[str]) -> str:
+    return " " if match.lastgroup == "url" else match.group(0)
+
+
+def remove_urls(text: str) -> str:
+    """``text`` with each URL replaced by a space."""
+    if _URL_HINT.search(text) is None:
+        return text
+    return URL_PATTERN.sub(_replace_url, text)
+
+
 def has_url(text: str) -> bool:
     """True when the text embeds a hyperlink (the paper's advertisement rule)."""
-    return URL_PATTERN.search(text or "") is not None
+    return next(find_urls(text or ""), None) is not None
 
 
 def is_emoji(token: str) -> bool:
@@ -68,6 +102,8 @@ def is_emoji(token: str) -> bool:
 
 
 def _fold_accents(text: str) -> str:
+    if text.isascii():
+        return text  # NFKD leaves ASCII alone: skip the per-character pass
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
@@ -91,6 +127,9 @@ def _normalize_plain(text: str) -> list[str]:
     text = _NOT_KEPT.sub(" ", text)
     tokens = []
     for piece in text.split():
+        if piece.isalnum():  # most words: nothing for _clean_token to change
+            tokens.append(piece)
+            continue
         token = _clean_token(piece)
         if token is not None:
             tokens.append(token)
@@ -101,7 +140,7 @@ def tokenize(text: str | None) -> list[str]:
     """Normalized tokens of a caption (see the module docstring)."""
     if not text:
         return []
-    text = URL_PATTERN.sub(" ", text)
+    text = remove_urls(text)
     tokens: list[str] = []
     position = 0
     for match in EMOJI_PATTERN.finditer(text):
@@ -122,6 +161,7 @@ def normalize_caption(text: str | None) -> list[str]:
     return tokenize(text)
 
 
+@lru_cache(maxsize=1 << 16)
 def normalize_hashtag(tag: str | None) -> str | None:
     """One raw hashtag (with or without ``#``) -> ``#tag``, or None when nothing is left.
 
@@ -158,7 +198,7 @@ def language_words(text: str | None) -> list[str]:
     """
     if not text:
         return []
-    text = URL_PATTERN.sub(" ", text)
+    text = remove_urls(text)
     text = EMOJI_PATTERN.sub(" ", text).translate(_APOSTROPHES)
     # NFKC maps compatibility forms (fullwidth letters, ligatures) to the letters a
     # dictionary knows, without touching real non-Latin scripts.
