@@ -47,7 +47,7 @@ import torch
 
 from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from csmn.core.model import CSMN, ModelConfig, sequence_loss
+from csmn.core.model import CSMN, ModelConfig
 from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, MARKERS, PAD_ID
 from csmn.data import layout, storage
 from csmn.data.layout import HASHTAG, POST, canonical_task
@@ -398,9 +398,10 @@ def train_epoch(worker: Worker, shard: Any, epoch: int) -> TrainSums:
         **batch_options(config.shuffle_buffer, config.seed, epoch, worker.rank))
     for batch in batches:
         batch = {k: v.to(worker.device) for k, v in batch.items()}
-        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
-        mean_loss = sequence_loss(logits, batch["targets"])
-        local_tokens = (batch["targets"] != PAD_ID).sum()
+        # h_t and the logits at real targets only (CSMN.training_loss); through forward, so
+        # that DDP syncs the gradients.
+        mean_loss, local_tokens = model(batch["image_features"], batch["context_ids"],
+                                        batch["input_ids"], target_ids=batch["targets"])
         global_tokens = local_tokens.detach().clone()
         if worker.world_size > 1:
             torch.distributed.all_reduce(global_tokens)
@@ -432,10 +433,11 @@ def validate(worker: Worker, shard: Any) -> ValidationSums:
         for numpy_batch in shard.iter_batches(batch_size=worker.config.batch_size,
                                               batch_format="numpy"):
             batch = worker.collate(numpy_batch)
-            logits = network(batch["image_features"], batch["context_ids"], batch["input_ids"])
-            tokens = float((batch["targets"] != PAD_ID).sum())
-            sums.loss_sum += float(sequence_loss(logits, batch["targets"])) * tokens
-            sums.tokens += tokens
+            mean_loss, tokens = network.training_loss(
+                batch["image_features"], batch["context_ids"], batch["input_ids"],
+                batch["targets"])
+            sums.loss_sum += float(mean_loss) * float(tokens)
+            sums.tokens += float(tokens)
             decoded = greedy_decode(network, batch["image_features"], batch["context_ids"],
                                     dedupe_tokens=task == HASHTAG)
             for ids, text in zip(decoded.token_ids, numpy_batch["text"], strict=True):
