@@ -13,7 +13,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import tiny_model_config, write_data_root
@@ -22,42 +21,13 @@ from mlflow.tracking import MlflowClient
 from csmn.core.checkpoint import save_checkpoint
 from csmn.core.model import CSMN, sequence_loss
 from csmn.data import layout, storage
-from csmn.eval.bootstrap import paired_bootstrap
 from csmn.pipeline.promote import PromoteConfig, Refused, main, promote
 from csmn.pipeline.train_data import collate_batch
 from csmn.tracking import log_pyfunc_model
 from csmn.tracking.promotion import CHAMPION, RANDOM_FEATURES_TAG, history
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NAME = "csmn-hashtag"
-
-
-# ------------------------------------------------------------------ the bootstrap alone
-
-
-def test_bootstrap_interval_on_known_differences():
-    rng = np.random.default_rng(1)
-    champion = rng.uniform(size=400)
-    # a constant gain: every resample has the same mean
-    constant = paired_bootstrap(champion + 0.05, champion, min_gain=0.01)
-    assert constant.low == pytest.approx(0.05) and constant.high == pytest.approx(0.05)
-    assert constant.wins
-    # identical models: a tie, refused whenever a gain is asked for
-    tie = paired_bootstrap(champion, champion, min_gain=0.0)
-    assert (tie.low, tie.high, tie.wins) == (0.0, 0.0, False)
-    # gains of +1 and -1 in equal numbers: mean 0, standard error 1/sqrt(n) = 0.05, so the 95%
-    # percentile interval is about +-1.96 x 0.05
-    signs = np.array([1.0, -1.0] * 200)
-    noisy = paired_bootstrap(champion + signs, champion, resamples=20_000, seed=3)
-    assert noisy.mean_difference == pytest.approx(0.0, abs=1e-12)
-    assert noisy.low == pytest.approx(-0.098, abs=0.012)
-    assert noisy.high == pytest.approx(0.098, abs=0.012)
-    assert not noisy.wins
-    # pairing matters: a small gain on every post wins, although the two score lists overlap
-    paired = paired_bootstrap(champion + 0.002, champion, min_gain=0.0)
-    assert paired.wins and paired.low > 0
-    with pytest.raises(ValueError, match="pair up"):
-        paired_bootstrap(champion[:3], champion[:4])
 
 
 # ------------------------------------------------------------------ models and stores

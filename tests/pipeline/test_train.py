@@ -47,7 +47,7 @@ from csmn.pipeline.train import (
 )
 from csmn.pipeline.train_data import batch_options, collate_batch, joined_dataset, read_examples
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = 4
 TAGS_PER_CATEGORY = 5
 USERS = 8
