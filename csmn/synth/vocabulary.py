@@ -43,7 +43,7 @@ def _category(
 
 
 # Every word a clean caption can contain passes PyEnchant's en_US check in lower case
-# (tests/test_synth.py checks it), so only planted noise trips the language filter.
+# (tests/synth/test_synth.py checks it), so only planted noise trips the language filter.
 CATEGORIES: tuple[Category, ...] = (
     _category(
         "food", (20, 0.75, 0.55, "circle", "checker"),
