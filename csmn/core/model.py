@@ -13,7 +13,7 @@ the real slots of all memory types (padded and future slots are masked, so they 
 zero attention), a memory CNN per type reads ``p_t o M^c``, and
 ``logits = W_f ReLU(W_o c_t + b_o)``.
 
-The speed idea (DESIGN.md, "Where the time goes"): attention only rescales whole slots and a
+The speed idea (docs/method.md, "The model"): attention only rescales whole slots and a
 convolution is linear before its ReLU, so ``(w * (p o M))[i] = sum_k p[i+k] (W_k M[i+k])``.
 The products ``W_k M[j]`` are computed once per sequence (and once per generated word while
 decoding), each step only weighs and sums them. ``literal=True`` computes the convolution over

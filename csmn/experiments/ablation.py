@@ -14,7 +14,7 @@ Outputs under ``out`` (default ``<data>/ablations/<task>-<UTC stamp>``): ``ablat
 folder per (method, split), and an MLflow run ``ablation-<task>`` holding the table as metrics
 (``<method>/<metric>[/by_posts]``) and the two files as artifacts.
 
-The paper's figures are Tables 2 and 3 of the paper text (spec/csmn-paper.txt), copied whole:
+The paper's figures are Tables 2 and 3 of the paper, copied whole:
 they are Instagram's, given for the shape of the results, not as a target for synthetic data.
 """
 
@@ -299,7 +299,7 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
         "data_context_size": data_context,
         "methods": methods,
         "table": table,
-        "paper_source": "Tables 2 and 3 of spec/csmn-paper.txt (Instagram; every figure "
+        "paper_source": "Tables 2 and 3 of Park, Kim, Kim, CVPR 2017 (Instagram; every figure "
                         "of both tables copied)",
         "notes": notes + [
             f"{', '.join(NOT_IMPLEMENTED)}: the paper's figures only; not implemented here.",

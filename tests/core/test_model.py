@@ -511,7 +511,7 @@ def test_hashtag_duplicates_removed_after_decoding_or_blocked_while_decoding():
 
 def test_flop_counts_match_the_design_notes():
     flops = flops_per_token(ModelConfig())
-    # DESIGN.md rounds the literal memory CNN to 0.44 GFLOP/token on the context memory and
+    # docs/method.md rounds the literal memory CNN to 0.44 GFLOP/token on the context memory and
     # 0.12 on the output memory (slots x widths). Counting the valid positions exactly:
     # context: 2 x 1,024 x 300 x (58 x 3 + 57 x 4 + 56 x 5) + the attention scaling 2 x 60 x 1,024
     assert flops.literal["context_readout"] == 2 * 1024 * 300 * 682 + 2 * 60 * 1024
