@@ -72,10 +72,8 @@ def _banner(step: str) -> None:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
     from csmn.pipeline.extract import ExtractConfig, format_summary, run_extract
     from csmn.pipeline.preprocess import PreprocessConfig, preprocess
-    from csmn.pipeline.train import TrainConfig, train
     from csmn.synth import SynthConfig, write_archive
 
     archive = storage.join(config.out, "archive")
@@ -114,55 +112,49 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     )
     print(format_summary(summary))
 
-    model_overrides = {
-        "embed_dim": config.embed_dim,
-        "memory_dim": config.memory_dim,
-        "cnn_depth": config.cnn_depth,
-    }
     runs = [(task, "by_users") for task in config.tasks]
     if BY_POSTS_TASK in config.tasks and config.hashtags_by_posts:
         runs.append((BY_POSTS_TASK, "by_posts"))
     for task, family in runs:
-        by_posts = family == "by_posts"
-        train_split, val_split, test_split = SPLIT_FAMILIES[family]
-        name = vocab_name(task, test_split)
-        _banner(f"4/6 train CSMN-P5 for {task}, split {family.replace('_', ' ')} "
-                "(Ray Train, MLflow)")
-        trained = train(
-            TrainConfig(
-                data=root,
-                task=task,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                model=model_overrides,
-                train_split=train_split,
-                val_split=val_split,
-                # The registry holds the models the nightly job may use: split by users.
-                register=not by_posts,
-            )
-        )
-        model_uri = (trained.model_uri if by_posts
-                     else f"models:/{REGISTERED_MODEL_NAMES[task]}/{trained.registered_version}")
-        print(f"model {model_uri} (MLflow run {trained.mlflow_run_id})")
-
-        _banner(f"5/6 evaluate on {test_split}, with the 1NN baselines")
-        os.environ.setdefault("MLFLOW_TRACKING_URI", trained.tracking_uri)
-        report = evaluate(EvaluateConfig(data=root, model=model_uri, task=task,
-                                         split=test_split))
-        if not by_posts:
-            result.setdefault("promotions", {})[task] = _promote(
-                config, REGISTERED_MODEL_NAMES[task], trained.registered_version, root)
-        result["tasks"][name] = {
-            "model": model_uri,
-            "mlflow_run_id": trained.mlflow_run_id,
-            "tracking_uri": trained.tracking_uri,
-            "report": report["out"],
-            "results": report["results"],
-        }
+        _train_evaluate_promote(config, root, task, family, result)
 
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _train_evaluate_promote(config: DemoConfig, root: str, task: str, family: str,
+                            result: dict[str, Any]) -> None:
+    """Steps 4-6 for one task and family of splits; the registry holds only the models the
+    nightly job may use, those split by users."""
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
+    from csmn.pipeline.train import TrainConfig, train
+
+    by_posts = family == "by_posts"
+    train_split, val_split, test_split = SPLIT_FAMILIES[family]
+    _banner(f"4/6 train CSMN-P5 for {task}, split {family.replace('_', ' ')} "
+            "(Ray Train, MLflow)")
+    trained = train(TrainConfig(
+        data=root, task=task, epochs=config.epochs, batch_size=config.batch_size,
+        seed=config.seed, train_split=train_split, val_split=val_split, register=not by_posts,
+        model={"embed_dim": config.embed_dim, "memory_dim": config.memory_dim,
+               "cnn_depth": config.cnn_depth}))
+    model_uri = (trained.model_uri if by_posts
+                 else f"models:/{REGISTERED_MODEL_NAMES[task]}/{trained.registered_version}")
+    print(f"model {model_uri} (MLflow run {trained.mlflow_run_id})")
+
+    _banner(f"5/6 evaluate on {test_split}, with the 1NN baselines")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", trained.tracking_uri)
+    report = evaluate(EvaluateConfig(data=root, model=model_uri, task=task, split=test_split))
+    if not by_posts:
+        result.setdefault("promotions", {})[task] = _promote(
+            config, REGISTERED_MODEL_NAMES[task], trained.registered_version, root)
+    result["tasks"][vocab_name(task, test_split)] = {
+        "model": model_uri,
+        "mlflow_run_id": trained.mlflow_run_id,
+        "tracking_uri": trained.tracking_uri,
+        "report": report["out"],
+        "results": report["results"],
+    }
 
 
 def _promote(config: DemoConfig, name: str, version: str, root: str) -> str:
