@@ -169,37 +169,42 @@ def compare(config: PromoteConfig, candidate: dict, champion: dict,
 # ------------------------------------------------------------------------------ the gate
 
 
-def _decide(config: PromoteConfig, client: Any, candidate: Any, digest: str,
-            work_dir: str) -> tuple[dict[str, Any], str | None]:
-    """Compare with the current champion until the alias holds still; returns the decision
-    and the champion version it was made against."""
-    truths = _truths(config)
-    mine = _predictions(config, client, candidate, digest, work_dir)
-    for _ in range(MAX_COMPARISONS):
-        current = registry.champion(client, config.name)
-        against = str(current.version) if current else None
-        if against == str(candidate.version):
-            raise Refused(f"{config.name} v{candidate.version} is already the champion")
-        if current is None:
-            decision = {"decision": "promoted", "reason": "no champion yet", "comparison": {}}
-        else:
-            theirs = _predictions(config, client, current, digest, work_dir)
-            comparison = compare(config, mine, theirs, truths)
-            won = comparison["wins"]
-            decision = {"decision": "promoted" if won else "refused", "comparison": comparison,
-                        "reason": (f"the {config.confidence:.0%} interval of the {config.metric} "
-                                   f"gain [{comparison['low']:.4f}, {comparison['high']:.4f}] "
-                                   f"{'clears' if won else 'does not clear'} the minimum gain "
-                                   f"{config.min_gain}")}
-        now = registry.champion(client, config.name)
-        if (str(now.version) if now else None) == against:
-            return decision, against
-        log.info("champion moved to v%s during the comparison: comparing again", now.version)
-    raise Refused(f"champion of {config.name} kept moving: {MAX_COMPARISONS} comparisons")
+def _judge(config: PromoteConfig, client: Any, current: Any, mine: dict, truths: dict,
+           digest: str, work_dir: str) -> dict[str, Any]:
+    """The candidate's predictions against those of ``current`` (None: no champion yet)."""
+    if current is None:
+        return {"decision": "promoted", "reason": "no champion yet", "comparison": {}}
+    theirs = _predictions(config, client, current, digest, work_dir)
+    comparison = compare(config, mine, theirs, truths)
+    won = comparison["wins"]
+    return {"decision": "promoted" if won else "refused", "comparison": comparison,
+            "reason": (f"the {config.confidence:.0%} interval of the {config.metric} gain "
+                       f"[{comparison['low']:.4f}, {comparison['high']:.4f}] "
+                       f"{'clears' if won else 'does not clear'} the minimum gain "
+                       f"{config.min_gain}")}
+
+
+def _record(config: PromoteConfig, client: Any, candidate: str, decision: dict[str, Any]) -> None:
+    """Tags on both versions, then the alias: called with the promotion lock held."""
+    against = decision["champion"]
+    registry.tag_decision(client, config.name, candidate, against, {
+        k: decision[k] for k in ("decision", "candidate", "champion", "metric", "data_digest",
+                                 "split", "at", "reason")} | {
+        "interval": [decision["comparison"].get("low"), decision["comparison"].get("high")]})
+    if config.allow_random_features and decision["random_features"]:
+        registry.tag_version(client, config.name, candidate,
+                             {"csmn.promoted_with_random_features": "true"})
+    if decision["decision"] == "promoted":
+        registry.move_champion(client, config.name, candidate, against, "promote")
 
 
 def promote(config: PromoteConfig) -> dict[str, Any]:
-    """Decide, record and (unless a dry run) move the alias; returns the decision."""
+    """Decide, record and (unless a dry run) move the alias; returns the decision.
+
+    The comparison runs without a lock (it is the slow part); the champion is read again
+    under the registry's promotion lock, and the decision is recorded there only when it is
+    still the version the candidate was compared with. Otherwise the candidate is compared
+    again with the new champion."""
     if not config.data:
         raise ValueError("--data is required: the data root both models are evaluated on")
     tracking_uri = resolve_tracking_uri(config.data)
@@ -207,27 +212,34 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
     if config.rollback:
         return _rollback(config, client)
     candidate = registry.model_version(client, config.name, config.candidate)
+    number = str(candidate.version)
     digest = layout.data_digest(config.data)
+    base = {"model": config.name, "candidate": number, "metric": config.metric,
+            "min_gain": config.min_gain, "confidence": config.confidence,
+            "split": config.split, "data": config.data, "data_digest": digest,
+            "random_features": registry.uses_random_features(client, candidate),
+            "random_features_allowed": config.allow_random_features, "dry_run": config.dry_run}
     with tempfile.TemporaryDirectory(prefix="csmn-promote-") as work_dir:
         check_candidate(config, client, candidate, work_dir)
-        decision, against = _decide(config, client, candidate, digest, work_dir)
-    decision.update({
-        "model": config.name, "candidate": str(candidate.version), "champion": against,
-        "metric": config.metric, "min_gain": config.min_gain, "confidence": config.confidence,
-        "split": config.split, "data": config.data, "data_digest": digest,
-        "random_features_allowed": config.allow_random_features,
-        "dry_run": config.dry_run, "at": registry.now()})
-    if config.dry_run:
-        return decision
-    registry.tag_decision(client, config.name, str(candidate.version), against, {
-        k: decision[k] for k in ("decision", "candidate", "champion", "metric", "data_digest",
-                                 "split", "at", "reason")} | {
-        "interval": [decision["comparison"].get("low"), decision["comparison"].get("high")]})
-    if config.allow_random_features and registry.uses_random_features(client, candidate):
-        client.set_model_version_tag(config.name, str(candidate.version),
-                                     "csmn.promoted_with_random_features", "true")
-    if decision["decision"] == "promoted":
-        registry.move_champion(client, config.name, str(candidate.version), against, "promote")
+        truths = _truths(config)
+        mine = _predictions(config, client, candidate, digest, work_dir)
+        for _ in range(MAX_COMPARISONS):
+            current = registry.champion(client, config.name)
+            against = str(current.version) if current else None
+            if against == number:
+                raise Refused(f"{config.name} v{number} is already the champion")
+            decision = {**base, **_judge(config, client, current, mine, truths, digest,
+                                         work_dir), "champion": against, "at": registry.now()}
+            if config.dry_run:
+                return decision
+            with registry.promotion_lock(client, config.name):
+                now = registry.champion(client, config.name)
+                if (str(now.version) if now else None) == against:
+                    _record(config, client, number, decision)
+                    break
+            log.info("champion moved to v%s during the comparison: comparing again", now.version)
+        else:
+            raise Refused(f"champion of {config.name} kept moving: {MAX_COMPARISONS} comparisons")
     decision["mlflow_run_id"] = registry.log_promotion_run(
         tracking_uri, config.name, decision, render_markdown(decision))
     return decision

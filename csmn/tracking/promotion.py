@@ -9,9 +9,13 @@ replaying them in order gives the stack of champions that ``--rollback`` pops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,6 +129,57 @@ def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
                       + ("" if current is None or not stack or stack[-1] == str(current.version)
                          else f" (champion v{current.version} was set outside csmn promote)"))
     return move_champion(client, name, stack[-2], str(current.version), "rollback")
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+LOCK_SUFFIX = "--promotion-lock"
+# A lock older than this belongs to a promotion that died holding it.
+STALE_LOCK_SECONDS = 3600.0
+
+
+@contextlib.contextmanager
+def promotion_lock(client: MlflowClient, name: str, timeout_s: float = 600.0,
+                   poll_s: float = 0.5) -> Iterator[None]:
+    """Mutual exclusion between promotions of ``name``, in whatever store the registry is
+    (SQLite, a database, an MLflow server): creating a registered model is atomic and
+    refused when the name exists, so the lock is a registered model of its own,
+    ``<name>--promotion-lock``, deleted on release. A lock left by a dead process expires."""
+    lock = name + LOCK_SUFFIX
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"csmn.lock.holder": f"{socket.gethostname()}:{os.getpid()}",
+                            "csmn.lock.since": str(time.time())},
+                description=f"held while a promotion of {name} records its decision")
+            break
+        except MlflowException as err:
+            # "does not exist": the holder released it between our insert and the store's
+            # look-up of the name; try again.
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" and not _missing(err):
+                raise
+        _break_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise Refused(f"another promotion of {name} holds {lock} (waited {timeout_s:.0f} s)")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _break_if_stale(client: MlflowClient, lock: str) -> None:
+    try:
+        since = float(client.get_registered_model(lock).tags.get("csmn.lock.since", "0"))
+        if time.time() - since > STALE_LOCK_SECONDS:
+            client.delete_registered_model(lock)
+    except MlflowException as err:
+        if not _missing(err):
+            raise
 
 
 def tag_decision(client: MlflowClient, name: str, candidate: str, champion: str | None,
