@@ -257,3 +257,20 @@ def test_two_promotions_at_once_leave_a_winner(ray_session, promo_root, tmp_path
     assert champion == winner
     assert client.get_model_version(NAME, loser).tags["csmn.promotion.champion"] == winner
     assert [m["version"] for m in history(client, NAME)] == [bad, winner]
+
+
+def test_promotion_lock_excludes_and_expires(tmp_path):
+    from csmn.tracking.promotion import LOCK_SUFFIX, promotion_lock
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    with promotion_lock(client, NAME):
+        with pytest.raises(Refused, match="holds"):
+            with promotion_lock(client, NAME, timeout_s=1, poll_s=0.2):
+                pass
+    with promotion_lock(client, NAME):  # released: free again
+        pass
+    # a lock whose holder died long ago is broken, not waited for
+    client.create_registered_model(NAME + LOCK_SUFFIX, tags={"csmn.lock.since": "0"})
+    with promotion_lock(client, NAME, timeout_s=5):
+        pass
+    assert client.search_registered_models() == []
