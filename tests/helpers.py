@@ -262,3 +262,18 @@ def tiny_model_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size, embed_dim=8, memory_dim=16, context_size=5, max_length=8, cnn_depth=4
     )
+
+
+def rig_logits(model, preferences: dict[int, float]):
+    """Make every decoding step of ``model`` give the same logits: ``preferences`` (id ->
+    logit), 0 for the rest. W_o = 0 and b_o = 1 make the readout's ReLU a vector of ones, so
+    W_f's row sums are the logits (eq. 12). Returns the model, changed in place."""
+    import torch
+
+    with torch.no_grad():
+        model.hidden.weight.zero_()
+        model.hidden.bias.fill_(1.0)
+        model.vocab.weight.zero_()
+        for token, logit in preferences.items():
+            model.vocab.weight[token] = logit / model.vocab.weight.shape[1]
+    return model

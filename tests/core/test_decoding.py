@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import rig_logits
 
 from csmn.core.decoding import beam_search, greedy_decode
 from csmn.core.model import CSMN, ModelConfig
@@ -12,18 +13,10 @@ ID = {"#x": 4}
 
 
 def rigged(preferences: dict[int, float]) -> CSMN:
-    """Every step gives the same logits, ``preferences`` (0 for the rest): W_o = 0 and
-    b_o = 1 make the readout a vector of ones, so W_f's row sums are the logits (eq. 12)."""
     torch.manual_seed(0)
     model = CSMN(ModelConfig(vocab_size=10, embed_dim=8, memory_dim=16, context_size=5,
                              max_length=8, cnn_depth=4)).eval()
-    with torch.no_grad():
-        model.hidden.weight.zero_()
-        model.hidden.bias.fill_(1.0)
-        model.vocab.weight.zero_()
-        for token, logit in preferences.items():
-            model.vocab.weight[token] = logit / model.vocab.weight.shape[1]
-    return model
+    return rig_logits(model, preferences)
 
 
 def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:

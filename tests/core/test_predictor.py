@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from helpers import rig_logits
 from mlflow.tracking import MlflowClient
 
 from csmn.core.checkpoint import save_checkpoint
@@ -37,17 +38,7 @@ def _random(seed: int = 0, **overrides) -> CSMN:
 
 
 def rigged(preferences: dict[int, float]) -> CSMN:
-    """A model whose every step gives the same logits: ``preferences`` (id -> logit), 0 for
-    the rest. W_o = 0 and b_o = 1 make the readout's ReLU a vector of ones, so W_f's row
-    sums are the logits (eq. 12)."""
-    model = _random()
-    with torch.no_grad():
-        model.hidden.weight.zero_()
-        model.hidden.bias.fill_(1.0)
-        model.vocab.weight.zero_()
-        for token, logit in preferences.items():
-            model.vocab.weight[token] = logit / model.vocab.weight.shape[1]
-    return model
+    return rig_logits(_random(), preferences)
 
 
 def _features(n: int, seed: int = 1) -> np.ndarray:
