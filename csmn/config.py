@@ -105,11 +105,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
     for f in dataclasses.fields(cls):
         flag = "--" + (prefix + f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
+        default = _default_of(f)
+        if default is not dataclasses.MISSING and default not in ("", None, {}, [], ()):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text = f"{help_text} (default: {shown})".strip()
         if types_of[f.name] is bool:
             parser.add_argument(flag, dest=prefix + f.name, default=None, nargs="?",
                                 const="true", metavar="true|false", help=help_text)
         else:
             parser.add_argument(flag, dest=prefix + f.name, default=None, help=help_text)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:

@@ -41,3 +41,11 @@ def test_list_flags_and_unknown_keys(tmp_path):
         load_config(ExampleConfig, overrides={"epoch": 3})
     with pytest.raises(ValueError, match="epochs"):
         load_config(ExampleConfig, overrides={"epochs": "many"})
+
+
+def test_help_shows_each_default():
+    from csmn.config import config_parser
+
+    text = config_parser(ExampleConfig, "prog", "an example").format_help()
+    for shown in ("(default: 0.001)", "(default: 20)", "(default: 3,4,5)", "(default: True)"):
+        assert shown in text
