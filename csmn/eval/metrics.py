@@ -386,20 +386,18 @@ PER_POST_METRICS = {
 
 def per_post_scores(
     task: str,
-    metric: str,
     truths: Sequence[str],
     predictions: Sequence[str | Sequence[str]],
     scorer: CocoScorer | None = None,
-) -> np.ndarray:
-    """One score per post: hashtag F1 (or P, R) of the post, or a post metric computed
-    sentence by sentence (CIDEr with the split's document frequencies)."""
-    if metric not in PER_POST_METRICS.get(task, ()):
-        raise ValueError(f"no per-post {metric!r} for the {task} task; "
-                         f"choose one of {', '.join(PER_POST_METRICS.get(task, ()))}")
+) -> dict[str, np.ndarray]:
+    """Every per-post score of the task at once (one scoring pass): hashtag F1, P and R of
+    each post, or the post metrics computed sentence by sentence (CIDEr with the split's
+    document frequencies)."""
     if task == "hashtag":
         scores = score_hashtags(truths, predictions)
-        return getattr(scores, f"{metric}_per_post")
+        return {m: getattr(scores, f"{m}_per_post") for m in PER_POST_METRICS[task]}
     posts = score_posts(truths, predictions, scorer=scorer)
-    if metric.startswith("bleu_"):
-        return posts.bleu_per_post[:, int(metric[-1]) - 1]
-    return getattr(posts, f"{metric}_per_post")
+    out = {f"bleu_{n}": posts.bleu_per_post[:, n - 1] for n in range(1, 5)}
+    out.update(meteor=posts.meteor_per_post, rouge_l=posts.rouge_l_per_post,
+               cider=posts.cider_per_post)
+    return out

@@ -152,16 +152,15 @@ def compare(config: PromoteConfig, candidate: dict, champion: dict,
         raise Refused("the candidate and the champion predicted no post in common")
     reference = [truths[k] for k in keys]
     with CocoScorer() if config.task == layout.POST else nullcontext() as scorer:
-        scores = {side: per_post_scores(config.task, config.metric, reference,
-                                        [predicted[k] for k in keys], scorer=scorer)
+        scores = {side: per_post_scores(config.task, reference, [predicted[k] for k in keys],
+                                        scorer=scorer)
                   for side, predicted in (("candidate", candidate), ("champion", champion))}
-        extra = {}
-        if config.task == layout.POST and config.metric != "cider":
-            # CIDEr only means something over a split: reported beside the gate's metric.
-            extra = {f"{side}_cider": float(per_post_scores(
-                config.task, "cider", reference, [predicted[k] for k in keys], scorer).mean())
-                for side, predicted in (("candidate", candidate), ("champion", champion))}
-    result = paired_bootstrap(scores["candidate"], scores["champion"], config.confidence,
+    extra = {}
+    if config.task == layout.POST and config.metric != "cider":
+        # CIDEr only means something over a split: reported beside the gate's metric.
+        extra = {f"{side}_cider": float(scores[side]["cider"].mean()) for side in scores}
+    result = paired_bootstrap(scores["candidate"][config.metric],
+                              scores["champion"][config.metric], config.confidence,
                               config.min_gain, config.resamples, config.seed)
     return {**result.as_dict(), **extra}
 

@@ -274,3 +274,23 @@ def test_promotion_lock_excludes_and_expires(tmp_path):
     with promotion_lock(client, NAME, timeout_s=5):
         pass
     assert client.search_registered_models() == []
+
+
+def test_post_comparison_per_post_with_cider_beside():
+    """Posts are compared on METEOR per post by default (real pycocoevalcap, Java), CIDEr of
+    the split beside it; a candidate that writes the references wins."""
+    from csmn.pipeline.promote import compare
+
+    config = PromoteConfig(name="csmn-post", data="unused", resamples=500)
+    assert config.metric == "meteor"
+    words = ["sunny", "beach", "pasta", "city", "lights", "morning", "coffee", "trail"]
+    truths = {("u", str(i)): " ".join(words[i % 8:] + words[:i % 8][:2]) for i in range(12)}
+    candidate = dict(truths)
+    champion = {key: "the the the" for key in truths}
+    result = compare(config, candidate, champion, truths)
+    assert result["wins"] and result["n_posts"] == 12
+    assert result["candidate_mean"] > result["champion_mean"]
+    assert result["candidate_cider"] > result["champion_cider"]
+    bleu = compare(PromoteConfig(name="csmn-post", data="unused", metric="bleu_1",
+                                 resamples=500), champion, candidate, truths)
+    assert not bleu["wins"] and bleu["high"] < 0
