@@ -89,7 +89,8 @@ class PromoteConfig:
 # ------------------------------------------------------------------------------ checks
 
 
-def check_candidate(config: PromoteConfig, client: Any, version: Any, work_dir: str) -> None:
+def check_candidate(config: PromoteConfig, version: Any, random_features: bool,
+                    work_dir: str) -> None:
     """Refuse a candidate that does not fit the data root, or that learned from random
     image features without leave."""
     metadata = read_metadata(tracking.resolve_checkpoint(
@@ -105,7 +106,7 @@ def check_candidate(config: PromoteConfig, client: Any, version: Any, work_dir: 
     if root_context is not None and int(root_context) < int(model_context):
         raise Refused(f"{config.name} v{version.version}: context size {model_context}, but the "
                       f"data root's contexts hold {root_context} words")
-    if registry.uses_random_features(client, version) and not config.allow_random_features:
+    if random_features and not config.allow_random_features:
         raise Refused(f"{config.name} v{version.version} was trained on features of random "
                       "ResNet-101 weights: pass --allow-random-features to promote it anyway")
 
@@ -219,7 +220,7 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
             "random_features": registry.uses_random_features(client, candidate),
             "random_features_allowed": config.allow_random_features, "dry_run": config.dry_run}
     with tempfile.TemporaryDirectory(prefix="csmn-promote-") as work_dir:
-        check_candidate(config, client, candidate, work_dir)
+        check_candidate(config, candidate, base["random_features"], work_dir)
         truths = _truths(config)
         mine = _predictions(config, client, candidate, digest, work_dir)
         for _ in range(MAX_COMPARISONS):
@@ -245,14 +246,10 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
 
 
 def _rollback(config: PromoteConfig, client: Any) -> dict[str, Any]:
-    current = registry.champion(client, config.name)
     if config.dry_run:
-        stack = registry.champion_stack(registry.history(client, config.name))
-        target = stack[-2] if len(stack) >= 2 else None
-        if target is None:
-            raise Refused(f"{config.name}: no earlier champion recorded to roll back to")
+        target, current = registry.rollback_target(client, config.name)
         return {"decision": "rollback", "model": config.name, "champion": target,
-                "previous": str(current.version) if current else None, "dry_run": True}
+                "previous": current, "dry_run": True}
     entry = registry.rollback(client, config.name)
     return {"decision": "rollback", "model": config.name, "champion": entry["version"],
             "previous": entry["previous"], "at": entry["at"], "dry_run": False}

@@ -120,15 +120,22 @@ def move_champion(client: MlflowClient, name: str, version: str, previous: str |
     return entry
 
 
-def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
-    """Move ``champion`` back to the champion before the current one."""
+def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
+    """(the champion before the current one, the current one), or Refused."""
     current = champion(client, name)
     stack = champion_stack(history(client, name))
-    if current is None or len(stack) < 2 or stack[-1] != str(current.version):
-        raise Refused(f"{name}: no earlier champion recorded to roll back to"
-                      + ("" if current is None or not stack or stack[-1] == str(current.version)
-                         else f" (champion v{current.version} was set outside csmn promote)"))
-    return move_champion(client, name, stack[-2], str(current.version), "rollback")
+    if current is None or len(stack) < 2:
+        raise Refused(f"{name}: no earlier champion recorded to roll back to")
+    if stack[-1] != str(current.version):
+        raise Refused(f"{name}: champion v{current.version} was set outside csmn promote; "
+                      "its history cannot say what came before")
+    return stack[-2], stack[-1]
+
+
+def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
+    """Move ``champion`` back to the champion before the current one."""
+    target, current = rollback_target(client, name)
+    return move_champion(client, name, target, current, "rollback")
 
 
 def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
