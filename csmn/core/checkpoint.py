@@ -4,12 +4,18 @@ Layout (format version 1)::
 
     csmn.json        {"format": "csmn-checkpoint", "version": 1, "task", "epoch",
                       "model_config": {...}, "train_config": {...}, "metrics": {...},
-                      "vocab": [tokens in id order]}
+                      "vocab": [tokens in id order], "inputs": {...}}
     model.pt         the network's state_dict (tensors only)
     train_state.pt   optional: optimizer state, for resuming training
 
 Tensors go through ``torch.save`` and come back with ``torch.load(weights_only=True)``, which
 refuses to run pickled code; everything else is JSON, readable without torch.
+
+``inputs`` is how the training data was made, for whoever feeds the model new posts (the
+nightly job): ``context`` (D and the IDF's document frequencies, a
+:class:`csmn.text.user_context.ContextSpec`), ``features`` (the ResNet weights and image
+preprocessing of the features it learned from) and ``text`` (the per-post filter
+thresholds). Absent (``{}``) in checkpoints of older data roots.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class LoadedCheckpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     train_state: dict[str, Any] | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -73,6 +80,7 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     train_config: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint folder at ``directory`` (a local path or a URI)."""
     if len(vocab) != model_config.vocab_size:
@@ -91,6 +99,7 @@ def save_checkpoint(
         "train_config": train_config or {},
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "vocab": list(vocab),
+        "inputs": inputs or {},
     }
     # Written last: a folder with csmn.json is complete.
     storage.write_text(storage.join(directory, METADATA_FILE),
@@ -130,4 +139,5 @@ def load_checkpoint(
         metrics=dict(metadata.get("metrics") or {}),
         train_config=dict(metadata.get("train_config") or {}),
         train_state=train_state,
+        inputs=dict(metadata.get("inputs") or {}),
     )

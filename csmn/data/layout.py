@@ -142,6 +142,41 @@ def evaluations_dir(root: str) -> str:
     return storage.join(root, "evaluations")
 
 
+# The nightly job's output root (``csmn generate --out``). Names that start with "_" are
+# skipped by pyarrow and Ray Data when they read ``predictions/`` as a dataset: only the
+# committed parts of the ``run_date=`` partitions are data.
+GENERATE_STAGE = "generate"
+
+
+def predictions_dir(out: str) -> str:
+    return storage.join(out, "predictions")
+
+
+def predictions_partition(out: str, run_date: str) -> str:
+    return storage.join(predictions_dir(out), f"run_date={run_date}")
+
+
+def predictions_staging_dir(out: str, attempt: str | None = None) -> str:
+    staging = storage.join(predictions_dir(out), "_staging")
+    return staging if attempt is None else storage.join(staging, attempt)
+
+
+def predictions_lease_uri(out: str) -> str:
+    return storage.join(predictions_dir(out), "_commit.lease")
+
+
+def generation_summary_uri(out: str, run_date: str, attempt: str | None = None) -> str:
+    """The last run's summary of a date, or (with ``attempt``) that run's own."""
+    partition = predictions_partition(out, run_date)
+    if attempt is None:
+        return storage.join(partition, "_summary.json")
+    return storage.join(partition, "_runs", f"{attempt}.json")
+
+
+def generation_rejects_dir(out: str, run_date: str) -> str:
+    return storage.join(rejects_dir(out, GENERATE_STAGE), f"run_date={run_date}")
+
+
 # Manifest fields that differ between two runs over the same data: not part of its identity.
 VOLATILE_MANIFEST_FIELDS = ("created_at", "seconds", "digest")
 

@@ -73,7 +73,7 @@ from csmn.text.splits import (
     split_user_posts,
     split_users,
 )
-from csmn.text.user_context import UserContext, count_tokens, fit_idf
+from csmn.text.user_context import ContextSpec, UserContext, count_tokens
 from csmn.text.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -693,9 +693,11 @@ def add_vocabularies(plan: Plan, token_stats: Iterable[dict], config: Preprocess
             n_docs = sum(1 for s in plan.user_splits[task].values() if s == TRAIN)
         else:  # by posts every user has training posts
             n_docs = len(plan.user_splits[task])
+        spec = ContextSpec(config.context_size, n_docs,
+                           {t: d for t, d in doc_freq[name].items() if vocab.is_word(t)})
+        vocab.context = spec.to_json(vocab)
         plan.vocabs[name] = vocab
-        plan.idf[name] = fit_idf(
-            {t: d for t, d in doc_freq[name].items() if vocab.is_word(t)}, n_docs)
+        plan.idf[name] = spec.idf()
         plan.idf_docs[name] = n_docs
 
 

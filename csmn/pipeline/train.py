@@ -58,10 +58,12 @@ from csmn.pipeline.train_data import (
     JoinStats,
     batch_options,
     collate_batch,
+    ingest_config,
     joined_dataset,
     shuffled_each_epoch,
 )
-from csmn.text.vocab import load_vocab
+from csmn.text.filters import FilterThresholds
+from csmn.text.vocab import Vocabulary, load_vocab
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +462,8 @@ def checkpoint_and_report(worker: Worker, loop_config: dict[str, Any],
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(directory, worker.model, worker.model_config, worker.vocab,
                         worker.config.task, epoch=epoch, metrics=metrics,
-                        train_config=loop_config["train"], optimizer=worker.optimizer)
+                        train_config=loop_config["train"], optimizer=worker.optimizer,
+                        inputs=loop_config["inputs"])
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     # After the report: a crash before it repeats the epoch, so no step is logged twice.
     tracking.log_metrics(loop_config["tracking_uri"], loop_config["run_id"],
@@ -574,6 +577,28 @@ def features_provenance(data: str, layer: str) -> dict[str, str]:
             "csmn.features_weights": str(weights.get("fingerprint", "unknown"))}
 
 
+def training_inputs(data: str, vocab: Vocabulary, layer: str) -> dict[str, Any]:
+    """How the training data was made (checkpoint ``inputs``): the nightly job makes the
+    contexts and features of new posts from this, exactly as this data root did."""
+    manifest_uri = layout.manifest_uri(data)
+    manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
+    preprocess_config = manifest.get("config") or {}
+    meta_uri = layout.features_meta_uri(data, layer)
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    inputs: dict[str, Any] = {
+        "text": {f.name: preprocess_config[f.name] for f in dataclasses.fields(FilterThresholds)
+                 if f.name in preprocess_config},
+        "data_digest": manifest.get("digest"),
+    }
+    if vocab.context is not None:
+        inputs["context"] = vocab.context
+    if meta:
+        inputs["features"] = {"layer": layer, "weights": meta.get("weights") or {},
+                              "preprocess": meta.get("preprocess") or {},
+                              "random_weights": bool(meta.get("random_weights", True))}
+    return inputs
+
+
 def _start_run(config: TrainConfig, model_config: ModelConfig, data: dict[str, Any],
                provenance: dict[str, str]) -> tuple[str, str]:
     """(tracking URI, run id) of the run created (or resumed, by name), its params logged."""
@@ -607,6 +632,7 @@ def build_trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: di
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        dataset_config=ingest_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu,
             resources_per_worker=resources),
@@ -671,9 +697,11 @@ def train(config: TrainConfig) -> TrainSummary:
     config = resolve_defaults(config)
     init_ray()
     # The by-posts hashtag split has its own vocabulary, fit on train_by_posts.
-    vocab = load_vocab(config.data, config.task, config.train_split).tokens
+    vocabulary = load_vocab(config.data, config.task, config.train_split)
+    vocab = vocabulary.tokens
     model_config = build_model_config(config, len(vocab))
     train_ds, val_ds, data = training_datasets(config, model_config.image_layer)
+    inputs = training_inputs(config.data, vocabulary, model_config.image_layer)
     provenance = features_provenance(config.data, model_config.image_layer)
     tracking_uri, run_id = _start_run(config, model_config, data, provenance)
     with tracking.finished_or_failed(tracking_uri, run_id):
@@ -682,6 +710,7 @@ def train(config: TrainConfig) -> TrainSummary:
             "train": dataclasses.asdict(config),
             "model": dataclasses.asdict(model_config),
             "vocab": vocab,
+            "inputs": inputs,
             "tracking_uri": tracking_uri,
             "run_id": run_id,
             "run_storage": storage.join(config.storage, config.run_name),

@@ -151,6 +151,11 @@ def _join(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, Joi
                                 "run extract-features")
     fs, paths = _paths(feature_files)
     features = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "feature"])
+    # The joined blocks in file order, not in the order their tasks finish: the block-order
+    # shuffle of every epoch starts from this order, so without it one seed trains on a
+    # different sequence each run (and on a loaded machine, a different model). This
+    # dataset's own context: other datasets of the session keep streaming out of order.
+    features.context.execution_options.preserve_order = True
     # Ray Data stores the examples table in the object store once for all the tasks.
     joined = features.map_batches(
         _lookup_examples, fn_kwargs={"examples": examples}, batch_format="pyarrow",
@@ -187,6 +192,19 @@ def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Datase
 
     return dataset.randomize_block_order(
         seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def ingest_config() -> Any:
+    """Ray Train's dataset config: the shards in the dataset's own order. Ray Train replaces
+    a dataset's execution options with the session's defaults, where blocks stream out in
+    the order their tasks finish; then one seed trains on another sequence every run (and a
+    tiny test model lands on another F1). The dataset is materialized, so keeping its order
+    costs nothing."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 def batch_options(shuffle_buffer: int, seed: int, epoch: int, rank: int) -> dict[str, Any]:

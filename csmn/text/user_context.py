@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from csmn.text.vocab import Vocabulary
 
@@ -95,3 +97,45 @@ def top_context(
 ) -> list[str]:
     """Top-``size`` vocabulary words of ``counts`` by TF-IDF, best first (reference form)."""
     return UserContext(counts, idf, vocab, size, n_docs).full()
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """Everything that makes a user's context (paper 4.1) over one vocabulary: D, and the
+    IDF's statistics from the training users (how many, and each word's document frequency).
+
+    Preprocessing writes it beside the vocabulary and training carries it into the
+    checkpoint, so that the nightly job computes the context of a new post exactly as the
+    model's training data did, without the data root.
+    """
+
+    size: int
+    documents: int
+    document_frequencies: Mapping[str, int]
+
+    def idf(self) -> dict[str, float]:
+        return fit_idf(self.document_frequencies, self.documents)
+
+    def user_context(self, counts: Mapping[str, int], vocab: Vocabulary,
+                     idf: Mapping[str, float] | None = None) -> UserContext:
+        """The context ranking of a user with these token ``counts`` (pass ``idf``, from
+        :meth:`idf`, when making many)."""
+        return UserContext(counts, self.idf() if idf is None else idf, vocab, self.size,
+                           self.documents)
+
+    def to_json(self, vocab: Vocabulary) -> dict[str, Any]:
+        """Frequencies as a list aligned with the vocabulary's ids (0: never in training)."""
+        return {"size": self.size, "documents": self.documents,
+                "document_frequencies": [int(self.document_frequencies.get(t, 0))
+                                         for t in vocab.tokens]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], vocab: Sequence[str]) -> ContextSpec:
+        frequencies = data.get("document_frequencies")
+        if not isinstance(frequencies, list) or len(frequencies) != len(vocab):
+            raise ValueError(f"a context spec has {len(vocab)} document frequencies, one per "
+                             f"token, got {type(frequencies).__name__} of "
+                             f"{len(frequencies) if isinstance(frequencies, list) else '?'}")
+        return cls(size=int(data["size"]), documents=int(data["documents"]),
+                   document_frequencies={t: int(d) for t, d in zip(vocab, frequencies,
+                                                                   strict=True) if d})

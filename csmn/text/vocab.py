@@ -4,7 +4,9 @@ Ids: ``_PAD``=0, ``_GO``=1, ``_EOS``=2, ``_UNK``=3, then tokens by count descend
 the token string. The size counts the special tokens (as the authors' code did: a 40K
 vocabulary holds 39,996 words). Out-of-vocabulary tokens encode to ``_UNK``.
 
-Stored as ``<root>/vocab/<name>.json`` = ``{"tokens": [...]}`` in id order, where name is the
+Stored as ``<root>/vocab/<name>.json`` = ``{"tokens": [...], "context": {...}}`` (tokens in id
+order; ``context``: how user contexts over this vocabulary are computed, see
+:class:`csmn.text.user_context.ContextSpec`), where name is the
 task (``caption``, ``hashtag``) or ``hashtag_by_posts`` for the hashtag task's split by posts
 (its training split differs, so does its vocabulary): use :func:`vocab_name` /
 :func:`vocab_uri` to find the right one for a split.
@@ -13,6 +15,7 @@ task (``caption``, ``hashtag``) or ``hashtag_by_posts`` for the hashtag task's s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID, SPECIAL_TOKENS, UNK, UNK_ID
 from csmn.data import storage
@@ -28,7 +31,10 @@ def rank_tokens(counts: Mapping[str, int]) -> list[str]:
 
 
 class Vocabulary:
-    def __init__(self, tokens: Sequence[str]):
+    """Tokens in id order; ``context`` (JSON, optional) says how the user contexts over this
+    vocabulary were computed, so that a model trained on it rebuilds them the same way."""
+
+    def __init__(self, tokens: Sequence[str], context: dict[str, Any] | None = None):
         tokens = list(tokens)
         if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"a vocabulary starts with {SPECIAL_TOKENS}, got {tokens[:4]}")
@@ -36,6 +42,7 @@ class Vocabulary:
             raise ValueError("a vocabulary has duplicate tokens")
         self.tokens = tokens
         self.index = {token: i for i, token in enumerate(tokens)}
+        self.context = context
 
     @classmethod
     def from_counts(cls, counts: Mapping[str, int], size: int) -> Vocabulary:
@@ -76,8 +83,11 @@ class Vocabulary:
             words.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
         return words
 
-    def to_json(self) -> dict[str, list[str]]:
-        return {"tokens": list(self.tokens)}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tokens": list(self.tokens)}
+        if self.context is not None:
+            out["context"] = self.context
+        return out
 
     def save(self, uri: str) -> None:
         storage.write_json(uri, self.to_json())
@@ -87,7 +97,10 @@ class Vocabulary:
         data = storage.read_json(uri)
         if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
             raise ValueError(f"{uri}: expected a JSON object with a 'tokens' list")
-        return cls(data["tokens"])
+        context = data.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise ValueError(f"{uri}: 'context' must be a JSON object")
+        return cls(data["tokens"], context)
 
 
 def load_vocab(root: str, task: str, split: str | None = None) -> Vocabulary:

@@ -1,0 +1,136 @@
+"""A lease in the store itself: one holder at a time for a short critical section.
+
+Two runs of the nightly job may overlap (the KubeRay RayCronJob has no concurrency policy),
+and both commit predictions into the same output. The commit step runs under this lease, so
+that its check "which posts are committed already" and its write are never interleaved with
+another run's.
+
+The lease is one small JSON object created only if absent: ``O_CREAT | O_EXCL`` on a local
+disk, a conditional ``PutObject`` (``If-None-Match: *``) on S3. It names its holder and
+expires: a holder that died leaves a lease that the next run breaks once it has expired.
+Holders keep their critical sections far shorter than the expiry, and check before they write
+that the lease is still theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from csmn.data import storage
+
+log = logging.getLogger(__name__)
+
+
+class LeaseHeld(TimeoutError):
+    """Another holder kept the lease for longer than we were willing to wait."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    uri: str
+    owner: str
+    expires_at: float
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    # boto3 reads AWS_ENDPOINT_URL itself, like the storage layer's pyarrow filesystem.
+    return boto3.client("s3")
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` with ``data`` if nothing is there; False if something is."""
+    if storage.is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        try:
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                            "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    _, path = storage.resolve(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _read(uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):  # half-visible or garbled: treat it as expired
+        return {}
+
+
+def acquire(uri: str, ttl_s: float, wait_s: float, poll_s: float = 0.5,
+            owner: str | None = None) -> Lease:
+    """Take the lease at ``uri`` for ``ttl_s`` seconds, waiting up to ``wait_s`` for the
+    current holder; an expired lease is broken."""
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        expires_at = time.time() + ttl_s
+        body = json.dumps({"owner": owner, "expires_at": expires_at}).encode()
+        if _create_exclusive(uri, body):
+            return Lease(uri, owner, expires_at)
+        current = _read(uri)
+        if current is not None and float(current.get("expires_at", 0)) < time.time():
+            log.warning("breaking the expired lease %s of %s", uri, current.get("owner"))
+            storage.delete(uri)
+            continue
+        if time.monotonic() > deadline:
+            raise LeaseHeld(f"{uri} is held by {(current or {}).get('owner')} (expires "
+                            f"{(current or {}).get('expires_at')}); waited {wait_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def still_held(lease: Lease) -> bool:
+    current = _read(lease.uri)
+    return bool(current) and current.get("owner") == lease.owner and \
+        lease.expires_at > time.time()
+
+
+def release(lease: Lease) -> None:
+    current = _read(lease.uri)
+    if current and current.get("owner") == lease.owner:
+        storage.delete(lease.uri)
+
+
+@contextmanager
+def held(uri: str, ttl_s: float = 600.0, wait_s: float = 900.0) -> Iterator[Lease]:
+    lease = acquire(uri, ttl_s, wait_s)
+    try:
+        yield lease
+    finally:
+        release(lease)
+
+
+__all__ = ["Lease", "LeaseHeld", "acquire", "held", "release", "still_held"]

@@ -1,0 +1,393 @@
+"""The nightly job end to end: a tiny synthetic archive, preprocessed and featurized by the
+real stages, tiny models for both tasks trained here and promoted to ``@champion`` in a real
+MLflow store; then ``csmn generate`` over it (Ray Data, the actors, the commit), again on the
+same date, on a later date after new posts arrived, after kills, and on S3 (moto)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from csmn.core.checkpoint import save_checkpoint
+from csmn.core.model import CSMN, sequence_loss
+from csmn.data import layout, lease, storage
+from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES
+from csmn.data.schemas import validate
+from csmn.pipeline.generate import GenerateConfig, build_parser, run_generate
+from csmn.pipeline.train import training_inputs
+from csmn.pipeline.train_data import collate_batch
+from csmn.text.history import TaskContext, history_contexts
+from csmn.text.user_context import ContextSpec, UserContext, count_tokens
+from csmn.text.vocab import load_vocab
+from tests.helpers import tiny_model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HELD_BACK = 3  # each user's newest posts, written to the archive after training
+NEW_USER = "nightly-newcomer"
+
+
+def _split_archive(archive: str, later: str) -> list[dict]:
+    """Move each user's newest posts out of the archive into ``later`` (JSONL lines)."""
+    lines_by_file = {}
+    for uri in storage.list_files(storage.join(archive, "posts"), suffix=".jsonl"):
+        lines_by_file[uri] = storage.read_text(uri).splitlines()
+    records = []
+    for uri, lines in lines_by_file.items():
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("created_at") and record.get("user_id"):
+                records.append((uri, line, record))
+    newest: dict[str, list] = {}
+    for _, line, record in sorted(records, key=lambda r: str(r[2]["created_at"]), reverse=True):
+        newest.setdefault(str(record["user_id"]), [])
+        if len(newest[str(record["user_id"])]) < HELD_BACK:
+            newest[str(record["user_id"])].append(line)
+    held = {line for lines in newest.values() for line in lines}
+    for uri, lines in lines_by_file.items():
+        storage.write_text(uri, "".join(f"{line}\n" for line in lines if line not in held))
+    later_records = [json.loads(line) for line in sorted(held)]
+    # a user the archive has never seen: no history at all
+    first = later_records[0]
+    later_records.append({**first, "user_id": NEW_USER, "post_id": "first-post",
+                          "caption": "", "hashtags": []})
+    storage.write_text(later, "".join(json.dumps(r) + "\n" for r in later_records))
+    return later_records
+
+
+def _train(root: str, task: str, out: str, steps: int = 30) -> str:
+    """A tiny model trained by a plain loop on the root's train split, saved with the
+    inputs the real trainer records (vocabulary statistics, features, thresholds)."""
+    vocabulary = load_vocab(root, task)
+    # the synthetic posts have up to 15 tokens (+ _EOS), paper 3.1
+    config = dataclasses.replace(tiny_model_config(len(vocabulary)), max_length=16)
+    torch.manual_seed(0)
+    model = CSMN(config)
+    examples = storage.read_parquet(layout.examples_dir(root, task, "train")).to_pylist()
+    features = {r["image"]: r["feature"] for r in storage.read_parquet(
+        layout.features_dir(root, "pool5")).to_pylist()}
+    rows = [r for r in examples if r["image"] in features]
+    batch = collate_batch({"token_ids": [r["token_ids"] for r in rows],
+                           "context_ids": [r["context_ids"] for r in rows],
+                           "feature": [features[r["image"]] for r in rows]},
+                          config.context_size, config.max_length)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
+        sequence_loss(logits, batch["targets"]).backward()
+        optimizer.step()
+    save_checkpoint(out, model.eval(), config, vocabulary.tokens, task, epoch=steps,
+                    inputs=training_inputs(root, vocabulary, "pool5"))
+    return out
+
+
+def _promote(tracking_uri: str, checkpoint: str, task: str) -> str:
+    from csmn.tracking import log_pyfunc_model
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("generate-test")
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment("generate-test"))
+    run_id = client.create_run(experiment_id, run_name=f"train-{task}").info.run_id
+    info = log_pyfunc_model(tracking_uri, run_id, checkpoint, task, register=True)
+    client.set_terminated(run_id)
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(REGISTERED_MODEL_NAMES[task], "champion", version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def nightly(ray_session, mlflow_tracking_uri, tmp_path_factory):
+    from csmn.pipeline.extract import ExtractConfig, run_extract
+    from csmn.pipeline.preprocess import PreprocessConfig, preprocess
+    from csmn.synth import SynthConfig, write_archive
+
+    base = tmp_path_factory.mktemp("nightly")
+    archive, root = str(base / "archive"), str(base / "data")
+    write_archive(SynthConfig(out=archive, users=5, seed=4, image_size=32, image_threads=2,
+                              posts_median=16, posts_min=14, posts_max=20,
+                              too_few_users_rate=0.0, too_many_users_rate=0.0,
+                              spammer_users_rate=0.0))
+    later = _split_archive(archive, str(base / "later.jsonl"))
+    preprocess(archive, root, PreprocessConfig(seed=0, min_posts_per_user=5, test_posts=10))
+    run_extract(ExtractConfig(data=root, layer="pool5", weights="random", seed=0,
+                              crop_size=32, resize_size=32, batch_size=64))
+    models = base / "models"
+    checkpoints = {task: _train(root, task, str(models / task)) for task in (HASHTAG, POST)}
+    versions = {task: _promote(mlflow_tracking_uri, path, task)
+                for task, path in checkpoints.items()}
+    return {"archive": archive, "root": root, "later": later, "base": base,
+            "later_file": str(base / "later.jsonl"), "checkpoints": checkpoints,
+            "versions": versions}
+
+
+def _rows(out: str) -> list[dict]:
+    parts = [u for u in storage.list_files(layout.predictions_dir(out), suffix=".parquet")
+             if "/_" not in u[len(layout.predictions_dir(out)):]]
+    if not parts:
+        return []
+    return pads.dataset(layout.predictions_dir(out), format="parquet",
+                        partitioning="hive").to_table().to_pylist()
+
+
+def _archive_posts(archive: str) -> set[tuple[str, str]]:
+    from csmn.data.readers import read_all
+
+    posts, _ = read_all(archive)
+    return {(p["user_id"], p["post_id"]) for p in posts}
+
+
+def _config(nightly, out: str, run_date: str, **kwargs) -> GenerateConfig:
+    return GenerateConfig(archive=nightly["archive"], out=out, run_date=run_date,
+                          batch_size=32, feature_batch_size=32, commit_every=2, **kwargs)
+
+
+def test_history_context_equals_the_training_context():
+    """A new post's context is what UserContext makes of the posts before it (cap,
+    per-post rules and ties included); an undated post's is every other post's."""
+    from csmn.core.tokens import SPECIAL_TOKENS
+    from csmn.text.filters import FilterThresholds
+    from csmn.text.vocab import Vocabulary
+
+    vocab = Vocabulary([*SPECIAL_TOKENS, "#a", "#b", "#c", "#d", "#e"])
+    spec = ContextSpec(size=3, documents=4, document_frequencies={"#a": 4, "#b": 1, "#c": 2,
+                                                                  "#d": 1})
+    thresholds = FilterThresholds(min_tokens=2, max_tokens=4, max_posts_per_user=3)
+    context = TaskContext(HASHTAG, vocab, spec, thresholds)
+
+    def post(i, tags, day, **kw):
+        return {"post_id": f"p{i}", "hashtag_tokens": tags, "non_english": False,
+                "advertisement": False,
+                "created_at": None if day is None else datetime(2026, 1, day, tzinfo=UTC), **kw}
+
+    posts = [post(0, ["#a", "#b"], 1), post(1, ["#c", "#c", "#x"], 2),
+             post(2, ["#d", "#a"], 3), post(3, ["#b"], 4),  # too short: not history
+             post(4, ["#e", "#e"], 5, non_english=True),  # filtered: not history
+             post(5, ["#b", "#c"], 6), post(6, ["#a", "#d"], 6),  # same time: not before
+             post(7, ["#e", "#a"], None), post(8, [], 9)]
+    out = history_contexts(posts, [0, 1, 5, 6, 7, 8], context)
+    idf = spec.idf()
+
+    def reference(history):
+        return UserContext(count_tokens(posts[j]["hashtag_tokens"] for j in history), idf,
+                           vocab, 3, 4).full()
+
+    assert out[0] == []  # nothing before the first post
+    assert out[1] == reference([0])
+    assert out[5] == out[6] == reference([0, 1, 2])
+    # the cap keeps the 3 most recent usable posts before day 9: 5, 6 (day 6) and 2
+    assert out[8] == reference([5, 6, 2])
+    # undated: every other usable post, the 3 most recent
+    assert out[7] == reference([5, 6, 2])
+    assert out[1] and out[8] != out[1]
+
+
+def test_end_to_end_rerun_later_date_and_accounting(nightly, tmp_path):
+    out = str(tmp_path / "out")
+    first = run_generate(_config(nightly, out, "2026-11-30"))
+    rows = _rows(out)
+    keys = [(r["user_id"], r["post_id"]) for r in rows]
+    assert len(keys) == len(set(keys)) == first["counts"]["predicted"] > 40
+    assert set(keys) <= _archive_posts(nightly["archive"])
+    counts = first["counts"]
+    assert first["balance"]["balanced"]
+    assert counts["records_in"] == (counts["predicted"] + counts["already_done"]
+                                    + counts["before_since"] + counts["rejected"])
+    assert counts["already_done"] == 0
+    table = pads.dataset(layout.predictions_partition(out, "2026-11-30"),
+                         format="parquet").to_table()
+    validate(table, "generated_post")
+    row = rows[0]
+    assert row["hashtag_model"] == REGISTERED_MODEL_NAMES[HASHTAG]
+    assert row["hashtag_model_version"] == nightly["versions"][HASHTAG]
+    assert row["post_model_version"] == nightly["versions"][POST]
+    assert all(len(r["hashtags"]) == len(set(r["hashtags"])) for r in rows)
+    # decoding never names a special token
+    assert not any(w.startswith("_") for r in rows for w in r["hashtags"])
+    # a user's first post has no history, so no context; its later ones do
+    by_user = {}
+    for r in sorted(rows, key=lambda r: r["created_at"]):
+        by_user.setdefault(r["user_id"], []).append(r)
+    assert all(posts[0]["history_posts"] == 0 and posts[0]["hashtag_used_context"] is False
+               for posts in by_user.values())
+    assert any(r["hashtag_used_context"] for r in rows)
+    summary = storage.read_json(layout.generation_summary_uri(out, "2026-11-30"))
+    assert summary["attempt"] == first["attempt"]
+
+    # the same date again: nothing new, nothing duplicated
+    again = run_generate(_config(nightly, out, "2026-11-30"))
+    assert again["counts"]["predicted"] == 0
+    assert again["counts"]["already_done"] == counts["predicted"]
+    assert len(_rows(out)) == len(rows)
+
+    # new posts arrive; the next night predicts only those, with the older posts as context
+    storage.write_text(storage.join(nightly["archive"], "posts", "part-99999.jsonl"),
+                       storage.read_text(nightly["later_file"]))
+    try:
+        second = run_generate(_config(nightly, out, "2026-12-01"))
+        new_rows = [r for r in _rows(out) if str(r["run_date"]) == "2026-12-01"]
+        expected = {(str(r["user_id"]), str(r["post_id"])) for r in nightly["later"]}
+        assert {(r["user_id"], r["post_id"]) for r in new_rows} == expected
+        assert second["counts"]["predicted"] == len(expected)
+        assert second["counts"]["already_done"] == counts["predicted"]
+        assert len({(r["user_id"], r["post_id"]) for r in _rows(out)}) == len(_rows(out))
+        newcomer = [r for r in new_rows if r["user_id"] == NEW_USER]
+        assert len(newcomer) == 1 and newcomer[0]["hashtag_used_context"] is False
+        assert newcomer[0]["post_used_context"] is False and newcomer[0]["history_posts"] == 0
+        old_users = [r for r in new_rows if r["user_id"] != NEW_USER]
+        assert all(r["history_posts"] > 0 for r in old_users)
+        assert sum(r["hashtag_used_context"] for r in old_users) >= len(old_users) // 2
+    finally:
+        storage.delete(storage.join(nightly["archive"], "posts", "part-99999.jsonl"))
+
+
+def test_since_leaves_older_posts_as_history(nightly, tmp_path):
+    out = str(tmp_path / "out")
+    summary = run_generate(_config(nightly, out, "2026-11-30", since="2100-01-01T00:00:00Z",
+                                   post_model="none"))
+    assert summary["counts"]["predicted"] == 0
+    assert summary["counts"]["before_since"] > 40
+    assert summary["balance"]["balanced"]
+
+
+def test_refuses_other_weights_and_old_checkpoints(nightly, tmp_path):
+    with pytest.raises(ValueError, match="learned from features of"):
+        run_generate(_config(nightly, str(tmp_path / "a"), "2026-11-30", post_model="none",
+                             weights=_other_weights(tmp_path)))
+    old = str(tmp_path / "old")
+    vocab = load_vocab(nightly["root"], HASHTAG).tokens
+    config = tiny_model_config(len(vocab))
+    save_checkpoint(old, CSMN(config), config, vocab, HASHTAG)
+    with pytest.raises(ValueError, match="Preprocess and train again"):
+        run_generate(_config(nightly, str(tmp_path / "b"), "2026-11-30", post_model="none",
+                             hashtag_model=old))
+
+
+def _other_weights(tmp_path) -> str:
+    import torchvision
+
+    path = str(tmp_path / "other-resnet101.pt")
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet101().state_dict(), path)
+    return path
+
+
+def test_killed_process_and_killed_actor_end_exactly_once(nightly, tmp_path):
+    out = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "csmn.cli", "generate", "--archive", nightly["archive"],
+               "--out", out, "--run-date", "2026-11-30", "--batch-size", "8",
+               "--feature-batch-size", "8", "--commit-every", "1", "--lease-ttl-s", "5"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(_rows(out)) >= 8:  # some committed, most not
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = len(_rows(out))
+    assert partial >= 8
+
+    # the rerun, with a decoding actor killed by ray.kill while it works
+    killer = _kill_a_generate_actor_soon()
+    summary = run_generate(_config(nightly, out, "2026-11-30", commit_every=1, batch_size=8))
+    killer.join()
+    assert killer.killed, "no decoding actor was alive to kill"
+    rows = _rows(out)
+    keys = Counter((r["user_id"], r["post_id"]) for r in rows)
+    assert max(keys.values()) == 1
+    expected = summary["counts"]["predicted"] + summary["counts"]["already_done"]
+    assert len(keys) == expected
+    assert summary["balance"]["balanced"]
+    # every post of the archive that could be predicted is predicted exactly once
+    reference = run_generate(_config(nightly, str(tmp_path / "clean"), "2026-11-30"))
+    assert len(keys) == reference["counts"]["predicted"]
+    assert not storage.list_files(layout.predictions_staging_dir(out), suffix=".parquet")
+
+
+def _kill_a_generate_actor_soon():
+    """ray.kill (restart allowed, as a node loss would) of the first live decoding actor."""
+    import threading
+
+    def kill() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            for handle in _live_actors("GenerateActor"):
+                ray.kill(handle, no_restart=False)
+                killed.append(handle)
+                return
+            time.sleep(0.2)
+
+    import ray
+
+    killed: list = []
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.killed = killed
+    thread.start()
+    return thread
+
+
+def _live_actors(class_fragment: str) -> list:
+    """Handles of the live actors whose class name has ``class_fragment`` (Ray Data's pool
+    actors are unnamed, so from the GCS actor table)."""
+    import ray
+
+    worker = ray._private.worker.global_worker.core_worker
+    return [worker.get_actor_handle(ray.ActorID.from_hex(actor_id))
+            for actor_id, info in ray._private.state.actors().items()
+            if class_fragment in info.get("ActorClassName", "") and info["State"] == "ALIVE"]
+
+
+def test_s3_in_and_out(nightly, s3_bucket):
+    from csmn.synth import SynthConfig, write_archive
+
+    archive = f"{s3_bucket}/archive"
+    write_archive(SynthConfig(out=archive, users=2, seed=4, image_size=32, image_threads=2,
+                              posts_median=5, posts_min=4, posts_max=6,
+                              too_few_users_rate=0.0, too_many_users_rate=0.0,
+                              spammer_users_rate=0.0))
+    out = f"{s3_bucket}/out"
+    config = GenerateConfig(archive=archive, out=out, run_date="2026-11-30", batch_size=16,
+                            feature_batch_size=16)
+    summary = run_generate(config)
+    assert summary["balance"]["balanced"] and summary["counts"]["predicted"] > 5
+    assert storage.exists(layout.generation_summary_uri(out, "2026-11-30"))
+    again = run_generate(config)
+    assert again["counts"]["predicted"] == 0
+    assert again["counts"]["already_done"] == summary["counts"]["predicted"]
+
+
+def test_lease_is_exclusive_and_expires(tmp_path, s3_bucket):
+    for uri in (str(tmp_path / "lease"), f"{s3_bucket}/lease"):
+        held = lease.acquire(uri, ttl_s=60, wait_s=0)
+        with pytest.raises(lease.LeaseHeld):
+            lease.acquire(uri, ttl_s=60, wait_s=0.3, poll_s=0.1)
+        lease.release(held)
+        short = lease.acquire(uri, ttl_s=0.2, wait_s=0)
+        time.sleep(0.3)
+        taken = lease.acquire(uri, ttl_s=60, wait_s=1)  # the expired one is broken
+        assert taken.owner != short.owner and not lease.still_held(short)
+        lease.release(taken)
+        assert not storage.exists(uri)
+
+
+def test_help_shows_defaults():
+    text = build_parser().format_help()
+    assert "models:/csmn-hashtag@champion" in text and "auto" in text
