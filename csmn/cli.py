@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("csmn.pipeline.train", "train CSMN on Ray Train, tracked in MLflow"),
     "evaluate": ("csmn.pipeline.evaluate", "metrics, baselines and a report over a split"),
     "promote": ("csmn.pipeline.promote", "move @champion to a version that beats it"),
+    "generate": ("csmn.pipeline.generate",
+                 "the nightly job: hashtags and post text for every new post"),
     "ablation": ("csmn.experiments.ablation",
                  "the paper's Tables 2/3: train and evaluate the CSMN variants"),
     "demo": ("csmn.experiments.demo", "run the whole pipeline on the embedded default"),

