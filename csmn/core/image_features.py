@@ -214,7 +214,8 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
             raise ImageRejected(
                 "not_an_image", f"not one of {', '.join(ALLOWED_FORMATS)}") from err
         except (OSError, SyntaxError, ValueError) as err:
-            raise ImageRejected("corrupt_image", f"{type(err).__name__}: {err}") from err
+            code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
+            raise ImageRejected(code, f"{type(err).__name__}: {err}") from err
         with image:
             width, height = image.size
             if width <= 0 or height <= 0:
