@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -146,4 +149,85 @@ def config_from_args(
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain data for manifests and summaries, secrets redacted."""
+    return redact(dataclasses.asdict(config))
+
+
+# --------------------------------------------------------------------------------------------
+# Redaction: every value the project writes to a manifest, a summary, MLflow or stdout goes
+# through :func:`redact` (mappings) or :func:`redact_text` (one string).
+
+REDACTED = "***"
+# Key words that mark a secret: "db_password", "AWS_SECRET_ACCESS_KEY", "apiToken". Matched
+# as words, so "max_tokens" or "token_ids" are not taken for one.
+_SECRET_WORDS = frozenset({"password", "passwd", "pwd", "secret", "token", "credential",
+                           "credentials", "apikey", "passphrase"})
+# ...unless a word after it says the value only counts or names such things ("token_ids").
+_NOT_SECRET_AFTER = frozenset({"id", "ids", "count", "counts", "length", "lengths", "rate"})
+_SECRET_PAIRS = frozenset({("access", "key"), ("api", "key"), ("private", "key"),
+                           ("secret", "key"), ("session", "key"), ("auth", "key")})
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+# scheme://userinfo@host: everything before the last "@" of the authority.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/?#\s@]*(?::[^/?#\s@]*)?"
+                       r"(?:@[^/?#\s@]*)*@")
+# A password holding "/" (unencoded, but seen): user:pa/ss@host.
+_USERINFO_SLASH = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^\s:/?#@]+:[^\s@?#]*@")
+# Query parameters that carry a credential (signed URLs: X-Amz-Signature, X-Amz-Credential,
+# sig, token, access_token, api_key, password).
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;](?:[^=&;#\s]*(?:sig|signature|token|key|secret|password|passwd|"
+    r"credential|auth)[^=&;#\s]*)=)[^&;#\s]*", re.IGNORECASE)
+# AWS access key ids, wherever they appear.
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
+# Environment values shorter than this are not searched for (they would match by chance).
+_MIN_ENV_SECRET = 8
+
+
+def is_secret_key(key: Any) -> bool:
+    """True when a key's name says its value is a secret."""
+    words = [w.lower() for w in _WORD.findall(str(key))]
+    if words and words[-1] in _NOT_SECRET_AFTER:
+        return False
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+
+
+def _environment_secrets() -> list[str]:
+    values = {value for name, value in os.environ.items()
+              if is_secret_key(name) and len(value) >= _MIN_ENV_SECRET}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credentials blanked: URI user info (``postgresql://user:pw@host`` ->
+    ``postgresql://***@host``), secret query parameters, AWS key ids, and the value of every
+    secret-named environment variable wherever it appears."""
+    if not text:
+        return text
+    for value in _environment_secrets():
+        if value in text:
+            text = text.replace(value, REDACTED)
+    if "@" in text:
+        text = _USERINFO_SLASH.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+        text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(lambda m: f"{m.group('name')}{REDACTED}", text)
+    return _AWS_KEY_ID.sub(REDACTED, text)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (mappings, lists, strings; other values as they are) with the
+    values of secret-named keys replaced by ``***`` and every string (keys too) passed
+    through :func:`redact_text`."""
+    if isinstance(value, Mapping):
+        return {redact_text(k) if isinstance(k, str) else k:
+                (REDACTED if is_secret_key(k) and v not in (None, "") else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(redact(v) for v in value)
+    if isinstance(value, str):
+        return redact_text(value)
+    return value

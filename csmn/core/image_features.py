@@ -28,6 +28,8 @@ import hashlib
 import io
 import logging
 import math
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -138,6 +140,46 @@ class PreprocessConfig:
         return out
 
 
+# The formats photos come in. Every other PIL plugin is refused before its parser runs: EPS
+# and PS would go to Ghostscript, and rarely used parsers are where decoder bugs live.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Signatures of formats PIL (or a helper it calls) could open but that are not accepted, so
+# that the reject can say "unsupported" rather than "not an image".
+_OTHER_FORMATS = (
+    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+    (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"), (b"icns", "ICNS"), (b"gimp xcf", "XCF"), (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+)
+
+
+def _other_format(data: bytes) -> str | None:
+    head = data[:32]
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 2 and head[2:3].isspace():
+        return "PNM"
+    stripped = head.lstrip()
+    if stripped.startswith((b"<?xml", b"<svg")):
+        return "SVG/XML"
+    return None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grey as 8-bit grey. PIL's convert("RGB") clips those values at 255,
+    so a 16-bit PNG (0..65535) came out all white; they are scaled instead."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L")
+    if image.mode == "F":
+        raise ImageRejected("unsupported_format", "32-bit float pixels have no agreed range")
+    return image
+
+
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     # torchvision's rule for an int size: the short side becomes `short_side`, the long side
     # int(short_side * long / short) (truncated, not rounded).
@@ -160,13 +202,20 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         # rejects them first, from the header.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except Image.DecompressionBombError as err:
             raise ImageRejected("image_too_large", str(err)) from err
         except UnidentifiedImageError as err:
-            raise ImageRejected("not_an_image", "not a format PIL can identify") from err
+            other = _other_format(data)
+            if other:
+                raise ImageRejected(
+                    "unsupported_format",
+                    f"{other}; accepted: {', '.join(ALLOWED_FORMATS)}") from err
+            raise ImageRejected(
+                "not_an_image", f"not one of {', '.join(ALLOWED_FORMATS)}") from err
         except (OSError, SyntaxError, ValueError) as err:
-            raise ImageRejected("corrupt_image", f"{type(err).__name__}: {err}") from err
+            code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
+            raise ImageRejected(code, f"{type(err).__name__}: {err}") from err
         with image:
             width, height = image.size
             if width <= 0 or height <= 0:
@@ -198,7 +247,7 @@ def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray
         image.draft("RGB", _resized_size(width, height, config.resize_size))
     if config.exif_transpose:
         image = ImageOps.exif_transpose(image)
-    rgb = image.convert("RGB")
+    rgb = _to_8bit(image).convert("RGB")
     new_size = _resized_size(rgb.width, rgb.height, config.resize_size)
     if new_size != rgb.size:
         rgb = rgb.resize(new_size, Image.Resampling.BILINEAR)
@@ -213,11 +262,40 @@ def _resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray
     return pixels
 
 
+def _read_local(path: str, max_bytes: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever (and a
+    # device could block on open); fstat of the open descriptor then says what it is, with
+    # no window between the check and the read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(f"{path} is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected("not_a_file", "not a regular file (a FIFO, socket or device)")
+        if info.st_size > max_bytes:
+            raise ImageRejected("file_too_large", f"{info.st_size} bytes > {max_bytes}")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as stream:
+            fd = -1
+            # One byte past the cap: a file that grew since fstat is still refused.
+            data = stream.read(max_bytes + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageRejected("file_too_large", f"more than {max_bytes} bytes")
+    return data
+
+
 def read_image_bytes(uri: str, max_bytes: int) -> bytes:
-    """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first)."""
+    """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first).
+    Only regular files are read: a FIFO or a device is ``not_a_file``, without blocking."""
     from csmn.data import storage
 
     try:
+        if not storage.is_s3(uri):
+            return _read_local(storage.resolve(uri)[1], max_bytes)
         fs, path = storage.resolve(uri)
         # One metadata request gives the size, so an oversized file is never downloaded.
         with fs.open_input_file(path) as stream:

@@ -14,12 +14,20 @@ Four layouts, told apart by :func:`detect_layout`:
              tags, post id = the photo id at the end of the page url, images named
              ``{user_id}_{post_id}``.
 
+``jsonl`` and ``parquet`` files are also read from the archive's top level
+(``<archive>/posts.jsonl``), beside or instead of ``posts/``.
+
 A record that does not fit becomes a reject row (stage ``read``, reason ``code: detail``,
 record id where it has one, ``source`` = file:line, the payload) and the read goes on: for
-every source, records in = posts + rejects. Codes: ``bad_json``, ``bad_encoding``,
+every source, records in (:func:`count_records`, counted from the file itself: lines,
+Parquet row counts, JSON entries) = posts + rejects. Codes: ``bad_json``, ``bad_encoding``,
 ``not_an_object``, ``missing_field``, ``wrong_type``, ``bad_timestamp``, ``bad_url``,
-``missing_image`` (InstaPIC/YFCC, where the image folder is listed anyway), ``bad_file``
-(a whole file that cannot be opened or parsed counts as one record).
+``bad_text`` (a lone UTF-16 surrogate or a NUL character), ``too_long`` (see the ``MAX_*``
+caps), ``duplicate_key`` (a JSON object naming one key twice: which value is meant cannot
+be told, so neither is kept), ``bad_path`` (an image outside the archive and the allowed
+image roots, :mod:`csmn.data.paths`), ``missing_image`` (InstaPIC/YFCC, where the image
+folder is listed anyway), ``bad_file`` (a whole file that cannot be opened or parsed counts
+as one record; a Parquet row group that cannot be read, one per row).
 
 Sources are single files so that a pipeline can parse them in parallel (one Ray task each,
 :func:`list_sources` + :func:`parse_source`); :func:`read_archive` runs them in sequence.
@@ -32,14 +40,16 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from csmn.data import storage
+from csmn.data.paths import PathRejected, resolve_image_path
 from csmn.data.rejects import reject_row
 from csmn.data.schemas import record_problem
 
@@ -50,8 +60,18 @@ Batch = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 _POST_ID_IN_TEXT = re.compile(r'"post_id"\s*:\s*"([^"\\]{1,200})"')
 _FIRST_VALUE = re.compile(r'^\s*\{\s*(?:"(?:[^"\\]|\\.)*"\s*:\s*([\[{])|(\}))', re.S)
 _HTML_TAG = re.compile(r"<[^>]{0,500}>")
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _PEEK_BYTES = 1 << 16
+
+# Caps on what one record may hold. Generous for real exports (an Instagram caption is at most
+# 2,200 characters, 30 hashtags; Flickr allows 75 tags, descriptions of a few KB), they bound
+# the work a single hostile record can cause downstream (tokenizing, vocabularies, reports).
+MAX_ID_CHARS = 256
+MAX_IMAGE_CHARS = 4096
+MAX_CAPTION_CHARS = 65_536
+MAX_HASHTAG_CHARS = 256
+MAX_HASHTAGS = 1000
+# A reason quotes at most this much of the value it refuses.
+_DETAIL_CHARS = 300
 
 
 class ReadError(ValueError):
@@ -71,13 +91,15 @@ def _json_files(archive_uri: str) -> list[str]:
 
 
 def _posts_files(archive_uri: str) -> list[str]:
+    """posts/**.jsonl|parquet, and the same at the archive's top level (an export that holds
+    one ``posts.jsonl`` beside its images is an archive too)."""
+    files = [uri for uri in storage.list_files(archive_uri, recursive=False)
+             if uri.endswith((".jsonl", ".parquet"))]
     posts_dir = storage.join(archive_uri, "posts")
-    if not storage.is_dir(posts_dir):
-        return []
-    return [
-        uri for uri in storage.list_files(posts_dir)
-        if uri.endswith((".jsonl", ".parquet"))
-    ]
+    if storage.is_dir(posts_dir):
+        files += [uri for uri in storage.list_files(posts_dir)
+                  if uri.endswith((".jsonl", ".parquet"))]
+    return sorted(files)
 
 
 def _peek_json_layout(uri: str) -> str:
@@ -122,7 +144,8 @@ def detect_layout(archive_uri: str) -> str:
     if problems:
         raise ReadError("; ".join(problems))
     raise ReadError(
-        f"{archive_uri}: no posts/*.jsonl, posts/*.parquet, *.json or json/*.json to read"
+        f"{archive_uri}: no *.jsonl, *.parquet, posts/*.jsonl, posts/*.parquet, *.json or "
+        "json/*.json to read"
     )
 
 
@@ -144,8 +167,41 @@ class _Reject(Exception):
     """One record does not fit: ``code: detail``."""
 
     def __init__(self, code: str, detail: str) -> None:
+        if len(detail) > _DETAIL_CHARS:
+            detail = detail[:_DETAIL_CHARS] + "…"
         super().__init__(f"{code}: {detail}")
         self.reason = f"{code}: {detail}"
+
+
+def _printable(text: str) -> str:
+    """``text`` as UTF-8 can store it: a lone surrogate becomes its ``\\udxxx`` escape (Arrow
+    refuses to write one, and a reject row must always be writable)."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clean_text(value: str, name: str, limit: int) -> str:
+    """The one text check of every string a record carries: at most ``limit`` characters
+    (``too_long``), no NUL and no lone UTF-16 surrogate (``bad_text``; JSON can spell one,
+    ``"\\ud800"``, but no UTF-8 store can hold it)."""
+    if len(value) > limit:
+        raise _Reject("too_long", f"{name} has {len(value)} characters, at most {limit}")
+    if "\x00" in value:
+        raise _Reject("bad_text", f"{name} holds a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _Reject("bad_text", f"{name} holds a lone surrogate at character "
+                                      f"{err.start}") from err
+    return value
+
+
+def clean_hashtags(tags: list[str], name: str = "hashtags") -> list[str]:
+    if len(tags) > MAX_HASHTAGS:
+        raise _Reject("too_long", f"{name} has {len(tags)} tags, at most {MAX_HASHTAGS}")
+    return [clean_text(tag, f"a tag of {name}", MAX_HASHTAG_CHARS) for tag in tags]
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -155,26 +211,38 @@ def parse_timestamp(value: Any) -> datetime | None:
     if isinstance(value, bool):
         raise _Reject("wrong_type", "created_at must be a timestamp string or number")
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return _in_utc(value if value.tzinfo else value.replace(tzinfo=UTC), value)
     if isinstance(value, (int, float)):
-        seconds = float(value)
-        # Epoch milliseconds (what JavaScript and many exports write) are > 1e11.
-        if abs(seconds) > 1e11:
-            seconds /= 1000.0
         try:
+            seconds = float(value)
+            # Epoch milliseconds (what JavaScript and many exports write) are > 1e11.
+            if abs(seconds) > 1e11:
+                seconds /= 1000.0
             return datetime.fromtimestamp(seconds, tz=UTC)
         except (OverflowError, OSError, ValueError) as err:
             raise _Reject("bad_timestamp", f"created_at {value!r} out of range") from err
     if isinstance(value, str):
         text = value.strip()
+        if len(text) > 64:  # ISO-8601 with microseconds and an offset is 32 characters
+            raise _Reject("bad_timestamp", f"created_at has {len(text)} characters")
         if re.fullmatch(r"-?\d+(\.\d+)?", text):
             return parse_timestamp(float(text))
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError as err:
             raise _Reject("bad_timestamp", f"created_at {value!r} is not ISO-8601") from err
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return _in_utc(parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC), value)
     raise _Reject("wrong_type", "created_at must be a timestamp string or number")
+
+
+def _in_utc(stamp: datetime, value: Any) -> datetime:
+    # "0001-01-01T00:00:00+05:00" parses, but its UTC instant is before year 1: datetime
+    # cannot hold it, and Arrow's conversion to UTC would raise far from this record.
+    try:
+        return stamp.astimezone(UTC)
+    except (OverflowError, ValueError) as err:
+        raise _Reject("bad_timestamp", f"created_at {value!r} leaves the datetime range in "
+                                       "UTC") from err
 
 
 def _identifier(record: dict[str, Any], name: str) -> str:
@@ -186,26 +254,19 @@ def _identifier(record: dict[str, Any], name: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise _Reject("wrong_type", f"{name} must be a string")
-    value = value.strip()
+    value = clean_text(value.strip(), name, MAX_ID_CHARS)
     if not value:
         raise _Reject("missing_field", f"{name} is empty")
     return value
 
 
-def resolve_image(image: str, base_uri: str) -> str:
-    """An absolute URI (s3://...) or absolute local path for an image named in a record."""
-    if _SCHEME.match(image):
-        if image.startswith("file://"):
-            return os.path.normpath(image[len("file://"):])
-        return image
-    if storage.is_s3(base_uri):
-        bucket_and_key = base_uri.split("://", 1)[1].rstrip("/")
-        joined = posixpath.normpath(posixpath.join(bucket_and_key, image.lstrip("/")))
-        return f"{base_uri.split('://', 1)[0]}://{joined}"
-    if os.path.isabs(image):
-        return os.path.normpath(image)
-    _, base_path = storage.resolve(base_uri)
-    return os.path.normpath(os.path.join(base_path, image))
+def resolve_image(image: str, root: str, image_roots: tuple[str, ...] = ()) -> str:
+    """The path or URI to read for an image a record names (:mod:`csmn.data.paths`)."""
+    clean_text(image, "image", MAX_IMAGE_CHARS)
+    try:
+        return resolve_image_path(root, image, image_roots)
+    except PathRejected as err:
+        raise _Reject(err.code, err.detail) from err
 
 
 def _archive_root(archive_uri: str) -> str:
@@ -220,11 +281,16 @@ def _archive_root(archive_uri: str) -> str:
     return parent
 
 
-def normalize_record(record: Any, archive_uri: str) -> dict[str, Any]:
+def normalize_record(
+    record: Any, archive_uri: str, image_roots: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """A raw-schema post from one JSONL/Parquet record; raises :class:`_Reject` if it can't."""
     if not isinstance(record, dict):
         kind = type(record).__name__
         raise _Reject("not_an_object", f"a record must be a JSON object, got {kind}")
+    duplicate = _duplicate_key(record)
+    if duplicate:
+        raise _Reject("duplicate_key", duplicate)
     user_id = _identifier(record, "user_id")
     post_id = _identifier(record, "post_id")
     created_at = parse_timestamp(record.get("created_at"))
@@ -247,13 +313,14 @@ def normalize_record(record: Any, archive_uri: str) -> dict[str, Any]:
         raise _Reject("wrong_type", "hashtags must be a list of strings")
     if not all(isinstance(tag, str) for tag in hashtags):
         raise _Reject("wrong_type", "hashtags must be a list of strings")
+    hashtags = clean_hashtags([tag.strip() for tag in hashtags])
     post = {
         "user_id": user_id,
         "post_id": post_id,
         "created_at": created_at,
-        "image": resolve_image(image.strip(), archive_uri),
-        "caption": caption,
-        "hashtags": [tag.strip() for tag in hashtags if tag.strip()],
+        "image": resolve_image(image.strip(), archive_uri, image_roots),
+        "caption": clean_text(caption, "caption", MAX_CAPTION_CHARS),
+        "hashtags": [tag for tag in hashtags if tag],
     }
     problem = record_problem(post, "raw_post")
     if problem:  # a guard: the checks above should have caught it
@@ -275,7 +342,12 @@ class _Batcher:
     def reject(
         self, reason: str, record_id: str | None, source: str, payload: Any
     ) -> None:
-        self.rejects.append(reject_row(STAGE, reason, record_id, source, payload))
+        if payload is not None and not isinstance(payload, str):
+            payload = json.dumps(payload, default=str, ensure_ascii=False)
+        self.rejects.append(reject_row(
+            STAGE, _printable(reason),
+            None if record_id is None else _printable(str(record_id)[:MAX_ID_CHARS]),
+            _printable(source), None if payload is None else _printable(payload)))
 
     def full(self) -> bool:
         return len(self.posts) + len(self.rejects) >= self.batch_size
@@ -312,7 +384,61 @@ def _iter_lines(uri: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, byte
         yield number + 1, rest
 
 
-def _parse_jsonl(source_uri: str, root: str, batch_size: int) -> Iterator[Batch]:
+class _Duplicated(dict):
+    """A JSON object that named a key more than once: the last value (as ``json`` keeps it)
+    plus every (key, value) pair and the keys seen twice."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], duplicates: list[str]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+        self.duplicates = duplicates
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    twice = []
+    for key, _ in pairs:
+        if key in seen and key not in twice:
+            twice.append(key)
+        seen.add(key)
+    return _Duplicated(pairs, twice)
+
+
+def _loads(data: str | bytes) -> Any:
+    """``json.loads`` that keeps what duplicate keys would silently overwrite."""
+    return json.loads(data, object_pairs_hook=_object_pairs)
+
+
+def _pairs(obj: dict[str, Any]) -> list[tuple[str, Any]]:
+    return obj.pairs if isinstance(obj, _Duplicated) else list(obj.items())
+
+
+def _duplicate_key(value: Any, path: str = "") -> str | None:
+    """``key "x" appears twice in ...`` for the first duplicate key anywhere in ``value``."""
+    if isinstance(value, dict):
+        if isinstance(value, _Duplicated):
+            key = _printable(value.duplicates[0][:_DETAIL_CHARS])
+            return f"key {key!r} appears more than once in {path or 'the record'}"
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                found = _duplicate_key(item, f"{path}.{key}" if path else key)
+                if found:
+                    return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                found = _duplicate_key(item, f"{path}[{i}]")
+                if found:
+                    return found
+    return None
+
+
+def _parse_jsonl(
+    source_uri: str, root: str, batch_size: int, image_roots: tuple[str, ...] = ()
+) -> Iterator[Batch]:
     batcher = _Batcher(batch_size)
     for number, raw in _iter_lines(source_uri):
         where = f"{source_uri}:{number}"
@@ -327,13 +453,15 @@ def _parse_jsonl(source_uri: str, root: str, batch_size: int) -> Iterator[Batch]
                            found.group(1) if found else None, where, readable)
         else:
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
+                record = _loads(text)
+            except (json.JSONDecodeError, RecursionError) as err:
                 found = _POST_ID_IN_TEXT.search(text)
-                batcher.reject(f"bad_json: {err.msg} at column {err.colno}",
-                               found.group(1) if found else None, where, text)
+                detail = (f"{err.msg} at column {err.colno}"
+                          if isinstance(err, json.JSONDecodeError) else "nested too deeply")
+                batcher.reject(f"bad_json: {detail}", found.group(1) if found else None,
+                               where, text)
             else:
-                _normalize_into(batcher, record, root, where)
+                _normalize_into(batcher, record, root, where, image_roots)
         if batcher.full():
             yield batcher.take()
     yield from batcher.drain()
@@ -347,28 +475,96 @@ def _record_id(record: Any) -> str | None:
     return None
 
 
-def _normalize_into(batcher: _Batcher, record: Any, root: str, where: str) -> None:
+def _normalize_into(batcher: _Batcher, record: Any, root: str, where: str,
+                    image_roots: tuple[str, ...] = ()) -> None:
     try:
-        batcher.post(normalize_record(record, root))
+        batcher.post(normalize_record(record, root, image_roots))
     except _Reject as rejected:
         batcher.reject(rejected.reason, _record_id(record), where, record)
 
 
-def _parse_parquet(source_uri: str, root: str, batch_size: int) -> Iterator[Batch]:
+class _BadRow:
+    """A Parquet row with cells Python cannot hold (invalid UTF-8, a timestamp past year
+    9999): what could be read, and why the rest could not."""
+
+    def __init__(self, values: dict[str, Any], reason: str) -> None:
+        self.values = values
+        self.reason = reason
+
+
+def _lossy(cell: pa.Scalar) -> Any:
+    if isinstance(cell, (pa.StringScalar, pa.LargeStringScalar)) and cell.is_valid:
+        return cell.as_buffer().to_pybytes().decode("utf-8", errors="replace")
+    return f"<unreadable {cell.type}>"
+
+
+def _rows(record_batch: pa.RecordBatch) -> Iterator[dict[str, Any] | _BadRow]:
+    """The batch's rows as dicts; one bad cell spoils its row only. Arrow does not check
+    UTF-8 when it reads Parquet, so a bad byte only shows when a cell becomes a ``str``:
+    the fast whole-batch conversion is tried first, cell by cell only when it fails."""
+    try:
+        yield from record_batch.to_pylist()
+        return
+    except (UnicodeDecodeError, OverflowError, ValueError):
+        pass
+    names = record_batch.schema.names
+    for i in range(record_batch.num_rows):
+        values: dict[str, Any] = {}
+        problems = []
+        for name, column in zip(names, record_batch.columns, strict=True):
+            try:
+                values[name] = column[i].as_py()
+            except UnicodeDecodeError as err:
+                values[name] = _lossy(column[i])
+                problems.append(f"bad_encoding: {name} is not UTF-8 ({err.reason} at byte "
+                                f"{err.start})")
+            except (OverflowError, ValueError) as err:
+                values[name] = _lossy(column[i])
+                code = "bad_timestamp" if name == "created_at" else "wrong_type"
+                problems.append(f"{code}: {name} cannot be read ({err})")
+        yield _BadRow(values, problems[0]) if problems else values
+
+
+def _parse_parquet(
+    source_uri: str, root: str, batch_size: int, image_roots: tuple[str, ...] = ()
+) -> Iterator[Batch]:
     batcher = _Batcher(batch_size)
     fs, path = storage.resolve(source_uri)
     try:
-        parquet = pq.ParquetFile(fs.open_input_file(path))
-        batches: Iterable = parquet.iter_batches(batch_size=max(1, batch_size))
-        row = 0
-        for record_batch in batches:
-            for record in record_batch.to_pylist():
-                row += 1
-                _normalize_into(batcher, record, root, f"{source_uri}:{row}")
-                if batcher.full():
-                    yield batcher.take()
+        stream = fs.open_input_file(path)
+        parquet = pq.ParquetFile(stream)
     except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError), OSError
         batcher.reject(f"bad_file: {err}", None, source_uri, None)
+        yield from batcher.drain()
+        return
+    row = 0
+    with stream:
+        for group in range(parquet.num_row_groups):
+            expected = parquet.metadata.row_group(group).num_rows
+            done = 0
+            try:
+                for record_batch in parquet.iter_batches(batch_size=max(1, batch_size),
+                                                         row_groups=[group]):
+                    for record in _rows(record_batch):
+                        row += 1
+                        done += 1
+                        where = f"{source_uri}:{row}"
+                        if isinstance(record, _BadRow):
+                            batcher.reject(record.reason, _record_id(record.values), where,
+                                           record.values)
+                        else:
+                            _normalize_into(batcher, record, root, where, image_roots)
+                        if batcher.full():
+                            yield batcher.take()
+            except (OSError, ValueError) as err:
+                # A corrupt page loses the rest of its row group, not the file: each row
+                # the footer promised and the page did not deliver is a reject of its own.
+                for _ in range(expected - done):
+                    row += 1
+                    batcher.reject(f"bad_file: row group {group} unreadable after {done} "
+                                   f"rows: {err}", None, f"{source_uri}:{row}", None)
+                    if batcher.full():
+                        yield batcher.take()
     yield from batcher.drain()
 
 
@@ -376,12 +572,16 @@ def _parse_parquet(source_uri: str, root: str, batch_size: int) -> Iterator[Batc
 # The authors' released layouts
 
 
+_UNREADABLE = object()
+
+
 def _load_json_file(source_uri: str, batcher: _Batcher) -> Any:
+    """The file's JSON value, or ``_UNREADABLE`` (after its reject) when it has none."""
     try:
-        return json.loads(storage.read_bytes(source_uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return _loads(storage.read_bytes(source_uri))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         batcher.reject(f"bad_json: {err}", None, source_uri, None)
-    return None
+    return _UNREADABLE
 
 
 def _image_index(source_uri: str, archive_uri: str) -> tuple[str | None, dict[str, str]]:
@@ -422,10 +622,12 @@ def _text(value: Any, name: str) -> str:
     """A text field of the authors' JSON: a string, or a list of strings joined by spaces."""
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return " ".join(value)
+        if len(value) > MAX_CAPTION_CHARS:
+            raise _Reject("too_long", f"{name} has {len(value)} parts")
+        value = " ".join(value)
+    if isinstance(value, str):
+        return clean_text(value, name, MAX_CAPTION_CHARS)
     raise _Reject("wrong_type", f"{name} must be a string or a list of strings")
 
 
@@ -433,12 +635,13 @@ def _tags(value: Any, name: str, separator: str | None = None) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
+        clean_text(value, name, MAX_HASHTAGS * MAX_HASHTAG_CHARS)
         parts = value.split(separator) if separator else value.split()
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         parts = value
     else:
         raise _Reject("wrong_type", f"{name} must be a string or a list of strings")
-    return [p.strip() for p in parts if p.strip()]
+    return clean_hashtags([p.strip() for p in parts if p.strip()], name)
 
 
 def _missing_image(folder: str | None, names: list[str]) -> _Reject:
@@ -446,19 +649,39 @@ def _missing_image(folder: str | None, names: list[str]) -> _Reject:
     return _Reject("missing_image", f"no file named {names[0]} in {where}")
 
 
+def _indexed_image(index: dict[str, str], names: list[str], folder: str | None) -> str:
+    image = _find_image(index, names)
+    if image is None or folder is None:
+        raise _missing_image(folder, names)
+    # The reader picked the file, not the record; the rule still applies, so that a link
+    # planted in the images folder cannot reach out of it.
+    return resolve_image(image, folder)
+
+
+def _key_id(key: str, name: str) -> str:
+    """A user or post id that is a JSON object key (never null, always a string)."""
+    value = clean_text(key, name, MAX_ID_CHARS)
+    if not value.strip():
+        raise _Reject("missing_field", f"{name} is empty")
+    return value
+
+
 def _instapic_post(
     user_id: str, post_id: str, post: Any, index: dict[str, str], folder: str | None
 ) -> dict[str, Any]:
     if not isinstance(post, dict):
         raise _Reject("wrong_type", "a post must be an object with caption and/or tags")
+    duplicate = _duplicate_key(post)
+    if duplicate:
+        raise _Reject("duplicate_key", duplicate)
     if "caption" not in post and "tags" not in post:
         raise _Reject("missing_field", "caption and tags (one of them is needed)")
+    user_id = _key_id(user_id, "user_id")
+    post_id = _key_id(post_id, "post_id")
     caption = _text(post.get("caption"), "caption")
     hashtags = _tags(post.get("tags"), "tags")
     names = [f"{user_id}_@_{post_id}", f"{user_id}_{post_id}", post_id]
-    image = _find_image(index, names)
-    if image is None:
-        raise _missing_image(folder, names)
+    image = _indexed_image(index, names, folder)
     return {
         "user_id": user_id,
         "post_id": post_id,
@@ -469,24 +692,43 @@ def _instapic_post(
     }
 
 
+def _user_entries(data: dict[str, Any]) -> Iterator[tuple[str, Any, bool]]:
+    """(user id, its posts, whether the file names this user more than once)."""
+    twice = set(data.duplicates) if isinstance(data, _Duplicated) else set()
+    for user_id, posts in _pairs(data):
+        yield str(user_id), posts, user_id in twice
+
+
+def _duplicate_user(user_id: str) -> _Reject:
+    # Two objects for one user may disagree on any post: neither is taken over the other.
+    return _Reject("duplicate_key", f"user {_printable(user_id[:_DETAIL_CHARS])!r} appears "
+                                    "more than once in the file")
+
+
 def _parse_instapic(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[Batch]:
     batcher = _Batcher(batch_size)
     data = _load_json_file(source_uri, batcher)
-    if data is not None and not isinstance(data, dict):
+    if data is not _UNREADABLE and not isinstance(data, dict):
         batcher.reject("wrong_type: the file must hold {user_id: {post_id: post}}", None,
                        source_uri, None)
-        data = None
-    if data:
+    if isinstance(data, dict) and data:
         folder, index = _image_index(source_uri, archive_uri)
-        for user_id, posts in data.items():
+        for user_id, posts, user_twice in _user_entries(data):
             if not isinstance(posts, dict):
-                batcher.reject(f"wrong_type: posts of user {user_id} must be an object",
-                               None, f"{source_uri}:{user_id}", posts)
+                reason = _duplicate_user(user_id).reason if user_twice else \
+                    f"wrong_type: posts of user {user_id} must be an object"
+                batcher.reject(reason, None, f"{source_uri}:{user_id}", posts)
                 continue
-            for post_id, post in posts.items():
+            posts_twice = set(posts.duplicates) if isinstance(posts, _Duplicated) else set()
+            for post_id, post in _pairs(posts):
                 where = f"{source_uri}:{user_id}/{post_id}"
                 try:
-                    batcher.post(_instapic_post(str(user_id), str(post_id), post, index, folder))
+                    if user_twice:
+                        raise _duplicate_user(user_id)
+                    if post_id in posts_twice:
+                        raise _Reject("duplicate_key", f"post {post_id!r} appears more than "
+                                                       f"once under user {user_id!r}")
+                    batcher.post(_instapic_post(user_id, str(post_id), post, index, folder))
                 except _Reject as rejected:
                     batcher.reject(rejected.reason, str(post_id), where, post)
                 if batcher.full():
@@ -498,7 +740,7 @@ def _flickr_text(value: Any, name: str) -> str:
     """YFCC100M text is URL-encoded ('+' for spaces) and may carry HTML."""
     text = _text(value, name)
     if "+" in text or "%" in text:
-        text = unquote_plus(text)
+        text = clean_text(unquote_plus(text), name, MAX_CAPTION_CHARS)
     text = _HTML_TAG.sub(" ", text)
     return " ".join(html.unescape(text).split())
 
@@ -508,10 +750,11 @@ def _yfcc_post_id(page_url: Any) -> str:
         raise _Reject("missing_field", "page url")
     if not isinstance(page_url, str):
         raise _Reject("wrong_type", "page url must be a string")
+    clean_text(page_url, "page url", MAX_IMAGE_CHARS)
     segments = [s for s in page_url.split("?")[0].split("/") if s]
     if len(segments) < 2 or "." in segments[-1] and not segments[-1].isdigit():
         raise _Reject("bad_url", f"no photo id at the end of {page_url!r}")
-    return segments[-1]
+    return _key_id(segments[-1], "post_id")
 
 
 def _yfcc_post(
@@ -519,23 +762,26 @@ def _yfcc_post(
 ) -> dict[str, Any]:
     if not isinstance(post, dict):
         raise _Reject("wrong_type", "a post must be an object")
+    duplicate = _duplicate_key(post)
+    if duplicate:
+        raise _Reject("duplicate_key", duplicate)
     if "page url" not in post:
         raise _Reject("missing_field", "page url")
+    user_id = _key_id(user_id, "user_id")
     post_id = _yfcc_post_id(post["page url"])
     if not any(key in post for key in ("title", "description", "user tags")):
         raise _Reject("missing_field", "title, description and user tags (one is needed)")
     title = _flickr_text(post.get("title"), "title")
     description = _flickr_text(post.get("description"), "description")
-    caption = " ".join(part for part in (title, description) if part)
+    caption = clean_text(" ".join(part for part in (title, description) if part), "caption",
+                         MAX_CAPTION_CHARS)
     # Flickr tags are comma-separated and may hold spaces ("new york"): a hashtag cannot.
-    hashtags = [
+    hashtags = clean_hashtags([
         "".join(unquote_plus(tag).split())
         for tag in _tags(post.get("user tags"), "user tags", separator=",")
-    ]
+    ], "user tags")
     names = [f"{user_id}_{post_id}", f"{user_id}_@_{post_id}", post_id]
-    image = _find_image(index, names)
-    if image is None:
-        raise _missing_image(folder, names)
+    image = _indexed_image(index, names, folder)
     created = post.get("created_at", post.get("date taken", post.get("date uploaded")))
     return {
         "user_id": user_id,
@@ -550,21 +796,23 @@ def _yfcc_post(
 def _parse_yfcc(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[Batch]:
     batcher = _Batcher(batch_size)
     data = _load_json_file(source_uri, batcher)
-    if data is not None and not isinstance(data, dict):
+    if data is not _UNREADABLE and not isinstance(data, dict):
         batcher.reject("wrong_type: the file must hold {user_id: [post, ...]}", None,
                        source_uri, None)
-        data = None
-    if data:
+    if isinstance(data, dict) and data:
         folder, index = _image_index(source_uri, archive_uri)
-        for user_id, posts in data.items():
+        for user_id, posts, user_twice in _user_entries(data):
             if not isinstance(posts, list):
-                batcher.reject(f"wrong_type: posts of user {user_id} must be a list",
-                               None, f"{source_uri}:{user_id}", posts)
+                reason = _duplicate_user(user_id).reason if user_twice else \
+                    f"wrong_type: posts of user {user_id} must be a list"
+                batcher.reject(reason, None, f"{source_uri}:{user_id}", posts)
                 continue
             for position, post in enumerate(posts):
                 where = f"{source_uri}:{user_id}[{position}]"
                 try:
-                    batcher.post(_yfcc_post(str(user_id), post, index, folder))
+                    if user_twice:
+                        raise _duplicate_user(user_id)
+                    batcher.post(_yfcc_post(user_id, post, index, folder))
                 except _Reject as rejected:
                     record_id = None
                     if isinstance(post, dict):
@@ -583,18 +831,23 @@ def _parse_yfcc(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[
 
 
 def parse_source(
-    source_uri: str, archive_uri: str, batch_size: int = 1000
+    source_uri: str, archive_uri: str, batch_size: int = 1000,
+    image_roots: tuple[str, ...] = (),
 ) -> Iterator[Batch]:
     """Yield (raw posts, reject rows) of one source, ``batch_size`` records at a time.
 
-    Posts carry ``image`` as an absolute URI/path; rejects have stage ``read``.
+    Posts carry ``image`` as an absolute URI/path, inside the archive root or under one of
+    ``image_roots`` (:func:`csmn.data.paths.resolve_image_path`); rejects have stage ``read``.
     """
+    image_roots = tuple(image_roots)
     if source_uri.endswith(".jsonl"):
         root = _archive_root(archive_uri)
-        yield from _guard(source_uri, _parse_jsonl(source_uri, root, batch_size))
+        yield from _guard(source_uri,
+                          _parse_jsonl(source_uri, root, batch_size, image_roots))
     elif source_uri.endswith(".parquet"):
         root = _archive_root(archive_uri)
-        yield from _guard(source_uri, _parse_parquet(source_uri, root, batch_size))
+        yield from _guard(source_uri,
+                          _parse_parquet(source_uri, root, batch_size, image_roots))
     elif source_uri.endswith(".json"):
         root = archive_uri if storage.is_dir(archive_uri) else _archive_root(archive_uri)
         try:
@@ -618,17 +871,51 @@ def _guard(source_uri: str, batches: Iterator[Batch]) -> Iterator[Batch]:
         yield [], [reject_row(STAGE, f"bad_file: {err}", None, source_uri, None)]
 
 
-def read_archive(archive_uri: str, batch_size: int = 1000) -> Iterator[Batch]:
+def count_records(source_uri: str) -> int:
+    """How many records ``source_uri`` holds, counted from the file and not from what the
+    parser made of it, so that posts + rejects = this number proves nothing was lost.
+
+    JSONL: the non-blank lines. Parquet: the row count of its footer. InstaPIC / YFCC JSON:
+    the posts of each user entry (every occurrence of a repeated key), a user entry that is
+    not an object / a list of posts counting one. A file that cannot be opened or parsed at
+    all counts one, as it is one ``bad_file`` / ``bad_json`` reject.
+    """
+    try:
+        if source_uri.endswith(".jsonl"):
+            return sum(1 for _, line in _iter_lines(source_uri) if line.strip())
+        if source_uri.endswith(".parquet"):
+            with storage.open_input(source_uri) as stream:
+                return pq.ParquetFile(stream).metadata.num_rows
+        if source_uri.endswith(".json"):
+            layout = _peek_json_layout(source_uri)
+            data = _loads(storage.read_bytes(source_uri))
+            if not isinstance(data, dict):
+                return 1
+            container = dict if layout == "instapic" else list
+            return sum(
+                (len(_pairs(posts)) if container is dict else len(posts))
+                if isinstance(posts, container) else 1
+                for _, posts in _pairs(data))
+    except (OSError, ValueError, ReadError, RecursionError):
+        return 1
+    raise ReadError(f"{source_uri}: not a .jsonl, .parquet or .json source")
+
+
+def read_archive(
+    archive_uri: str, batch_size: int = 1000, image_roots: tuple[str, ...] = ()
+) -> Iterator[Batch]:
     """Every source of the archive in sequence (for plain loops and tests)."""
     for source_uri in list_sources(archive_uri):
-        yield from parse_source(source_uri, archive_uri, batch_size)
+        yield from parse_source(source_uri, archive_uri, batch_size, image_roots)
 
 
-def read_all(archive_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_all(
+    archive_uri: str, image_roots: tuple[str, ...] = ()
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """All posts and all rejects of a (small) archive as two lists."""
     posts: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
-    for batch_posts, batch_rejects in read_archive(archive_uri):
+    for batch_posts, batch_rejects in read_archive(archive_uri, image_roots=image_roots):
         posts.extend(batch_posts)
         rejects.extend(batch_rejects)
     return posts, rejects

@@ -6,8 +6,11 @@ server), credentials from the standard AWS chain (environment, profile, instance
 from the repository.
 
 Writes are atomic. On a local disk a file is written under a hidden temporary name in the
-same folder and renamed into place; an S3 object only becomes visible once its upload
-completes, so a reader never sees a half-written file under its final name.
+same folder, flushed to the disk (fsync), renamed into place, and the folder's entry flushed
+too, so that after a crash a final name holds the whole file or nothing (a rename that
+reaches the disk before the data would leave an empty or partial file under it); an S3
+object only becomes visible once its upload completes, so a reader never sees a
+half-written file under its final name.
 """
 
 from __future__ import annotations
@@ -146,11 +149,14 @@ def atomic_output(uri: str) -> Iterator[IO[bytes]]:
         parent = os.path.dirname(path)
         fs.create_dir(parent, recursive=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        stream = fs.open_output_stream(tmp)
+        stream = open(tmp, "wb")  # noqa: SIM115 (closed below, before the rename)
         try:
             yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
             stream.close()
             os.replace(tmp, path)
+            _fsync_dir(parent)
         except BaseException:
             if not stream.closed:
                 stream.close()
@@ -164,6 +170,20 @@ def atomic_output(uri: str) -> Iterator[IO[bytes]]:
         yield buffer
         with fs.open_output_stream(path) as stream:
             stream.write(buffer.getvalue())
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a folder's entries (the rename) to the disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and platforms) cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

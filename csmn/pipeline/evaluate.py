@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from csmn.config import config_from_args, config_parser
+from csmn.config import config_from_args, config_parser, config_to_dict
 from csmn.data import layout, storage
 from csmn.data.layout import (
     BY_POSTS_TASK,
@@ -159,6 +159,7 @@ class Decoder:
             words = self.predictor.predict(matrix, contexts).words
         return pa.table(
             {
+                "user_id": batch.column("user_id").cast(pa.string()),
                 "post_id": batch.column("post_id").cast(pa.string()),
                 "prediction": pa.array(words, pa.list_(pa.string())),
             }
@@ -174,10 +175,21 @@ def _checkpoint_dir(model_uri: str, tracking_uri: str | None, work_dir: str) -> 
     return tracking.resolve_checkpoint(model_uri, tracking_uri, work_dir)
 
 
+# A post is named by its user and its id: post ids are unique per user only (two users may
+# both have a post "1").
+PostKey = tuple[str, str]
+
+
+def post_keys(table: pa.Table) -> list[PostKey]:
+    return list(zip(table.column("user_id").cast(pa.string()).to_pylist(),
+                    table.column("post_id").cast(pa.string()).to_pylist(), strict=True))
+
+
 def decode_split(
     config: EvaluateConfig, examples: pa.Table, layer: str, tracking_uri: str | None
-) -> dict[str, list[str]]:
-    """post_id -> predicted words, for every example with a ``layer`` feature (Ray Data)."""
+) -> dict[PostKey, list[str]]:
+    """(user_id, post_id) -> predicted words, for every example with a ``layer`` feature
+    (Ray Data)."""
     import ray
 
     from csmn.pipeline.runtime import init_ray
@@ -188,7 +200,7 @@ def decode_split(
         raise FileNotFoundError(f"no {layer} features under {config.data}: run extract-features")
     filesystem, _ = storage.resolve(feature_files[0])
     paths = [storage.resolve(uri)[1] for uri in feature_files]
-    keys = examples.select(["post_id", "image", "context_words"])
+    keys = examples.select(["user_id", "post_id", "image", "context_words"])
     dataset = ray.data.read_parquet(
         paths, filesystem=filesystem, columns=["image", "feature"]
     ).map_batches(
@@ -207,14 +219,14 @@ def decode_split(
         num_cpus=config.cpus_per_actor,
         num_gpus=1 if config.use_gpu else 0,
     )
-    predictions: dict[str, list[str]] = {}
+    predictions: dict[PostKey, list[str]] = {}
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for post_id, words in zip(
-            batch.column("post_id").to_pylist(), batch.column("prediction").to_pylist(), strict=True
-        ):
-            if post_id in predictions:
-                raise ValueError(f"post {post_id} decoded twice: duplicate images in {layer}")
-            predictions[post_id] = words
+        for key, words in zip(post_keys(batch), batch.column("prediction").to_pylist(),
+                              strict=True):
+            if key in predictions:
+                raise ValueError(f"post {key[1]} of user {key[0]} decoded twice: duplicate "
+                                 f"images in {layer}")
+            predictions[key] = words
     return predictions
 
 
@@ -285,14 +297,14 @@ def resolve_model(config: EvaluateConfig) -> ResolvedModel:
 
 
 def scored_examples(config: EvaluateConfig, examples: pa.Table,
-                    decoded: dict[str, list[str]] | None) -> Scored:
+                    decoded: dict[PostKey, list[str]] | None) -> Scored:
     """The posts with features for every method run (decoded by the model; pool5 for the
     baselines); the others are counted, never dropped silently."""
     from csmn.eval.baselines import features_by_image
 
     usable = np.ones(examples.num_rows, dtype=bool)
     if decoded is not None:
-        usable &= np.array([p in decoded for p in examples.column("post_id").to_pylist()])
+        usable &= np.array([key in decoded for key in post_keys(examples)], dtype=bool)
     if config.baseline_names:
         known = features_by_image(config.data)
         usable &= np.array([image in known for image in examples.column("image").to_pylist()])
@@ -306,7 +318,7 @@ def scored_examples(config: EvaluateConfig, examples: pa.Table,
     }
     result = Scored(scored, counts)
     if decoded is not None:
-        result.predictions[MODEL_METHOD] = [decoded[p] for p in result.column("post_id")]
+        result.predictions[MODEL_METHOD] = [decoded[key] for key in post_keys(scored)]
     return result
 
 
@@ -359,7 +371,7 @@ def build_report(config: EvaluateConfig, out: str, model: ResolvedModel | None,
 
     results, per_user = score(config.task, scored)
     return report.build_report(
-        config=asdict(config),
+        config=config_to_dict(config),
         out=out,
         model=model.info if model else {},
         counts=scored.counts,

@@ -120,6 +120,9 @@ class PreprocessConfig:
     by_posts_split: bool = field(default=True, metadata={
         "help": "also split the hashtag task by posts (every user in train and test)"})
     read_batch_size: int = field(default=1000, metadata={"help": "raw posts per parsed batch"})
+    image_roots: tuple[str, ...] = field(default=(), metadata={
+        "help": "folders or s3:// prefixes besides the archive that records may name images "
+                "under (comma-separated); any other image path is a bad_path reject"})
     users_per_batch: int = field(default=64, metadata={
         "help": "users per batch in the per-user stages"})
     user_partitions: int = field(default=0, metadata={
@@ -282,12 +285,14 @@ def features_table(
 
 
 def source_features(
-    source: str, archive: str, root: str, read_batch_size: int, max_non_english_fraction: float
+    source: str, archive: str, root: str, read_batch_size: int, max_non_english_fraction: float,
+    image_roots: Sequence[str] = (),
 ) -> Iterator[pa.Table]:
     """Stage 1 for one source file of the archive; its rejects go to ``rejects/`` here."""
     from csmn.data import readers
 
-    batches = readers.parse_source(source, archive, batch_size=read_batch_size)
+    batches = readers.parse_source(source, archive, batch_size=read_batch_size,
+                                   image_roots=tuple(image_roots))
     for i, (posts, read_rejects) in enumerate(batches):
         table, rejects = features_table(posts, source, max_non_english_fraction)
         write_reject_rows([*read_rejects, *rejects], root, key=f"{source}#{i}")
@@ -296,12 +301,12 @@ def source_features(
 
 def features_of_sources(
     batch: pa.Table, archive: str, root: str, read_batch_size: int,
-    max_non_english_fraction: float,
+    max_non_english_fraction: float, image_roots: Sequence[str] = (),
 ) -> Iterator[pa.Table]:
     """Ray Data batch function: a batch of source URIs -> stage 1 tables."""
     for source in batch.column("source").to_pylist():
         yield from source_features(source, archive, root, read_batch_size,
-                                   max_non_english_fraction)
+                                   max_non_english_fraction, image_roots)
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -538,6 +543,13 @@ class RayEngine:
         """Stages 1-2 in one streaming execution; returns each user's counts."""
         from ray.data.context import ShuffleStrategy
 
+        from csmn.data.readers import count_records
+
+        # Records in are counted from the files by tasks of their own, beside the pipeline:
+        # a count taken from the parser's output could not see what the parser lost.
+        count = self.ray.remote(count_records)
+        self._counts = [count.remote(source) for source in sources]
+
         ds = self.ray.data.from_items([{"source": s} for s in sources],
                                       override_num_blocks=max(1, len(sources)))
         # The dataset's own context (shared by the datasets derived from it): the process-wide
@@ -547,13 +559,18 @@ class RayEngine:
             features_of_sources, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"archive": archive, "root": root,
                        "read_batch_size": self.config.read_batch_size,
-                       "max_non_english_fraction": self.config.max_non_english_fraction},
+                       "max_non_english_fraction": self.config.max_non_english_fraction,
+                       "image_roots": self.config.image_roots},
         )
         self.users = posts.groupby("user_id", num_partitions=self._partitions(sources)).map_groups(
             summarize_user, batch_format="pyarrow",
             fn_kwargs={"thresholds": self.config.thresholds(), "root": root},
         ).materialize()
         return self.users.select_columns(SUMMARY_COLUMNS).take_all()
+
+    def records_in(self) -> int:
+        """Records the sources hold (after :meth:`summarize_users`)."""
+        return sum(self.ray.get(self._counts))
 
     def _partitions(self, sources: list[str]) -> int:
         # Ray's default (up to 128 hash-shuffle aggregators) costs seconds of start-up on a
@@ -592,8 +609,12 @@ class LocalEngine:
             yield pa.concat_tables(self.users[i : i + size])
 
     def summarize_users(self, sources: list[str], archive: str, root: str) -> list[dict]:
+        from csmn.data.readers import count_records
+
+        self._records_in = sum(count_records(source) for source in sources)
         tables = [t for s in sources for t in source_features(
-            s, archive, root, self.config.read_batch_size, self.config.max_non_english_fraction)]
+            s, archive, root, self.config.read_batch_size, self.config.max_non_english_fraction,
+            self.config.image_roots)]
         posts = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
         posts = posts.sort_by("user_id")
         thresholds = self.config.thresholds()
@@ -606,6 +627,9 @@ class LocalEngine:
                 self.users.append(summarize_user(group, thresholds, root))
                 start = i
         return [t.select(SUMMARY_COLUMNS).to_pylist()[0] for t in self.users]
+
+    def records_in(self) -> int:
+        return self._records_in
 
     def token_statistics(self, plan: Plan) -> Iterator[dict]:
         for batch in self._user_batches():
@@ -756,9 +780,9 @@ def _task_accounting(task: str, totals: dict[str, int], rejected: dict[str, int]
         steps.append({"step": label, "posts": remaining})
     kept = totals[f"{task}_kept"]
     n_filtered, n_rejected = sum(filtered.values()), sum(rejected.values())
+    lost = records_in - (kept + n_filtered + n_rejected)
     balance = {"records_in": records_in, "kept": kept, "filtered": n_filtered,
-               "rejected": n_rejected,
-               "balanced": records_in == kept + n_filtered + n_rejected}
+               "rejected": n_rejected, "lost": lost, "balanced": lost == 0}
     return filtered, steps, balance
 
 
@@ -807,11 +831,14 @@ def build_manifest(
     summary: list[dict],
     contexts_written: dict[str, int],
     seconds: float,
+    records_in: int | None = None,
 ) -> dict[str, Any]:
+    """``records_in``: what the sources hold, counted from them
+    (:func:`csmn.data.readers.count_records`), so that the balance can show a loss."""
     totals = {name: sum(u[name] for u in users) for name in COUNT_COLUMNS}
     rejected = {stage: sum(codes.values()) for stage, codes in rejects.items()}
-    # Every record the readers saw is a reject, or a post of one user (duplicates included).
-    records_in = sum(rejected.values()) + totals["posts"]
+    if records_in is None:  # no count of the sources: what the stages saw, balanced as such
+        records_in = sum(rejected.values()) + totals["posts"]
     accounting = {task: _task_accounting(task, totals, rejected, records_in) for task in TASKS}
     vocab_by_split = {task: {split: f"vocab/{vocab_name(task, split)}.json"
                              for split in task_splits(task, config)} for task in TASKS}
@@ -883,6 +910,7 @@ def preprocess(
         archive=archive, root=out, config=config, engine=engine, n_sources=len(sources),
         rejects=rejects, users=users, plan=plan, summary=summary,
         contexts_written=contexts_written, seconds=time.perf_counter() - started,
+        records_in=runner.records_in(),
     )
     for task in TASKS:
         if not manifest["balance"][task]["balanced"]:

@@ -8,8 +8,43 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import stat
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def ensure_private_token() -> Path | None:
+    """The token file a local head authenticates with, readable by its owner only.
+
+    Ray writes ``~/.ray/auth_token`` with the process umask (0644 by default): any local user
+    could read it and then submit jobs. So the file is created here first, mode 0600, with a
+    token of the same strength Ray's own (256 random bits), and an existing one is tightened
+    to 0600. Nothing is written when the token comes from ``RAY_AUTH_TOKEN`` or when token
+    authentication is turned off. Returns the file, or None.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or \
+            os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            try:
+                path.chmod(0o600)
+                log.warning("the Ray token file %s was readable by others (mode %o): now "
+                            "0600", path, mode)
+            except PermissionError:
+                log.warning("the Ray token file %s is readable by others (mode %o) and not "
+                            "ours to change", path, mode)
+        return path
+    with os.fdopen(fd, "w") as stream:
+        stream.write(secrets.token_hex(32))
+    return path
 
 
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
@@ -24,6 +59,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         ray.init(address=address, log_to_driver=True)
         return
     log.info("starting an in-process Ray (set RAY_ADDRESS to use a cluster)")
+    ensure_private_token()
     # address="local": never attach to a cluster some other process left in /tmp/ray.
     ray.init(
         address="local",

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from csmn.data import layout, storage
-from csmn.tracking.runs import finished_or_failed, flatten_params, log_metrics
+from csmn.tracking.runs import finished_or_failed, flatten_params, log_metrics, redact_tags
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # URIs whose evaluation is logged: they name a run or a model of the tracking store.
@@ -162,7 +162,7 @@ def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
                 "csmn.data_digest": digest}
     tags.update({k: v for k, v in optional.items() if v})
     run_id = client.create_run(experiment_id, run_name=f"evaluate-{task}-{split}",
-                               tags=tags).info.run_id
+                               tags=redact_tags(tags)).info.run_id
     with finished_or_failed(tracking_uri, run_id):
         datasets = [_dataset_input(data_root, digest)] if digest else None
         models = [LoggedModelInput(source.model_id)] if source.model_id else None
@@ -254,7 +254,7 @@ def log_ablation(tracking_uri: str, experiment: str, *, task: str, data_root: st
     tags = {"csmn.kind": "ablation", "csmn.task": task, "csmn.data": data_root,
             **{f"csmn.run.{key}": run_id for key, run_id in method_runs.items()}}
     run_id = client.create_run(experiment_id, run_name=f"ablation-{task}",
-                               tags=tags).info.run_id
+                               tags=redact_tags(tags)).info.run_id
     with finished_or_failed(tracking_uri, run_id):
         flat = list(flatten_params(params).items())
         for start in range(0, len(flat), 100):  # log_batch takes at most 100 params

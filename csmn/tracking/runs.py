@@ -17,13 +17,10 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from csmn.config import is_secret_key, redact, redact_text
 from csmn.data import storage
 
 log = logging.getLogger(__name__)
-
-# Config keys that could carry a secret never become params (credentials live in the
-# environment, but a URI may embed a user:password or a signed query string).
-_SECRET_MARKERS = ("password", "secret", "token", "credential", "access_key")
 
 
 def resolve_tracking_uri(data_root: str | None) -> str:
@@ -41,18 +38,25 @@ def resolve_tracking_uri(data_root: str | None) -> str:
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config dicts -> flat MLflow params (``model.embed_dim``), secrets left out."""
+    """Nested config dicts -> flat MLflow params (``model.embed_dim``). Secret-named keys are
+    left out; every other value is redacted (a URI may embed ``user:password@`` or a signed
+    query string, credentials live in the environment: :func:`csmn.config.redact_text`)."""
     params: dict[str, str] = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
-        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+        if is_secret_key(key):
             continue
+        name = redact_text(f"{prefix}{key}")
         if isinstance(value, Mapping):
             params.update(flatten_params(value, prefix=f"{name}."))
         else:
             text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-            params[name] = text[:6000]  # MLflow's param value limit
+            params[name] = redact_text(text)[:6000]  # MLflow's param value limit
     return params
+
+
+def redact_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags as MLflow stores them (strings), redacted like params."""
+    return {str(k): str(v) for k, v in redact(dict(tags or {})).items()}
 
 
 def start_or_resume_run(
@@ -75,7 +79,7 @@ def start_or_resume_run(
     if existing:
         raise ValueError(f"MLflow run {run_name!r} in experiment {experiment!r} is already "
                          "FINISHED: choose another --run-name")
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    run = client.create_run(experiment_id, run_name=run_name, tags=redact_tags(tags))
     return run.info.run_id
 
 
@@ -85,7 +89,10 @@ RESUMABLE_PARAMS = frozenset({"train.max_failures", "train.epochs", "train.regis
 
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:
-    """Log params once: a resumed run already has them (MLflow refuses changed values)."""
+    """Log params once: a resumed run already has them (MLflow refuses changed values).
+    Values are redacted here too, whoever built them."""
+    params = {redact_text(str(k)): redact_text(str(v)) for k, v in params.items()
+              if not is_secret_key(k)}
     client = MlflowClient(tracking_uri)
     logged = client.get_run(run_id).data.params
     changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}

@@ -143,15 +143,19 @@ def test_the_pyfunc_and_the_evaluation_actor_give_the_same_words(ray_session, ch
         "context_words": [c or [] for c in contexts]}))
 
     images = [f"img{i}.jpg" for i in range(6)]
-    examples = pa.table({"post_id": [f"p{i}" for i in range(6)], "image": images,
+    # Post ids are unique per user only: two users each have a post "p0", "p1", "p2".
+    keys = [(f"u{i % 2}", f"p{i // 2}") for i in range(6)]
+    examples = pa.table({"user_id": [u for u, _ in keys], "post_id": [p for _, p in keys],
+                         "image": images,
                          "context_words": pa.array(contexts, pa.list_(pa.string()))})
     actor = Decoder(ray.put(examples), checkpoint, None, 1, False, 4)
     decoded = actor(pa.table({"image": images[::-1], "feature": pa.array(
         [row.tolist() for row in features[::-1]], pa.list_(pa.float32()))}))
-    by_post = dict(zip(decoded.column("post_id").to_pylist(),
+    by_post = dict(zip(zip(decoded.column("user_id").to_pylist(),
+                           decoded.column("post_id").to_pylist(), strict=True),
                        decoded.column("prediction").to_pylist(), strict=True))
 
     direct = Predictor.from_checkpoint(checkpoint).predict(features, contexts).words
     assert [list(p) for p in served["prediction"]] == direct
-    assert [by_post[f"p{i}"] for i in range(6)] == direct
+    assert [by_post[key] for key in keys] == direct
     assert any(direct), "the random model must say something for the test to mean anything"

@@ -17,13 +17,19 @@ from csmn.data.schemas import conform, load_schema
 STAMP = datetime(2015, 6, 1, 12, 30, tzinfo=UTC)
 
 
-def collect(archive: str, batch_size: int = 1000) -> tuple[list[dict], list[dict]]:
+def collect(archive: str, batch_size: int = 1000,
+            image_roots: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
     posts, rejects = [], []
     for source in readers.list_sources(archive):
-        for batch_posts, batch_rejects in readers.parse_source(source, archive, batch_size):
+        in_source = 0
+        for batch_posts, batch_rejects in readers.parse_source(source, archive, batch_size,
+                                                               image_roots):
+            in_source += len(batch_posts) + len(batch_rejects)
             assert len(batch_posts) + len(batch_rejects) <= batch_size
             posts += batch_posts
             rejects += batch_rejects
+        # Counted from the file itself, not from what the parser made of it.
+        assert in_source == readers.count_records(source), source
     # Whatever comes out fits the contracts of the next stage.
     conform(posts, "raw_post")
     conform(rejects, "reject")
@@ -91,7 +97,8 @@ def test_jsonl_posts_and_rejects_with_reasons(tmp_path):
     write_jsonl(tmp_path / "posts" / "part-00000.jsonl")
     archive = str(tmp_path)
     assert readers.detect_layout(archive) == "jsonl"
-    posts, rejects = collect(archive, batch_size=4)
+    # Absolute paths are read only under the roots the operator allows.
+    posts, rejects = collect(archive, batch_size=4, image_roots=("/abs", "s3://bucket"))
     # Records in = posts + rejects (the blank line is no record).
     assert len(posts) == len(GOOD_LINES) and len(rejects) == len(BAD_LINES) + 1
     by_id = {p["post_id"]: p for p in posts}
@@ -154,7 +161,7 @@ def test_layout_detection_and_unreadable_archives(tmp_path):
     with pytest.raises(readers.ReadError):
         readers.detect_layout(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(readers.ReadError, match="no posts"):
+    with pytest.raises(readers.ReadError, match="no .*posts"):
         readers.detect_layout(str(tmp_path / "empty"))
     single = tmp_path / "one" / "posts" / "only.jsonl"
     single.parent.mkdir(parents=True)
@@ -267,7 +274,7 @@ def test_reads_jsonl_and_instapic_from_s3(tmp_path, s3_bucket):
     archive = f"{s3_bucket}/raw"
     storage.write_bytes(f"{archive}/posts/part-00000.jsonl",
                         (local / "posts" / "part-00000.jsonl").read_bytes())
-    posts, rejects = collect(archive)
+    posts, rejects = collect(archive, image_roots=("/abs", "s3://bucket"))
     assert len(posts) == len(GOOD_LINES) and len(rejects) == len(BAD_LINES) + 1
     by_id = {p["post_id"]: p for p in posts}
     assert by_id["p1"]["image"] == f"{archive}/images/u1/p1.jpg"
@@ -294,7 +301,100 @@ def test_timestamps_and_image_resolution():
     assert parse(1433161800000) == STAMP
     assert parse(None) is None and parse("") is None
     assert readers.resolve_image("images/a.jpg", "s3://b/arch") == "s3://b/arch/images/a.jpg"
-    assert readers.resolve_image("file:///x/y.jpg", "/z") == "/x/y.jpg"
-    assert readers.resolve_image("https://cdn/x.jpg", "/z") == "https://cdn/x.jpg"
+    assert readers.resolve_image("file:///x/y.jpg", "/z", ("/x",)) == "/x/y.jpg"
     assert load_schema("raw_post").names == [
         "user_id", "post_id", "created_at", "image", "caption", "hashtags"]
+
+
+# ---- hostile input, focused (tests/reliability holds the whole generator) --------------------
+
+
+def _jsonl(tmp_path: Path, records: list, name: str = "posts/p.jsonl") -> str:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records))
+    return str(tmp_path)
+
+
+def test_top_level_posts_file_is_an_archive(tmp_path):
+    archive = _jsonl(tmp_path, GOOD_LINES[:2], name="posts.jsonl")
+    assert readers.detect_layout(archive) == "jsonl"
+    assert readers.list_sources(archive) == [str(tmp_path / "posts.jsonl")]
+    posts, rejects = collect(archive)
+    assert [p["image"] for p in posts] == [str(tmp_path / "images/u1/p1.jpg"),
+                                           str(tmp_path / "images/u1/p2.jpg")]
+    assert rejects == []
+
+
+def test_text_sanitizer_and_timestamps_reject_one_record_each(tmp_path):
+    base = {"user_id": "u", "image": "i.jpg", "caption": "ok", "hashtags": ["#a"]}
+    cases = [
+        ({"caption": "u\ud800"}, "bad_text"), ({"user_id": "\udc00"}, "bad_text"),
+        ({"hashtags": ["#\ud83d"]}, "bad_text"), ({"caption": "a\x00"}, "bad_text"),
+        ({"caption": "x" * (readers.MAX_CAPTION_CHARS + 1)}, "too_long"),
+        ({"hashtags": ["#" + "x" * readers.MAX_HASHTAG_CHARS]}, "too_long"),
+        ({"hashtags": ["#a"] * (readers.MAX_HASHTAGS + 1)}, "too_long"),
+        ({"user_id": "u" * (readers.MAX_ID_CHARS + 1)}, "too_long"),
+        ({"image": "i/" * readers.MAX_IMAGE_CHARS}, "too_long"),
+        ({"created_at": "0001-01-01T00:00:00+05:00"}, "bad_timestamp"),
+        ({"created_at": "9999-12-31T23:59:59-01:00"}, "bad_timestamp"),
+        ({"created_at": 10**400}, "bad_timestamp"),
+    ]
+    records = [{**base, "post_id": f"p{i}", **change} for i, (change, _) in enumerate(cases)]
+    records.append({**base, "post_id": "fine", "created_at": "0001-01-01T00:00:00-05:00"})
+    # json.dumps escapes lone surrogates ("\ud800"), as a real JSON exporter does.
+    posts, rejects = collect(_jsonl(tmp_path, records))
+    assert [p["post_id"] for p in posts] == ["fine"]
+    assert posts[0]["created_at"] == datetime(1, 1, 1, 5, tzinfo=UTC)
+    assert [(r["record_id"], reason_code(r["reason"])) for r in rejects] == [
+        (f"p{i}", code) for i, (_, code) in enumerate(cases)]
+    # Reject rows stay writable: the surrogate is escaped, the payload capped.
+    assert "\\udc00" in rejects[1]["payload"] and len(rejects[4]["payload"]) <= 2001
+
+
+def test_one_bad_utf8_cell_rejects_its_row_only(tmp_path):
+    ids = pa.array([b"p0", b"p1", b"p\xff2", b"p3", b"p4"], pa.binary())
+    table = pa.table({
+        "user_id": ["u"] * 5,
+        "post_id": pa.Array.from_buffers(pa.string(), 5, ids.buffers()),
+        "image": [f"{i}.jpg" for i in range(5)], "caption": ["c"] * 5,
+        "hashtags": [["#a"]] * 5,
+    })
+    (tmp_path / "posts").mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "posts" / "p.parquet", row_group_size=2)
+    posts, rejects = collect(str(tmp_path))
+    assert [p["post_id"] for p in posts] == ["p0", "p1", "p3", "p4"]
+    assert [reason_code(r["reason"]) for r in rejects] == ["bad_encoding"]
+    assert rejects[0]["source"].endswith("p.parquet:3") and "post_id" in rejects[0]["reason"]
+
+
+def test_duplicate_json_keys_are_rejected_in_every_layout(tmp_path):
+    line = '{"user_id": "u", "post_id": "p", "image": "i.jpg", "caption": "a", ' \
+           '"caption": "b", "hashtags": []}'
+    posts, rejects = collect(_jsonl(tmp_path / "jsonl", [line]))
+    assert posts == [] and [reason_code(r["reason"]) for r in rejects] == ["duplicate_key"]
+
+    insta = tmp_path / "insta"
+    (insta / "images").mkdir(parents=True)
+    for name in ("u_@_1", "u_@_2", "v_@_1", "w_@_1"):
+        (insta / "images" / name).write_bytes(b"x")
+    ok = '{"caption": "fine", "tags": "#a"}'
+    (insta / "a.json").write_text(
+        f'{{"u": {{"1": {ok}, "2": {ok}, "2": {ok}}}, "v": {{"1": {ok}}}, "v": {{"1": {ok}}},'
+        f' "w": {{"1": {{"caption": "x", "tags": "#a", "tags": "#b"}}}}}}')
+    posts, rejects = collect(str(insta))
+    assert [(p["user_id"], p["post_id"]) for p in posts] == [("u", "1")]
+    assert [(r["record_id"], reason_code(r["reason"])) for r in rejects] == [
+        ("2", "duplicate_key"), ("2", "duplicate_key"), ("1", "duplicate_key"),
+        ("1", "duplicate_key"), ("1", "duplicate_key")]
+
+    yfcc = tmp_path / "yfcc"
+    (yfcc / "images").mkdir(parents=True)
+    (yfcc / "images" / "u_5").write_bytes(b"x")
+    url = '"http://www.flickr.com/photos/u/5/"'
+    (yfcc / "y.json").write_text(f'{{"u": [{{"title": "a", "page url": {url}}}], '
+                                 f'"u": [{{"title": "b", "page url": {url}}}]}}')
+    posts, rejects = collect(str(yfcc))
+    assert posts == [] and [reason_code(r["reason"]) for r in rejects] == ["duplicate_key"] * 2

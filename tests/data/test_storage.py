@@ -78,3 +78,28 @@ def test_s3_credentials_come_from_the_environment_not_the_repo(s3_endpoint):
     assert path == "bucket/key"
     assert isinstance(fs, pa.fs.S3FileSystem)
     assert s3_endpoint.startswith("http://127.0.0.1:")
+
+
+def test_local_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """The real fsync and rename, watched: the file's data is flushed before its name
+    appears, and the folder's entry after."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out" / "data.bin"
+    storage.write_bytes(str(target), b"payload")
+    assert target.read_bytes() == b"payload"
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert os.path.basename(events[0][1]).startswith(".data.bin.")  # the temporary file
+    assert events[2][1] == str(tmp_path / "out")  # then its folder

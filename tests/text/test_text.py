@@ -151,3 +151,29 @@ def test_a_one_megabyte_hostile_caption_normalizes_in_well_under_a_second(unit):
         start = time.process_time()
         normalize(caption)
         assert time.process_time() - start < 1.0  # about 0.5 s; quadratic, it took hours
+
+
+def _cpu_seconds(function, text: str) -> float:
+    best = float("inf")
+    for _ in range(2):
+        start = time.process_time()
+        function(text)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@pytest.mark.parametrize("unit", ["a.", "a.com.", "a-", "www.a"])
+def test_url_matching_grows_linearly_with_the_caption(unit):
+    # 16 times the text must cost about 16 times the time (quadratic: 256 times). A ratio,
+    # not a clock: it holds on a slow or shared machine.
+    small = unit * (16_000 // len(unit))
+    large = unit * (16 * 16_000 // len(unit))
+    for function in (lambda t: list(find_urls(t)), remove_urls):
+        base = max(_cpu_seconds(function, small), 1e-4)
+        assert _cpu_seconds(function, large) / base < 64, (unit, function)
+
+
+def test_the_dotted_run_that_took_18_seconds_is_fast():
+    start = time.process_time()
+    assert remove_urls("a." * 8000) == "a." * 8000 and not has_url("a." * 8000)
+    assert time.process_time() - start < 2.0  # a sanity bound; it takes milliseconds
