@@ -129,6 +129,8 @@ class GenerateConfig:
     precision: str = field(default="auto", metadata={"help": "ResNet precision: auto | fp32 | "
                                                              "bf16 | fp16"})
     read_batch_size: int = field(default=1000, metadata={"help": "raw posts per parsed batch"})
+    image_roots: tuple[str, ...] = field(default=(), metadata={
+        "help": "prefixes outside the archive where its images may live (else bad_path)"})
     user_partitions: int = field(default=0, metadata={
         "help": "partitions of the groupby on users (0: the sources, at most 2 per CPU)"})
     commit_every: int = field(default=16, metadata={"help": "staged parts per commit"})
@@ -280,7 +282,8 @@ def check_weights(spec: FeatureSpec) -> None:
 
 # --------------------------------------------------------------------------- stage 1
 def read_posts(batch: pa.Table, archive: str, rejects_dir: str, read_batch_size: int,
-               max_non_english_fraction: float) -> Iterator[pa.Table]:
+               max_non_english_fraction: float, image_roots: tuple[str, ...] = ()
+               ) -> Iterator[pa.Table]:
     """Ray Data batch function: source URIs -> their posts (POST_SCHEMA); reader rejects and
     unusable records are written to ``rejects_dir``."""
     from csmn.data import readers
@@ -288,7 +291,8 @@ def read_posts(batch: pa.Table, archive: str, rejects_dir: str, read_batch_size:
 
     for source in batch.column("source").to_pylist():
         for i, (posts, read_rejects) in enumerate(
-                readers.parse_source(source, archive, batch_size=read_batch_size)):
+                readers.parse_source(source, archive, batch_size=read_batch_size,
+                                     image_roots=image_roots)):
             table, rejects = features_table(posts, source, max_non_english_fraction)
             _write_rejects([*read_rejects, *rejects], rejects_dir, f"{source}#{i}")
             table = table.append_column("committed", pa.array([False] * table.num_rows))
@@ -597,7 +601,8 @@ def _planned_posts(config: GenerateConfig, champions: dict[str, Champion], sourc
         read_posts, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"archive": config.archive, "rejects_dir": rejects_dir,
                    "read_batch_size": config.read_batch_size,
-                   "max_non_english_fraction": thresholds.max_non_english_fraction})
+                   "max_non_english_fraction": thresholds.max_non_english_fraction,
+                   "image_roots": tuple(config.image_roots)})
     if committed:
         fs, paths = _paths(committed)
         done = ray.data.read_parquet(paths, filesystem=fs, columns=["user_id", "post_id"])
@@ -705,8 +710,12 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     log.info("%d source(s); %d committed part(s) from earlier runs", len(sources),
              len(committed_files))
 
+    # Records in are counted from the files by tasks of their own: a count taken from the
+    # parser's output could not see what the parser lost.
+    counting = [ray.remote(readers.count_records).remote(source) for source in sources]
     planned = _planned_posts(config, champions, sources, committed_files, rejects_dir)
     tallies = _tallies(planned)
+    tallies["records_in"] = sum(ray.get(counting))
     work = planned.map_batches(rows_of_kind, batch_format="pyarrow", fn_kwargs={"kind": "new"})
     new_posts = work.count()
     log.info("%d new post(s) of %d; %d already done, %d before --since, %d duplicates",
@@ -757,7 +766,7 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
     rejected = sum(by_code.values())
     # Records that never became a post (unreadable, unusable) are not in the posts tally.
     unread = sum(sum(codes.values()) for stage, codes in rejects.items() if stage != STAGE)
-    records_in = tallies["posts"] + unread
+    records_in = tallies["records_in"]
     predicted = committer.rows
     accounted = (predicted + tallies["already_done"] + committer.dropped_as_done
                  + tallies["before_since"] + rejected)
@@ -773,6 +782,7 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
                    "recovered_from_earlier_runs": recovered},
         "rejects": dict(sorted(by_code.items())),
         "balance": {"records_in": records_in, "accounted": accounted,
+                    "lost": records_in - (tallies["posts"] + unread),
                     "balanced": records_in == accounted},
         "seconds": round(seconds, 2),
         "posts_per_second": round(new_posts / decode_seconds, 2)

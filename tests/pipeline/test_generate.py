@@ -25,7 +25,7 @@ from csmn.core.model import CSMN, sequence_loss
 from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES
 from csmn.data.schemas import validate
-from csmn.pipeline.generate import GenerateConfig, build_parser, run_generate
+from csmn.pipeline.generate import GenerateConfig, _part_files, build_parser, run_generate
 from csmn.pipeline.train import training_inputs
 from csmn.pipeline.train_data import collate_batch
 from csmn.text.history import TaskContext, history_contexts
@@ -137,11 +137,12 @@ def nightly(ray_session, mlflow_tracking_uri, tmp_path_factory):
 
 
 def _rows(out: str) -> list[dict]:
-    parts = [u for u in storage.list_files(layout.predictions_dir(out), suffix=".parquet")
-             if "/_" not in u[len(layout.predictions_dir(out)):]]
-    if not parts:
+    """Every committed prediction (hive partitions; '_' names are skipped as Ray Data
+    and pyarrow skip them)."""
+    if not _part_files(out):
         return []
-    return pads.dataset(layout.predictions_dir(out), format="parquet",
+    fs, path = storage.resolve(layout.predictions_dir(out))
+    return pads.dataset(path, filesystem=fs, format="parquet",
                         partitioning="hive").to_table().to_pylist()
 
 
@@ -153,8 +154,9 @@ def _archive_posts(archive: str) -> set[tuple[str, str]]:
 
 
 def _config(nightly, out: str, run_date: str, **kwargs) -> GenerateConfig:
-    options = {"batch_size": 32, "feature_batch_size": 32, "commit_every": 2, **kwargs}
-    return GenerateConfig(archive=nightly["archive"], out=out, run_date=run_date, **options)
+    options = {"archive": nightly["archive"], "batch_size": 32, "feature_batch_size": 32,
+               "commit_every": 2, **kwargs}
+    return GenerateConfig(out=out, run_date=run_date, **options)
 
 
 def test_history_context_equals_the_training_context():
@@ -197,21 +199,30 @@ def test_history_context_equals_the_training_context():
     assert out[1] and out[8] != out[1]
 
 
-def test_end_to_end_rerun_later_date_and_accounting(nightly, tmp_path):
-    out = str(tmp_path / "out")
-    first = run_generate(_config(nightly, out, "2026-11-30"))
+def _copy_to(local: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    pafs.copy_files(local, path, destination_filesystem=fs)
+
+
+def test_end_to_end_on_s3_rerun_later_date_and_accounting(nightly, s3_bucket):
+    """Archive in and predictions out on S3 (moto's server): a first night, the same date
+    again, then a later night after new posts were appended."""
+    archive, out = f"{s3_bucket}/archive", f"{s3_bucket}/out"
+    _copy_to(nightly["archive"], archive)
+    first = run_generate(_config(nightly, out, "2026-11-30", archive=archive))
     rows = _rows(out)
     keys = [(r["user_id"], r["post_id"]) for r in rows]
     assert len(keys) == len(set(keys)) == first["counts"]["predicted"] > 40
-    assert set(keys) <= _archive_posts(nightly["archive"])
+    assert set(keys) <= _archive_posts(archive)
     counts = first["counts"]
     assert first["balance"]["balanced"]
     assert counts["records_in"] == (counts["predicted"] + counts["already_done"]
                                     + counts["before_since"] + counts["rejected"])
     assert counts["already_done"] == 0
-    table = pads.dataset(layout.predictions_partition(out, "2026-11-30"),
-                         format="parquet").to_table()
-    validate(table, "generated_post")
+    validate(storage.read_parquet(layout.predictions_partition(out, "2026-11-30")),
+             "generated_post")
     row = rows[0]
     assert row["hashtag_model"] == REGISTERED_MODEL_NAMES[HASHTAG]
     assert row["hashtag_model_version"] == nightly["versions"][HASHTAG]
@@ -230,30 +241,27 @@ def test_end_to_end_rerun_later_date_and_accounting(nightly, tmp_path):
     assert summary["attempt"] == first["attempt"]
 
     # the same date again: nothing new, nothing duplicated
-    again = run_generate(_config(nightly, out, "2026-11-30"))
+    again = run_generate(_config(nightly, out, "2026-11-30", archive=archive))
     assert again["counts"]["predicted"] == 0
     assert again["counts"]["already_done"] == counts["predicted"]
     assert len(_rows(out)) == len(rows)
 
     # new posts arrive; the next night predicts only those, with the older posts as context
-    storage.write_text(storage.join(nightly["archive"], "posts", "part-99999.jsonl"),
+    storage.write_text(storage.join(archive, "posts", "part-99999.jsonl"),
                        storage.read_text(nightly["later_file"]))
-    try:
-        second = run_generate(_config(nightly, out, "2026-12-01"))
-        new_rows = [r for r in _rows(out) if str(r["run_date"]) == "2026-12-01"]
-        expected = {(str(r["user_id"]), str(r["post_id"])) for r in nightly["later"]}
-        assert {(r["user_id"], r["post_id"]) for r in new_rows} == expected
-        assert second["counts"]["predicted"] == len(expected)
-        assert second["counts"]["already_done"] == counts["predicted"]
-        assert len({(r["user_id"], r["post_id"]) for r in _rows(out)}) == len(_rows(out))
-        newcomer = [r for r in new_rows if r["user_id"] == NEW_USER]
-        assert len(newcomer) == 1 and newcomer[0]["hashtag_used_context"] is False
-        assert newcomer[0]["post_used_context"] is False and newcomer[0]["history_posts"] == 0
-        old_users = [r for r in new_rows if r["user_id"] != NEW_USER]
-        assert all(r["history_posts"] > 0 for r in old_users)
-        assert sum(r["hashtag_used_context"] for r in old_users) >= len(old_users) // 2
-    finally:
-        storage.delete(storage.join(nightly["archive"], "posts", "part-99999.jsonl"))
+    second = run_generate(_config(nightly, out, "2026-12-01", archive=archive))
+    new_rows = [r for r in _rows(out) if str(r["run_date"]) == "2026-12-01"]
+    expected = {(str(r["user_id"]), str(r["post_id"])) for r in nightly["later"]}
+    assert {(r["user_id"], r["post_id"]) for r in new_rows} == expected
+    assert second["counts"]["predicted"] == len(expected)
+    assert second["counts"]["already_done"] == counts["predicted"]
+    assert len({(r["user_id"], r["post_id"]) for r in _rows(out)}) == len(_rows(out))
+    newcomer = [r for r in new_rows if r["user_id"] == NEW_USER]
+    assert len(newcomer) == 1 and newcomer[0]["hashtag_used_context"] is False
+    assert newcomer[0]["post_used_context"] is False and newcomer[0]["history_posts"] == 0
+    old_users = [r for r in new_rows if r["user_id"] != NEW_USER]
+    assert all(r["history_posts"] > 0 for r in old_users)
+    assert sum(r["hashtag_used_context"] for r in old_users) >= len(old_users) // 2
 
 
 def test_since_leaves_older_posts_as_history(nightly, tmp_path):
@@ -287,100 +295,80 @@ def _other_weights(tmp_path) -> str:
     return path
 
 
-def test_killed_process_and_killed_actor_end_exactly_once(nightly, tmp_path):
+def test_killed_actor_and_killed_process_end_exactly_once(nightly, tmp_path):
+    # a decoding actor killed by ray.kill while the run works: Ray restarts it, retries its
+    # batch, and the retried part replaces its own staged file
+    reference_out = str(tmp_path / "reference")
+    killer = _kill_when_staged("GenerateActor", reference_out)
+    reference = run_generate(_config(nightly, reference_out, "2026-11-30", batch_size=8,
+                                     feature_batch_size=8, commit_every=1))
+    killer.join()
+    assert killer.killed, "no decoding actor was alive to kill"
+    expected = {(r["user_id"], r["post_id"]) for r in _rows(reference_out)}
+    assert len(_rows(reference_out)) == len(expected) == reference["counts"]["predicted"]
+    counts = reference["counts"]
+    assert counts["records_in"] - counts["rejected"] == len(expected)
+
+    # the whole job killed at its first part, then run again: what it staged is committed
+    # first, the rest is computed, and every post ends with one row
     out = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": REPO}
     command = [sys.executable, "-m", "csmn.cli", "generate", "--archive", nightly["archive"],
                "--out", out, "--run-date", "2026-11-30", "--batch-size", "8",
                "--feature-batch-size", "8", "--commit-every", "1", "--lease-ttl-s", "5"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": REPO},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    predictions = layout.predictions_dir(out)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if len(_rows(out)) >= 8:  # some committed, most not
+        if storage.exists(predictions) and storage.list_files(predictions, suffix=".parquet"):
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    partial = len(_rows(out))
-    assert partial >= 8
-
-    # the rerun, with a decoding actor killed by ray.kill while it works
-    killer = _kill_a_generate_actor_soon()
-    summary = run_generate(_config(nightly, out, "2026-11-30", commit_every=1, batch_size=8))
-    killer.join()
-    assert killer.killed, "no decoding actor was alive to kill"
-    rows = _rows(out)
-    keys = Counter((r["user_id"], r["post_id"]) for r in rows)
-    assert max(keys.values()) == 1
-    expected = summary["counts"]["predicted"] + summary["counts"]["already_done"]
-    assert len(keys) == expected
+    summary = run_generate(_config(nightly, out, "2026-11-30"))
+    keys = Counter((r["user_id"], r["post_id"]) for r in _rows(out))
+    assert max(keys.values()) == 1 and set(keys) == expected
     assert summary["balance"]["balanced"]
-    # every post of the archive that could be predicted is predicted, exactly once
-    counts = summary["counts"]
-    assert counts["before_since"] == 0 and counts["records_in"] - counts["rejected"] == len(keys)
+    assert (summary["counts"]["predicted"] + summary["counts"]["already_done"]
+            == len(expected))
     assert not storage.list_files(layout.predictions_staging_dir(out), suffix=".parquet")
 
 
-def _kill_a_generate_actor_soon():
-    """ray.kill (restart allowed, as a node loss would) of the first live decoding actor."""
+def _kill_when_staged(udf: str, out: str):
+    """A thread that ray.kills (restart allowed, as a lost node would) the live actor running
+    ``udf`` once the run has staged its first part, so that the actor dies mid-run."""
     import threading
-
-    def kill() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            for handle in _live_actors("GenerateActor"):
-                ray.kill(handle, no_restart=False)
-                killed.append(handle)
-                return
-            time.sleep(0.2)
 
     import ray
 
-    killed: list = []
+    def kill() -> None:
+        staging = layout.predictions_staging_dir(out)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if storage.exists(staging) and storage.list_files(staging, suffix=".parquet"):
+                for handle in _live_actors(udf):
+                    ray.kill(handle, no_restart=False)
+                    thread.killed.append(handle)
+                    return
+            time.sleep(0.05)
+
     thread = threading.Thread(target=kill, daemon=True)
-    thread.killed = killed
+    thread.killed = []
     thread.start()
     return thread
 
 
 def _live_actors(udf: str) -> list:
-    """Handles of the live Ray Data map actors running ``udf``. Pool actors are unnamed
-    ``_MapWorker``s: the process title names the UDF."""
+    """Handles of the live Ray Data map actors running ``udf`` (pool actors are unnamed:
+    from the GCS actor table, whose class name is ``MapWorker(MapBatches(<udf>))``)."""
     import ray
 
     worker = ray._private.worker.global_worker.core_worker
-    handles = []
-    for actor_id, info in ray._private.state.actors().items():
-        if "MapWorker" not in info.get("ActorClassName", "") or info["State"] != "ALIVE":
-            continue
-        try:
-            with open(f"/proc/{info['Pid']}/cmdline", "rb") as f:
-                title = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if udf in title:
-            handles.append(worker.get_actor_handle(ray.ActorID.from_hex(actor_id)))
-    return handles
-
-
-def test_s3_in_and_out(nightly, s3_bucket):
-    from csmn.synth import SynthConfig, write_archive
-
-    archive = f"{s3_bucket}/archive"
-    write_archive(SynthConfig(out=archive, users=2, seed=4, image_size=32, image_threads=2,
-                              posts_median=5, posts_min=4, posts_max=6,
-                              too_few_users_rate=0.0, too_many_users_rate=0.0,
-                              spammer_users_rate=0.0))
-    out = f"{s3_bucket}/out"
-    config = GenerateConfig(archive=archive, out=out, run_date="2026-11-30", batch_size=16,
-                            feature_batch_size=16)
-    summary = run_generate(config)
-    assert summary["balance"]["balanced"] and summary["counts"]["predicted"] > 5
-    assert storage.exists(layout.generation_summary_uri(out, "2026-11-30"))
-    again = run_generate(config)
-    assert again["counts"]["predicted"] == 0
-    assert again["counts"]["already_done"] == summary["counts"]["predicted"]
+    return [worker.get_actor_handle(ray.ActorID.from_hex(actor_id))
+            for actor_id, info in ray._private.state.actors().items()
+            if udf in info.get("ActorClassName", "") and info["State"] == "ALIVE"]
 
 
 def test_lease_is_exclusive_and_expires(tmp_path, s3_bucket):
