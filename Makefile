@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless
+SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless chromium
 DEMO_DIR ?= demo-data
 
 .PHONY: setup system-packages demo test lint bench clean
 
-# PyEnchant needs libenchant and an en_US dictionary; METEOR and the PTB tokenizer need Java.
+# PyEnchant needs libenchant and an en_US dictionary; METEOR and the PTB tokenizer need Java;
+# the report's test renders report.html in a headless Chromium.
 system-packages:
 	@missing=""; \
 	for p in libenchant-2-2 hunspell-en-us; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
