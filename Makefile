@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless chromium
 DEMO_DIR ?= demo-data
+DEMO_ARGS ?=
 
 .PHONY: setup system-packages demo test lint bench clean
 
@@ -27,8 +28,9 @@ $(BIN)/csmn: pyproject.toml
 
 setup: system-packages $(BIN)/csmn
 
+# A local Ray head, the pipeline submitted to it as one job, the head stopped at the end.
 demo: setup
-	$(BIN)/csmn demo --out $(DEMO_DIR)
+	$(BIN)/csmn demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

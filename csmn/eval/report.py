@@ -586,7 +586,7 @@ _DEMO_STYLE = _STYLE + """
 table.attn{margin:.4em 0;font-size:85%}table.attn td.bar{width:220px;padding:2px}
 .att{display:inline-block;height:10px}.att.image{background:#4c78a8}
 .att.context{background:#f2a93b}.att.output{background:#54a24b}
-.legend span{padding:0 .6em;color:#fff;font-size:85%}
+.legend .att{height:auto;padding:0 .6em;color:#fff;font-size:85%}
 """
 
 

@@ -118,9 +118,22 @@ def _write_token(temp_dir: str) -> str:
     return path
 
 
-def start_head(options: HeadOptions | None = None) -> Head:
-    """Start a head node and wait until its job server accepts an authenticated client."""
-    options = options or HeadOptions()
+def start_head(options: HeadOptions | None = None, attempts: int = 2) -> Head:
+    """Start a head node and wait until its job server accepts an authenticated client; on a
+    loaded machine Ray's node start can time out ("The current node timed out during
+    startup"), so a failed start is tried again, on fresh ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_head_once(options or HeadOptions())
+        except RuntimeError as error:
+            if attempt == attempts:
+                raise
+            log.warning("the Ray head did not start (%s); trying again",
+                        str(error).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
+def _start_head_once(options: HeadOptions) -> Head:
     # Short and under /tmp: Ray's Unix socket paths live under it (108 bytes at most).
     temp_dir = tempfile.mkdtemp(prefix="csmn-head-", dir="/tmp")
     token_path = _write_token(temp_dir)
@@ -161,7 +174,8 @@ def _wait_until_up(head: Head, timeout_s: float) -> None:
     while True:
         probe = subprocess.run([ray_cli(), "job", "list", "--address", head.address],
                                env=head.env, capture_output=True, text=True)
-        if probe.returncode == 0:
+        # `ray start` writes the node's address last, after the job server is up.
+        if probe.returncode == 0 and Path(head.temp_dir, "ray_current_cluster").exists():
             return
         if head.process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the Ray head did not come up; its log ends with:\n"
