@@ -2,16 +2,19 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless
+SYSTEM_PACKAGES := libenchant-2-2 hunspell-en-us default-jre-headless chromium
 DEMO_DIR ?= demo-data
+DEMO_ARGS ?=
 
 .PHONY: setup system-packages demo test lint bench clean
 
-# PyEnchant needs libenchant and an en_US dictionary; METEOR and the PTB tokenizer need Java.
+# PyEnchant needs libenchant and an en_US dictionary; METEOR and the PTB tokenizer need Java;
+# the report's test renders report.html in a headless Chromium.
 system-packages:
 	@missing=""; \
 	for p in libenchant-2-2 hunspell-en-us; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -25,8 +28,9 @@ $(BIN)/csmn: pyproject.toml
 
 setup: system-packages $(BIN)/csmn
 
+# A local Ray head, the pipeline submitted to it as one job, the head stopped at the end.
 demo: setup
-	$(BIN)/csmn demo --out $(DEMO_DIR)
+	$(BIN)/csmn demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -383,3 +383,273 @@ def write_report(
     storage.write_text(storage.join(out, "report.html"), render_html(report, users_shown))
     # written last: a folder with report.json is a complete report
     storage.write_json(storage.join(out, "report.json"), report)
+
+
+# ------------------------------------------------------------------------------ demo report
+#
+# One page for a whole demo run: every task's table beside the paper's, the training curves
+# read back from the MLflow runs, charts of the methods and of the per-user spread, and a
+# gallery with the attention split of every decoding step. Charts are matplotlib PNGs embedded
+# as data URIs, images too: the page is one file that opens anywhere, offline.
+
+METHOD_NAMES = {"csmn": "CSMN-P5", "1nn-im": "1NN-Im", "1nn-usr": "1NN-Usr",
+                "1nn-usrim": "1NN-UsrIm"}
+# The paper's columns per task (Tables 2 and 3); hashtags split by posts are Table 3's right
+# column, ``f1_by_posts``.
+PAPER_COLUMNS = {"post": ["bleu_1", "bleu_4", "meteor", "cider", "rouge_l"], "hashtag": ["f1"]}
+MEMORY_TYPES = ("image", "context", "output")
+MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def paper_key(column: str, by_posts: bool) -> str:
+    return f"{column}_by_posts" if by_posts and column == "f1" else column
+
+
+def comparison_table(task: str, by_posts: bool,
+                     results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The paper's table layout, each metric as ours beside the paper's (None where the paper
+    has no such row)."""
+    columns = PAPER_COLUMNS[task]
+    header = ["method"] + [f"{c} {who}" for c in columns for who in ("ours", "paper")]
+    paper = PAPER_RESULTS[task]
+    rows = []
+    for method, scores in results.items():
+        name = method_name(method)
+        row: list[Any] = [name]
+        for column in columns:
+            row += [scores.get(column), paper.get(name, {}).get(paper_key(column, by_posts))]
+        rows.append(row)
+    return header, rows
+
+
+def text_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A fixed-width table for a terminal."""
+    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in cells)
+
+
+def attention_split(attention: dict[str, Any]) -> list[dict[str, float]]:
+    """Per decoding step, the share of attention on each memory type (paper eq. 5: one
+    softmax over the slots of all memories, so the shares of a step sum to 1)."""
+    import numpy as np
+
+    steps = len(next(iter(attention.values()))) if attention else 0
+    return [{name: float(np.asarray(attention[name][t]).sum()) if name in attention else 0.0
+             for name in MEMORY_TYPES} for t in range(steps)]
+
+
+def _figure_uri(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[Any]]:
+    # Figure, not pyplot: no global state, no GUI backend, safe in a Ray job's driver.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    axes = figure.subplots(1, columns, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def training_curves_png(history: dict[str, list[list[float]]], metric_name: str,
+                        title: str) -> str | None:
+    """Loss (train, validation) and the validation metric per epoch, side by side."""
+    if not history:
+        return None
+    figure, (loss_axis, metric_axis) = _figure(8, 2.8, 2)
+    for key, style in (("train_loss", "o-"), ("val_loss", "s--")):
+        if key in history:
+            steps, values = zip(*history[key], strict=True)
+            loss_axis.plot(steps, values, style, label=key)
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
+    loss_axis.legend()
+    if metric_name in history:
+        steps, values = zip(*history[metric_name], strict=True)
+        metric_axis.plot(steps, values, "o-", color="tab:green")
+    metric_axis.set(xlabel="epoch", ylabel=metric_name, title=f"{title}: {metric_name}")
+    for axis in (loss_axis, metric_axis):
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    return _figure_uri(figure)
+
+
+def methods_bar_png(sections: list[dict[str, Any]]) -> str | None:
+    """Each task's headline metric per method, ours beside the paper's."""
+    if not sections:
+        return None
+    figure, axes = _figure(4.2 * len(sections), 3.2, len(sections))
+    for axis, section in zip(axes, sections, strict=True):
+        column = PAPER_COLUMNS[section["task"]][0]
+        methods = list(section["results"])
+        names = [method_name(m) for m in methods]
+        ours = [section["results"][m].get(column) or 0.0 for m in methods]
+        paper = [PAPER_RESULTS[section["task"]].get(n, {})
+                 .get(paper_key(column, section["by_posts"])) or 0.0 for n in names]
+        positions = range(len(methods))
+        axis.bar([p - 0.2 for p in positions], ours, 0.4, label="ours")
+        axis.bar([p + 0.2 for p in positions], paper, 0.4, label="paper (Instagram)")
+        axis.set_xticks(list(positions), names, rotation=20)
+        axis.set(ylabel=column, title=section["title"])
+        axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+def per_user_histogram_png(per_user: dict[str, list[dict[str, Any]]], metric: str,
+                           title: str) -> str | None:
+    """How the per-user metric spreads, for our model and the strongest baseline."""
+    series = {method_name(m): [u[metric] for u in users if u.get(metric) is not None]
+              for m, users in per_user.items() if m in ("csmn", "1nn-usrim")}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    figure, (axis,) = _figure(4.5, 2.8)
+    axis.hist(list(series.values()), bins=10, range=(0.0, 1.0), label=list(series))
+    axis.set(xlabel=f"{metric} per user", ylabel="users", title=title)
+    axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+def under_root(uri: str | None, root: str) -> bool:
+    """Whether ``uri`` is a file under ``root``: a report embeds archive images only, never a
+    path a crafted record points elsewhere (``../../etc/passwd``)."""
+    import posixpath
+
+    if not uri:
+        return False
+    if storage.is_s3(uri) or storage.is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        return uri.startswith(prefix) and ".." not in uri[len(prefix):].split("/")
+    import os.path
+
+    real_root = os.path.realpath(storage.resolve(root)[1])
+    real = os.path.realpath(storage.resolve(uri)[1])
+    return posixpath.commonpath([real_root, real]) == real_root and real != real_root
+
+
+def _attention_html(steps: list[dict[str, float]], words: list[str]) -> str:
+    if not steps:
+        return ""
+    labels = words + ["_EOS"] if len(words) + 1 == len(steps) else [
+        str(i + 1) for i in range(len(steps))]
+    rows = []
+    for label, shares in zip(labels, steps, strict=False):
+        bar = "".join(f"<span class='att {name}' style='width:{100 * shares[name]:.1f}%' "
+                      f"title='{name} {shares[name]:.2f}'></span>" for name in MEMORY_TYPES)
+        numbers = " / ".join(f"{shares[name]:.2f}" for name in MEMORY_TYPES)
+        rows.append(f"<tr><td>{html.escape(label)}</td><td class='bar'>{bar}</td>"
+                    f"<td>{numbers}</td></tr>")
+    return ("<table class='attn'><tr><th>step</th><th>attention</th>"
+            "<th>image / context / output</th></tr>" + "".join(rows) + "</table>")
+
+
+def _gallery_html(section: dict[str, Any], archive: str) -> str:
+    parts = []
+    for example in section.get("examples", []):
+        image = example.get("image")
+        thumbnail = thumbnail_data_uri(image) if under_root(image, archive) else None
+        picture = (f"<img src='{thumbnail}' alt='{html.escape(example['post_id'])}'>"
+                   if thumbnail else "<div class='noimg'>image unavailable</div>")
+        truth = set(example["truth"].split())
+        used = example.get("context_used", {})
+        lines = [f"<b>{html.escape(example['post_id'])}</b> "
+                 f"<span class='muted'>user {html.escape(example['user_id'])}</span>",
+                 f"GT: {html.escape(example['truth'])}"]
+        for method, text in example["predictions"].items():
+            lines.append(f"{html.escape(method_name(method))}: "
+                         f"{_marked_html(text, truth, set(used.get(method, [])))}")
+        attention = _attention_html(example.get("attention", []),
+                                    example["predictions"].get("csmn", "").split())
+        parts.append(f"<div class='example'>{picture}<div>{'<br>'.join(lines)}{attention}"
+                     "</div></div>")
+    return "".join(parts)
+
+
+def _run_link(run: dict[str, Any] | None, label: str, ui: str) -> str:
+    if not run or not run.get("run_id"):
+        return ""
+    url = f"{ui}/#/experiments/{run.get('experiment_id', '0')}/runs/{run['run_id']}"
+    return (f"<a href='{html.escape(url, quote=True)}'>{html.escape(label)} "
+            f"<code>{html.escape(run['run_id'][:12])}</code></a>")
+
+
+_DEMO_STYLE = _STYLE + """
+.chart{max-width:100%;border:1px solid #eee;margin:.5em 0}
+table.attn{margin:.4em 0;font-size:85%}table.attn td.bar{width:220px;padding:2px}
+.att{display:inline-block;height:10px}.att.image{background:#4c78a8}
+.att.context{background:#f2a93b}.att.output{background:#54a24b}
+.legend .att{height:auto;padding:0 .6em;color:#fff;font-size:85%}
+"""
+
+
+def render_demo_html(summary: dict[str, Any]) -> str:
+    """The demo's page from its summary (csmn.experiments.demo): ``tasks`` with each one's
+    results, per-user metrics, examples (with attention) and training history."""
+    ui = summary.get("mlflow_ui", MLFLOW_UI)
+    sections = summary["sections"]
+    title = "CSMN demo report"
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{_DEMO_STYLE}</style></head><body><h1>{title}</h1>",
+        f"<p>Archive <code>{html.escape(summary['archive'])}</code>, data "
+        f"<code>{html.escape(summary['data'])}</code>, image features from ResNet-101 weights "
+        f"<code>{html.escape(str(summary.get('weights')))}</code>. MLflow store "
+        f"<code>{html.escape(str(summary.get('tracking_uri')))}</code>; the links below open "
+        f"in <code>mlflow ui --backend-store-uri {html.escape(str(summary.get('tracking_uri')))}"
+        f"</code> at {html.escape(ui)}.</p>",
+    ]
+    if summary.get("weights") == "random":
+        parts.append("<p><b>Random ResNet-101 weights:</b> the image features carry no visual "
+                     "meaning; the numbers show the pipeline, not the method.</p>")
+    parts.append("<h2>Results beside the paper's</h2><p class='muted'>The paper's numbers are "
+                 "on Instagram (Tables 2 and 3), for scale only: a synthetic archive is not "
+                 "Instagram.</p>")
+    for section in sections:
+        header, rows = comparison_table(section["task"], section["by_posts"], section["results"])
+        counts = section.get("counts", {})
+        parts.append(f"<h3>{html.escape(section['title'])}</h3><p class='muted'>"
+                     f"{counts.get('scored', '?')} posts scored of {counts.get('examples', '?')}"
+                     f". {_run_link(section.get('training'), 'training run', ui)} "
+                     f"{_run_link(section.get('evaluation'), 'evaluation run', ui)}</p>")
+        parts.append(_html_table(header, rows))
+        if section.get("promotion"):
+            parts.append(f"<p class='muted'>promotion: {html.escape(section['promotion'])}</p>")
+    chart = methods_bar_png(sections)
+    if chart:
+        parts.append(f"<h2>Methods</h2><img class='chart' alt='methods' src='{chart}'>")
+    parts.append("<h2>Training</h2>")
+    for section in sections:
+        training = section.get("training") or {}
+        curves = training_curves_png(training.get("metrics", {}),
+                                     training.get("metric_name", ""), section["title"])
+        if curves:
+            parts.append(f"<img class='chart' alt='training {html.escape(section['key'])}' "
+                         f"src='{curves}'>")
+    parts.append("<h2>Per user</h2>")
+    for section in sections:
+        metric = PAPER_COLUMNS[section["task"]][0]
+        histogram = per_user_histogram_png(section.get("per_user", {}), metric,
+                                           section["title"])
+        if histogram:
+            parts.append(f"<img class='chart' alt='per user {html.escape(section['key'])}' "
+                         f"src='{histogram}'>")
+    parts.append(
+        "<h2>Gallery</h2><p class='muted'>As in the paper's Figure 4: "
+        "<span class='hit'>bold</span> = in the ground truth, <span class='ctx'>highlighted"
+        "</span> = a word of the user's context memory. Per decoding step of CSMN-P5, how its "
+        "attention split between the memories (eq. 5): <span class='legend'>"
+        "<span class='att image'>image</span> <span class='att context'>context</span> "
+        "<span class='att output'>output</span></span>.</p>")
+    for section in sections:
+        parts.append(f"<h3>{html.escape(section['title'])}</h3>")
+        parts.append(_gallery_html(section, summary["archive"]))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -491,8 +491,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epochs_run += 1
         if worker.rank == 0:
             per_epoch = (time.perf_counter() - started) / epochs_run
-            print(epoch_line(metrics, config.epochs, config.metric_name,
-                             per_epoch * (config.epochs - epoch)), flush=True)
+            # A log record, not print: Ray Train V2 patches print on its workers to log it
+            # and also to write it to the wrapped stdout, which showed every line twice.
+            log.info("%s", epoch_line(metrics, config.epochs, config.metric_name,
+                                      per_epoch * (config.epochs - epoch)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from csmn.tracking.runs import (
     flatten_params,
     log_metrics,
     log_params,
+    metric_histories,
     resolve_tracking_uri,
     start_or_resume_run,
 )
@@ -31,7 +32,7 @@ __all__ = [
     "CSMNPyfunc", "EvaluationRecord", "EvaluationRun", "ModelSource", "data_digest",
     "evaluation_metrics", "evaluation_run", "find_evaluation", "finished_or_failed",
     "flatten_params", "is_mlflow_uri", "log_ablation", "log_evaluation", "log_metrics",
-    "log_params", "log_pyfunc_model", "model_signature", "model_source",
+    "log_params", "log_pyfunc_model", "metric_histories", "model_signature", "model_source",
     "registered_model_name", "resolve_checkpoint", "resolve_tracking_uri",
     "start_or_resume_run", "tag_model_version",
 ]

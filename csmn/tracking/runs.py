@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import mlflow
@@ -134,3 +134,19 @@ def finished_or_failed(tracking_uri: str, run_id: str) -> Iterator[MlflowClient]
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def metric_histories(tracking_uri: str, run_id: str,
+                     keys: Sequence[str]) -> dict[str, Any]:
+    """A run's experiment id, name and, per metric key, its ``[[step, value], ...]`` in step
+    order (the last value of a step logged twice): what a report draws curves from."""
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    histories = {}
+    for key in keys:
+        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                   key=lambda m: (m.step, m.timestamp))}
+        if by_step:
+            histories[key] = [[step, by_step[step]] for step in sorted(by_step)]
+    return {"experiment_id": run.info.experiment_id, "run_name": run.info.run_name,
+            "status": run.info.status, "metrics": histories}
