@@ -300,8 +300,8 @@ def test_killed_actor_and_killed_process_end_exactly_once(nightly, tmp_path):
     # batch, and the retried part replaces its own staged file
     reference_out = str(tmp_path / "reference")
     killer = _kill_when_staged("GenerateActor", reference_out)
-    reference = run_generate(_config(nightly, reference_out, "2026-11-30", batch_size=8,
-                                     feature_batch_size=8, commit_every=1))
+    reference = run_generate(_config(nightly, reference_out, "2026-11-30", batch_size=4,
+                                     feature_batch_size=4, commit_every=1))
     killer.join()
     assert killer.killed, "no decoding actor was alive to kill"
     expected = {(r["user_id"], r["post_id"]) for r in _rows(reference_out)}
@@ -338,20 +338,20 @@ def test_killed_actor_and_killed_process_end_exactly_once(nightly, tmp_path):
 
 def _kill_when_staged(udf: str, out: str):
     """A thread that ray.kills (restart allowed, as a lost node would) the live actor running
-    ``udf`` once the run has staged its first part, so that the actor dies mid-run."""
+    ``udf`` once it has been up a moment, so that it dies while the run feeds it."""
     import threading
 
     import ray
 
     def kill() -> None:
-        staging = layout.predictions_staging_dir(out)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if storage.exists(staging) and storage.list_files(staging, suffix=".parquet"):
-                for handle in _live_actors(udf):
-                    ray.kill(handle, no_restart=False)
-                    thread.killed.append(handle)
-                    return
+            handles = _live_actors(udf)
+            if handles:
+                time.sleep(0.3)
+                ray.kill(handles[0], no_restart=False)
+                thread.killed.append(handles[0])
+                return
             time.sleep(0.05)
 
     thread = threading.Thread(target=kill, daemon=True)
