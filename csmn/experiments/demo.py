@@ -82,6 +82,9 @@ class DemoConfig:
     memory_dim: int = 256
     cnn_depth: int = 64
     report_examples: int = field(default=6, metadata={"help": "gallery posts per task"})
+    nightly_posts: int = field(default=2, metadata={
+        "help": "each user's newest posts held back until after training, then generated "
+                "by the nightly job (0: no nightly step)"})
 
     def __post_init__(self) -> None:
         self.tasks = tuple(canonical_task(t) for t in self.tasks)
@@ -119,7 +122,7 @@ def _banner(step: str) -> None:
 
 
 def step_synth(state: DemoState) -> None:
-    from csmn.synth import SynthConfig, write_archive
+    from csmn.synth import SynthConfig, hold_back_newest, write_archive
 
     config = state.config
     options: dict[str, Any] = {}
@@ -131,6 +134,12 @@ def step_synth(state: DemoState) -> None:
                                       overwrite=True, **options))
     _say(f"archive: {synth.get('users')} users, {synth.get('posts'):,} posts -> "
          f"{state.archive}")
+    if config.nightly_posts:
+        later = storage.join(config.out, "nightly-posts.jsonl")
+        state.result["nightly"] = {"posts": later, "since": hold_back_newest(
+            state.archive, later, config.nightly_posts)}
+        _say(f"held back each user's {config.nightly_posts} newest posts for the nightly "
+             f"job (from {state.result['nightly']['since']})")
 
 
 def step_preprocess(state: DemoState) -> None:
@@ -175,6 +184,30 @@ def step_models(state: DemoState) -> None:
         _train_evaluate_promote(state, task, family, f"{index}/{len(runs)}")
 
 
+def step_generate(state: DemoState) -> None:
+    """The nightly job over the posts that arrived after training, with the champions."""
+    from csmn.pipeline.generate import GenerateConfig, format_summary, run_generate
+
+    nightly = state.result.get("nightly")
+    if not nightly:
+        _say("no posts held back (--nightly-posts 0): nothing to generate")
+        return
+    storage.write_text(storage.join(state.archive, "posts", "part-nightly.jsonl"),
+                       storage.read_text(nightly["posts"]))
+    models = {f"{task}_model": f"models:/{REGISTERED_MODEL_NAMES[task]}@champion"
+              if task in state.config.tasks else "none" for task in (HASHTAG, POST)}
+    summary = run_generate(GenerateConfig(
+        archive=state.archive, out=storage.join(state.config.out, "nightly"),
+        since=nightly["since"], tracking_uri=state.result.get("tracking_uri", ""),
+        weights=state.config.weights if state.config.weights != "random" else "",
+        **models))
+    nightly["summary"] = {k: summary[k] for k in ("run_date", "counts", "rejects",
+                                                  "posts_per_second", "models")}
+    nightly["out"] = storage.join(state.config.out, "nightly", "predictions")
+    _say(format_summary(summary))
+    _say(f"predictions: {nightly['out']}")
+
+
 def step_report(state: DemoState) -> None:
     from csmn.eval.report import render_demo_html
 
@@ -190,6 +223,7 @@ STEPS: list[tuple[str, Step]] = [
     ("preprocess (Ray Data)", step_preprocess),
     ("image features: ResNet-101 pool5 (Ray Data)", step_extract),
     ("train, evaluate, promote (Ray Train, Ray Data, MLflow)", step_models),
+    ("nightly generation for the newest posts (Ray Data)", step_generate),
     ("report", step_report),
 ]
 
@@ -343,6 +377,12 @@ def outcome_lines(result: dict[str, Any], dashboard: str | None = None) -> list[
         lines += [f"{section['title']}: {section['counts']['scored']} posts scored",
                   text_table(header, rows), ""]
     lines += [f"promotion: {line}" for line in result.get("promotions", {}).values()]
+    nightly = (result.get("nightly") or {}).get("summary")
+    if nightly:
+        counts = nightly["counts"]
+        lines.append(f"nightly:   {counts['predicted']} new posts predicted "
+                     f"({counts['before_since']} older as history), "
+                     f"{result['nightly']['out']}")
     if result.get("report"):
         lines.append(f"report:    {result['report']}")
     if dashboard:

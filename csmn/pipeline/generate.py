@@ -108,6 +108,8 @@ class GenerateConfig:
     post_model: str = field(default=f"models:/{REGISTERED_MODEL_NAMES[POST]}@champion",
                             metadata={"help": "models:/ or runs:/ URI, a checkpoint folder, "
                                               "or none"})
+    tracking_uri: str = field(default="", metadata={
+        "help": "MLflow tracking URI of the registry; empty: MLFLOW_TRACKING_URI"})
     since: str = field(default="auto", metadata={
         "help": "auto (every post without a committed prediction) | ISO timestamp (older "
                 "posts are history only)"})
@@ -690,7 +692,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     attempt = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     rejects_dir = storage.join(layout.generation_rejects_dir(config.out, run_date),
                                f"attempt={attempt}")
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uris = config.model_uris()
     if not uris:
         raise ValueError("both models are none: nothing to generate")

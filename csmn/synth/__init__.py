@@ -39,9 +39,10 @@ from csmn.synth.streams import derive_seed, length_cum_weights
 from csmn.synth.truth import reference_scores
 from csmn.synth.users import UserProfile, make_user
 from csmn.synth.vocabulary import CATEGORIES, FOREIGN_WORDS, NICHES, english_vocabulary
-from csmn.synth.writer import main, write_archive
+from csmn.synth.writer import hold_back_newest, main, write_archive
 
 __all__ = [
+    "hold_back_newest",
     "CATEGORIES",
     "FOREIGN_WORDS",
     "NICHES",

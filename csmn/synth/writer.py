@@ -204,3 +204,29 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def hold_back_newest(archive: str, later: str, per_user: int) -> str | None:
+    """Move each user's ``per_user`` newest posts out of ``archive``'s posts files into the
+    JSONL file ``later``: the slice that arrives after training, for the nightly job. Lines
+    that are not a dated post (the noise) stay. Returns the earliest time held back."""
+    files = {uri: storage.read_text(uri).splitlines()
+             for uri in storage.list_files(storage.join(archive, "posts"), suffix=".jsonl")}
+    dated = []
+    for lines in files.values():
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("created_at") and record.get("user_id"):
+                dated.append((str(record["created_at"]), str(record["user_id"]), line))
+    newest: dict[str, list[tuple[str, str]]] = {}
+    for created, user, line in sorted(dated, reverse=True):
+        if len(newest.setdefault(user, [])) < per_user:
+            newest[user].append((created, line))
+    held = {line for rows in newest.values() for _, line in rows}
+    for uri, lines in files.items():
+        storage.write_text(uri, "".join(f"{line}\n" for line in lines if line not in held))
+    storage.write_text(later, "".join(f"{line}\n" for line in sorted(held)))
+    return min((c for rows in newest.values() for c, _ in rows), default=None)

@@ -90,6 +90,10 @@ def test_demo_through_ray_job_submit(tmp_path):
     assert "_TrainingReport" not in output
     # The outcome: the table beside the paper's, where the report and MLflow are.
     assert re.search(r"CSMN-P5\s+\d\.\d{3}\s+0\.230", output)
+    # The nightly job over the newest posts, held back from training, with the champion.
+    nightly = re.search(r"nightly:   (\d+) new posts predicted \((\d+) older as history\)",
+                        output)
+    assert nightly and int(nightly.group(1)) >= 10 and int(nightly.group(2)) > 100, output[-3000:]
     assert f"report:    {out}/report.html" in output
     assert f"mlflow ui --backend-store-uri sqlite:///{out}/data/mlflow.db" in output
 
