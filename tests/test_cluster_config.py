@@ -71,7 +71,7 @@ def _cluster_specs(document: dict) -> list[dict]:
 
 def test_every_kind_is_present():
     kinds = {d["kind"] for _, d in _kuberay_manifests()}
-    assert {"RayCluster", "RayJob"} <= kinds
+    assert {"RayCluster", "RayJob", "RayCronJob"} <= kinds
 
 
 @pytest.mark.parametrize("path_document", _kuberay_manifests(),
@@ -148,3 +148,53 @@ def test_ray_validation_catches_a_misspelled_field():
     config["idle_timeout_minute"] = config.pop("idle_timeout_minutes")
     with pytest.raises(Exception, match="idle_timeout_minute"):
         validate_config(prepare_config(config))
+
+
+def _kubernetes_manifests() -> list[tuple[Path, dict]]:
+    """The plain Kubernetes objects of cluster/ (everything that is not ray.io)."""
+    out = []
+    for path in sorted((REPO / "cluster").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and "apiVersion" in document and not str(
+                    document["apiVersion"]).startswith("ray.io/"):
+                out.append((path, document))
+    return out
+
+
+KUBERNETES_VERSION = "1.33"
+
+
+def test_plain_kubernetes_objects_validate():
+    import kubernetes_validate
+
+    manifests = _kubernetes_manifests()
+    assert {d["kind"] for _, d in manifests} >= {"CronJob"}
+    for _, document in manifests:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    # the older operators' nightly job: ray job submit with token auth, never overlapping
+    cron = next(d for _, d in manifests if d["kind"] == "CronJob")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["ray", "job", "submit"]
+    assert "jobs/generate.py" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in str(env["RAY_AUTH_TOKEN"])
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert container["image"] == f"csmn:{VERSION}"
+
+
+def test_kubernetes_validation_catches_a_misspelled_field():
+    import kubernetes_validate
+
+    document = next(d for _, d in _kubernetes_manifests() if d["kind"] == "CronJob")
+    broken = copy.deepcopy(document)
+    broken["spec"]["schedual"] = broken["spec"].pop("schedule")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_nightly_raycronjob_runs_the_generate_job():
+    (document,) = [d for _, d in _kuberay_manifests() if d["kind"] == "RayCronJob"]
+    assert document["spec"]["schedule"] and document["spec"]["timeZone"]
+    template = document["spec"]["jobTemplate"]
+    assert template["entrypoint"].startswith("python jobs/generate.py")
+    assert template["shutdownAfterJobFinishes"] is True
