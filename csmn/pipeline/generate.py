@@ -368,9 +368,9 @@ def plan_user(group: pa.Table, contexts: list[TaskContext], since: datetime | No
         record_id=r["post_id"], source=r["source"],
         payload={k: r[k] for k in ("user_id", "post_id", "created_at", "image")})
         for r in duplicates], rejects_dir, f"user:{user_id}")
-    before = [i for i, p in enumerate(posts) if p["post_id"] not in done and since is not None
-              and p["created_at"] is not None and p["created_at"] < since]
-    new = [i for i, p in enumerate(posts) if p["post_id"] not in done and i not in set(before)]
+    before = {i for i, p in enumerate(posts) if p["post_id"] not in done and since is not None
+              and p["created_at"] is not None and p["created_at"] < since}
+    new = [i for i, p in enumerate(posts) if p["post_id"] not in done and i not in before]
     per_task = {c.task: history_contexts(posts, new, c) for c in contexts}
     history = _history_sizes(posts, new)
     out = [{"kind": "new", "user_id": user_id, "post_id": posts[i]["post_id"],

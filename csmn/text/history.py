@@ -115,8 +115,7 @@ def history_contexts(posts: Sequence[dict[str, Any]], new: Sequence[int],
                 totals = prefix[min(cap, len(order))]
         else:
             first = bisect.bisect_right(newest_first, -created.timestamp())
-            last = min(first + cap, len(newest_first))
-            totals = prefix[max(first, last)] - prefix[first]
+            totals = prefix[min(first + cap, len(newest_first))] - prefix[first]
         out[i] = words.top(totals)
     return out
 
