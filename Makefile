@@ -40,7 +40,7 @@ lint: setup
 
 # Benchmarks print ratios measured in one run; they are not tests. Minutes each on 2 cores.
 bench: setup
-	for b in synth preprocess features model train; do $(BIN)/python bench/$$b.py || exit 1; done
+	for b in synth preprocess features model train generate; do $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(DEMO_DIR) $(VENV)

@@ -130,7 +130,7 @@ def _job_rate() -> float:
 
     with tempfile.TemporaryDirectory() as out:
         result = run_demo(DemoConfig(out=out, users=12, tasks=("hashtag",),
-                                     hashtags_by_posts=False, epochs=1, nightly_posts=8))
+                                     hashtags_by_posts=False, epochs=1, nightly_share=0.2))
         return float(result["nightly"]["summary"]["posts_per_second"])
 
 

@@ -90,7 +90,9 @@ TALLIES = ("posts", "already_done", "before_since", "duplicates")
 PLAN_SCHEMA = pa.schema([
     ("kind", pa.string()), ("user_id", pa.string()), ("post_id", pa.string()),
     ("created_at", _TS), ("image", pa.string()), ("history_posts", pa.int64()),
-    *((f"{task}_context", _STRINGS) for task in TASKS),
+    # Context words joined by one space (tokens hold none): a plain string column crosses
+    # the numpy batches of the image stages as it is, where a list column would be pickled.
+    *((f"{task}_context", pa.string()) for task in TASKS),
     *((name, pa.int64()) for name in TALLIES),
 ])
 
@@ -376,7 +378,7 @@ def plan_user(group: pa.Table, contexts: list[TaskContext], since: datetime | No
     out = [{"kind": "new", "user_id": user_id, "post_id": posts[i]["post_id"],
             "created_at": posts[i]["created_at"], "image": posts[i]["image"],
             "history_posts": history[i],
-            **{f"{task}_context": per_task[task][i] if task in per_task else None
+            **{f"{task}_context": " ".join(per_task[task][i]) if task in per_task else None
                for task in TASKS}}
            for i in new]
     out.append({"kind": "tally", "user_id": user_id, "posts": len(posts) + len(duplicates),
@@ -431,7 +433,7 @@ class GenerateActor:
             used: list[Any] = [None] * n
             champion = self.champions.get(task)
             if champion is not None and len(ok):
-                contexts = [[str(w) for w in batch[f"{task}_context"][i]] for i in ok]
+                contexts = [str(batch[f"{task}_context"][i]).split() for i in ok]
                 prediction = self.predictors[task].predict(batch[champion.layer][ok], contexts)
                 for row, i in enumerate(ok):
                     words[i] = prediction.words[row]

@@ -206,10 +206,11 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def hold_back_newest(archive: str, later: str, per_user: int) -> str | None:
-    """Move each user's ``per_user`` newest posts out of ``archive``'s posts files into the
-    JSONL file ``later``: the slice that arrives after training, for the nightly job. Lines
-    that are not a dated post (the noise) stay. Returns the earliest time held back."""
+def hold_back_newest(archive: str, later: str, share: float) -> str | None:
+    """Move the archive's newest posts (``share`` of its dated posts, by time) out of its
+    posts files into the JSONL file ``later``: the slice that arrives after training, for the
+    nightly job. Lines that are not a dated post (the noise) stay. Returns the cutoff time:
+    every post held back was created at or after it, every post left before it."""
     files = {uri: storage.read_text(uri).splitlines()
              for uri in storage.list_files(storage.join(archive, "posts"), suffix=".jsonl")}
     dated = []
@@ -219,14 +220,14 @@ def hold_back_newest(archive: str, later: str, per_user: int) -> str | None:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("created_at") and record.get("user_id"):
-                dated.append((str(record["created_at"]), str(record["user_id"]), line))
-    newest: dict[str, list[tuple[str, str]]] = {}
-    for created, user, line in sorted(dated, reverse=True):
-        if len(newest.setdefault(user, [])) < per_user:
-            newest[user].append((created, line))
-    held = {line for rows in newest.values() for _, line in rows}
+            if isinstance(record, dict) and isinstance(record.get("created_at"), str):
+                dated.append((record["created_at"], line))
+    if not dated or share <= 0:
+        return None
+    dated.sort()
+    cutoff = dated[max(0, len(dated) - max(1, round(share * len(dated))))][0]
+    held = {line for created, line in dated if created >= cutoff}
     for uri, lines in files.items():
         storage.write_text(uri, "".join(f"{line}\n" for line in lines if line not in held))
     storage.write_text(later, "".join(f"{line}\n" for line in sorted(held)))
-    return min((c for rows in newest.values() for c, _ in rows), default=None)
+    return cutoff
