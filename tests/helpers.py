@@ -277,3 +277,40 @@ def rig_logits(model, preferences: dict[int, float]):
         for token, logit in preferences.items():
             model.vocab.weight[token] = logit / model.vocab.weight.shape[1]
     return model
+
+
+def train_tiny_model(root: str, task: str, out: str, steps: int, seed: int = 0,
+                     max_length: int | None = None, inputs: dict[str, Any] | None = None) -> str:
+    """A tiny model trained by a plain full-batch loop on the root's pool5 training split
+    (steps=0: untrained), saved as a checkpoint at ``out`` (with ``inputs``, as the trainer
+    records them)."""
+    import dataclasses
+
+    import torch
+
+    from csmn.core.checkpoint import save_checkpoint
+    from csmn.core.model import CSMN, sequence_loss
+    from csmn.pipeline.train_data import collate_batch
+
+    vocab = storage.read_json(layout.vocab_uri(root, task))["tokens"]
+    config = tiny_model_config(len(vocab))
+    if max_length is not None:
+        config = dataclasses.replace(config, max_length=max_length)
+    torch.manual_seed(seed)
+    model = CSMN(config)
+    examples = storage.read_parquet(layout.examples_dir(root, task, "train")).to_pylist()
+    features = {r["image"]: r["feature"] for r in storage.read_parquet(
+        layout.features_dir(root, "pool5")).to_pylist()}
+    rows = [r for r in examples if r["image"] in features]
+    batch = collate_batch({"token_ids": [r["token_ids"] for r in rows],
+                           "context_ids": [r["context_ids"] for r in rows],
+                           "feature": [features[r["image"]] for r in rows]},
+                          config.context_size, config.max_length)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
+        sequence_loss(logits, batch["targets"]).backward()
+        optimizer.step()
+    save_checkpoint(out, model.eval(), config, vocab, task, epoch=steps, inputs=inputs)
+    return out

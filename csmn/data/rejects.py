@@ -8,9 +8,11 @@ with :func:`count_rejects` so that records in = records out + records rejected c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +41,26 @@ def reject_row(
         "payload": payload,
         "rejected_at": datetime.now(UTC),
     }
+
+
+def parts_digest(parts: Iterable[str]) -> str:
+    """A short digest of ``parts`` in order: names of files a retried task rewrites."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def write_reject_part(rows: Sequence[dict[str, Any]], directory: str, key: str) -> None:
+    """One Parquet part of ``rows`` under ``directory``, named by a digest of ``key`` (where
+    the rows come from: a source's batch, a user) and of the rows, so that a retried task
+    overwrites its own part instead of adding a second one."""
+    if rows:
+        name = parts_digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}"
+                                    for r in rows)])
+        storage.write_parquet(storage.join(directory, f"part-{name}.parquet"),
+                              conform(list(rows), "reject"))
 
 
 def write_rejects(root: str, stage: str, rows: list[dict[str, Any]]) -> str | None:

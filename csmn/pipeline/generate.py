@@ -63,7 +63,7 @@ from csmn.config import config_from_args, config_parser, config_to_dict
 from csmn.core.checkpoint import METADATA_FILE, MODEL_FILE, read_metadata
 from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
-from csmn.data.rejects import reason_code, reject_row
+from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
 from csmn.text.filters import FilterThresholds
 from csmn.text.history import TaskContext, history_contexts
@@ -298,7 +298,7 @@ def read_posts(batch: pa.Table, archive: str, rejects_dir: str, read_batch_size:
                 readers.parse_source(source, archive, batch_size=read_batch_size,
                                      image_roots=image_roots)):
             table, rejects = features_table(posts, source, max_non_english_fraction)
-            _write_rejects([*read_rejects, *rejects], rejects_dir, f"{source}#{i}")
+            write_reject_part([*read_rejects, *rejects], rejects_dir, f"{source}#{i}")
             table = table.append_column("committed", pa.array([False] * table.num_rows))
             yield table.select(POST_SCHEMA.names).cast(POST_SCHEMA)
 
@@ -310,21 +310,6 @@ def committed_keys_table(batch: pa.Table) -> pa.Table:
     columns.update(user_id=batch.column("user_id"), post_id=batch.column("post_id"),
                    committed=pa.array([True] * n))
     return pa.table(columns, schema=POST_SCHEMA)
-
-
-def _digest(parts: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(part.encode("utf-8"))
-        h.update(b"\x1f")
-    return h.hexdigest()[:16]
-
-
-def _write_rejects(rows: Sequence[dict[str, Any]], rejects_dir: str, key: str) -> None:
-    if rows:
-        name = _digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}" for r in rows)])
-        storage.write_parquet(storage.join(rejects_dir, f"part-{name}.parquet"),
-                              conform(list(rows), "reject"))
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -364,7 +349,7 @@ def plan_user(group: pa.Table, contexts: list[TaskContext], since: datetime | No
     user_id = rows[0]["user_id"]
     done = {r["post_id"] for r in rows if r["committed"]}
     posts, duplicates = _first_of_duplicates([r for r in rows if not r["committed"]])
-    _write_rejects([reject_row(
+    write_reject_part([reject_row(
         STAGE, f"duplicate_post: post {r['post_id']!r} of user {user_id!r} seen before; the "
                "first by (time, image, source) is kept",
         record_id=r["post_id"], source=r["source"],
@@ -464,10 +449,10 @@ def write_staged(batch: pa.Table, out: str, attempt: str, rejects_dir: str) -> p
                                                      staged.column("post_id").to_pylist(),
                                                      strict=True))
         part = storage.join(layout.predictions_staging_dir(out, attempt),
-                            f"part-{_digest(keys)}.parquet")
+                            f"part-{parts_digest(keys)}.parquet")
         storage.write_parquet(part, conform(staged, "generated_post"))
     bad = batch.filter(pc.invert(good)).select(["user_id", "post_id", "image", "error"])
-    _write_rejects([reject_row(STAGE, r["error"], record_id=r["post_id"], source=r["image"],
+    write_reject_part([reject_row(STAGE, r["error"], record_id=r["post_id"], source=r["image"],
                                payload={"user_id": r["user_id"], "post_id": r["post_id"]})
                     for r in bad.to_pylist()], rejects_dir, "images")
     return pa.table({"part": [part] * batch.num_rows,
@@ -562,7 +547,7 @@ class Committer:
                 seen_here.add(key)
         if keep:
             kept = table.take(keep)
-            name = _digest(sorted(f"{u}\x1f{p}" for u, p in seen_here))
+            name = parts_digest(sorted(f"{u}\x1f{p}" for u, p in seen_here))
             target = storage.join(self.partition, f"part-{name}.parquet")
             storage.write_parquet(target, kept)
             self.seen.add(target)

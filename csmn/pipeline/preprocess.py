@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import os
 import statistics
@@ -56,7 +55,7 @@ from csmn.data.layout import (
     TRAIN_BY_POSTS,
     vocab_name,
 )
-from csmn.data.rejects import count_rejects, reject_row
+from csmn.data.rejects import count_rejects, parts_digest, reject_row, write_reject_part
 from csmn.data.schemas import conform, record_problem
 from csmn.text.filters import (
     COMMON_RULES,
@@ -211,14 +210,6 @@ USER_SPLIT_SCHEMA = pa.schema([
 
 
 # --------------------------------------------------------------------------- rejects
-def _digest(parts: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for part in parts:
-        h.update(part.encode("utf-8"))
-        h.update(b"\x1f")
-    return h.hexdigest()[:16]
-
-
 def write_reject_rows(rows: Sequence[dict[str, Any]], root: str, key: str) -> None:
     """One Parquet part per stage under ``rejects/<stage>/``, named by a digest of ``key``
     (where the rows come from: a source's batch, a user) and of the rows, so that a retried
@@ -227,10 +218,7 @@ def write_reject_rows(rows: Sequence[dict[str, Any]], root: str, key: str) -> No
     for row in rows:
         by_stage[row["stage"]].append(row)
     for stage, stage_rows in sorted(by_stage.items()):
-        name = _digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}"
-                               for r in stage_rows)])
-        uri = storage.join(layout.rejects_dir(root, stage), f"part-{name}.parquet")
-        storage.write_parquet(uri, conform(stage_rows, "reject"))
+        write_reject_part(stage_rows, layout.rejects_dir(root, stage), key)
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -500,7 +488,7 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
     """
     plan = _resolve_plan(plan)
     rows = _user_rows(users)
-    batch_id = _digest(r["user_id"] for r in rows)
+    batch_id = parts_digest(r["user_id"] for r in rows)
     by_part: dict[tuple[str, str], list[dict]] = defaultdict(list)
     out = []
     for row in rows:

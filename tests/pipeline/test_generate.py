@@ -5,7 +5,6 @@ same date, on a later date after new posts arrived, after kills, and on S3 (moto
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -18,20 +17,19 @@ from datetime import UTC, datetime
 import pyarrow.dataset as pads
 import pytest
 import torch
+from helpers import tiny_model_config, train_tiny_model
 from mlflow.tracking import MlflowClient
 
 from csmn.core.checkpoint import save_checkpoint
-from csmn.core.model import CSMN, sequence_loss
+from csmn.core.model import CSMN
 from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES
 from csmn.data.schemas import validate
 from csmn.pipeline.generate import GenerateConfig, _part_files, build_parser, run_generate
 from csmn.pipeline.train import training_inputs
-from csmn.pipeline.train_data import collate_batch
 from csmn.text.history import TaskContext, history_contexts
 from csmn.text.user_context import ContextSpec, UserContext, count_tokens
 from csmn.text.vocab import load_vocab
-from tests.helpers import tiny_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HELD_BACK = 3  # each user's newest posts, written to the archive after training
@@ -70,30 +68,10 @@ def _split_archive(archive: str, later: str) -> list[dict]:
 
 
 def _train(root: str, task: str, out: str, steps: int = 30) -> str:
-    """A tiny model trained by a plain loop on the root's train split, saved with the
-    inputs the real trainer records (vocabulary statistics, features, thresholds)."""
-    vocabulary = load_vocab(root, task)
-    # the synthetic posts have up to 15 tokens (+ _EOS), paper 3.1
-    config = dataclasses.replace(tiny_model_config(len(vocabulary)), max_length=16)
-    torch.manual_seed(0)
-    model = CSMN(config)
-    examples = storage.read_parquet(layout.examples_dir(root, task, "train")).to_pylist()
-    features = {r["image"]: r["feature"] for r in storage.read_parquet(
-        layout.features_dir(root, "pool5")).to_pylist()}
-    rows = [r for r in examples if r["image"] in features]
-    batch = collate_batch({"token_ids": [r["token_ids"] for r in rows],
-                           "context_ids": [r["context_ids"] for r in rows],
-                           "feature": [features[r["image"]] for r in rows]},
-                          config.context_size, config.max_length)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
-        sequence_loss(logits, batch["targets"]).backward()
-        optimizer.step()
-    save_checkpoint(out, model.eval(), config, vocabulary.tokens, task, epoch=steps,
-                    inputs=training_inputs(root, vocabulary, "pool5"))
-    return out
+    """A tiny model saved with the inputs the real trainer records (vocabulary statistics,
+    features, thresholds); the synthetic posts have up to 15 tokens (+ _EOS), paper 3.1."""
+    inputs = training_inputs(root, load_vocab(root, task), "pool5")
+    return train_tiny_model(root, task, out, steps, max_length=16, inputs=inputs)
 
 
 def _promote(tracking_uri: str, checkpoint: str, task: str) -> str:

@@ -14,15 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import tiny_model_config, write_data_root
+from helpers import tiny_model_config, train_tiny_model, write_data_root
 from mlflow.tracking import MlflowClient
 
 from csmn.core.checkpoint import save_checkpoint
-from csmn.core.model import CSMN, sequence_loss
+from csmn.core.model import CSMN
 from csmn.data import layout, storage
 from csmn.pipeline.promote import PromoteConfig, Refused, main, promote
-from csmn.pipeline.train_data import collate_batch
 from csmn.tracking import log_pyfunc_model
 from csmn.tracking.promotion import CHAMPION, RANDOM_FEATURES_TAG, history
 
@@ -34,27 +32,8 @@ NAME = "csmn-hashtag"
 
 
 def _train(root: str, steps: int, seed: int, out: str) -> str:
-    """A tiny model trained on the root's training split (steps=0: untrained)."""
-    vocab = storage.read_json(layout.vocab_uri(root, "hashtag"))["tokens"]
-    config = tiny_model_config(len(vocab))
-    torch.manual_seed(seed)
-    model = CSMN(config)
-    examples = storage.read_parquet(layout.examples_dir(root, "hashtag", "train")).to_pylist()
-    features = {r["image"]: r["feature"] for r in storage.read_parquet(
-        layout.features_dir(root, "pool5")).to_pylist()}
-    rows = [r for r in examples if r["image"] in features]
-    batch = collate_batch({"token_ids": [r["token_ids"] for r in rows],
-                           "context_ids": [r["context_ids"] for r in rows],
-                           "feature": [features[r["image"]] for r in rows]},
-                          config.context_size, config.max_length)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        logits = model(batch["image_features"], batch["context_ids"], batch["input_ids"])
-        sequence_loss(logits, batch["targets"]).backward()
-        optimizer.step()
-    save_checkpoint(out, model.eval(), config, vocab, "hashtag", epoch=steps)
-    return out
+    """A tiny hashtag model trained on the root's training split (steps=0: untrained)."""
+    return train_tiny_model(root, "hashtag", out, steps, seed)
 
 
 @pytest.fixture(scope="module")
