@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import os
 import stat
@@ -42,8 +41,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from csmn.data.layout import FEATURE_DIM, LAYERS
-
-log = logging.getLogger(__name__)
 
 # ResNet-101's total stride: a crop of c pixels gives a (c / 32) x (c / 32) res5c grid.
 NETWORK_STRIDE = 32
@@ -466,9 +463,10 @@ def build_resnet101_trunk(state_dict: dict[str, torch.Tensor] | None, seed: int 
 
 
 def load_trunk(spec: str, seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
-    """Trunk and weights info for a weights spec (``imagenet``, path/URI or ``random``)."""
+    """Trunk and weights info for a weights spec (``imagenet``, path/URI or ``random``).
+    Random weights are announced by the job's driver, once (``WeightsInfo.warning``), not
+    here: every actor builds its own trunk."""
     if _is_random(spec):
-        log.warning("*** %s ***", RANDOM_WEIGHTS_WARNING)
         return build_resnet101_trunk(None, seed), random_weights_info(seed)
     state_dict, info = load_state_dict(spec)
     return build_resnet101_trunk(state_dict), info

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -461,15 +462,14 @@ def submit_demo(config: DemoConfig, launch: LaunchConfig,
 
 # ``ray job submit``'s own chatter: which .gitignore files it honoured, the upload, the hints
 # on how to query the job; its submitted/succeeded/failed lines and the job's logs stay.
-_SUBMIT_CHATTER = (" INFO packaging.py:", " INFO dashboard_sdk.py:", " INFO sdk.py:",
-                   " INFO cli.py:")
+_SUBMIT_CHATTER = re.compile(r"\sINFO (packaging|dashboard_sdk|sdk|cli)\.py:")
 
 
 def _job_line_wanted(line: str) -> bool:
     stripped = line.strip()
     if stripped.endswith("-" * 20):
         return False
-    return not any(marker in line for marker in _SUBMIT_CHATTER) or "Status message" in line
+    return not _SUBMIT_CHATTER.search(line) or "Status message" in line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -282,6 +282,8 @@ def check_weights(spec: FeatureSpec) -> None:
     if info.fingerprint != spec.fingerprint:
         raise ValueError(f"--weights {spec.weights!r} are {info.fingerprint}, but the champions "
                          f"learned from features of {spec.fingerprint}: pass those weights")
+    if info.random:
+        log.warning("*** %s", info.warning)
 
 
 # --------------------------------------------------------------------------- stage 1

@@ -6,8 +6,11 @@ node. The head is started here with ``ray start --head --block``:
 - token authentication on (``RAY_AUTH_MODE=token``), with a fresh token in a 0600 file of the
   head's private temp dir (``RAY_AUTH_TOKEN_PATH``): the user's ``~/.ray/auth_token`` is left
   alone and the token never appears in a log or a command line;
-- every port chosen free on 127.0.0.1, the dashboard (and with it the job server) bound to
-  127.0.0.1, so another Ray on the host (a test session, a second demo) is never in the way;
+- every port chosen free, so another Ray on the host (a test session, a second demo) is never
+  in the way; the dashboard (and with it the job server) bound to 127.0.0.1. The GCS, the
+  raylet and the node's agents listen on every interface whatever ``--node-ip-address`` says
+  (Ray replaces a loopback address by the host's own, ``services.resolve_ip_for_localhost``),
+  so the token is what keeps others out of them; the node's address is the host's IP;
 - a private ``--temp-dir``: ``ray start`` writes its address to ``<temp dir>/ray_current_cluster``
   where a later ``ray.init()`` would otherwise find a dead head;
 - ``--block`` ties the node to our child process: terminating it stops exactly this node.
@@ -36,10 +39,11 @@ from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
-# Never shipped with the job: the demo's own output, caches (Ray leaves out .git, .venv and
-# __pycache__ itself, and honours .gitignore, but a copy of the project may have none).
-WORKING_DIR_EXCLUDES = ["demo-data", "mlruns", "*.pyc", ".pytest_cache", ".ruff_cache",
-                        "*.egg-info", "build"]
+# Never shipped with the job: version control, environments, the demo's own output, caches.
+# Ray honours .gitignore too, but a copy of the project may have none. Named here rather than
+# left to Ray's own default list, whose use it announces with a warning per directory.
+WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__", "demo-data", "mlruns", "*.pyc",
+                        ".pytest_cache", ".ruff_cache", "*.egg-info", "build"]
 HEAD_START_S = 120.0
 # Relative to the working dir, which is every job process's current directory.
 RAY_DATA_LOGGING_CONFIG = "csmn/pipeline/ray_data_logging.yaml"
@@ -104,7 +108,12 @@ def client_env(token_path: str, base: dict[str, str] | None = None) -> dict[str,
     env = dict(os.environ if base is None else base)
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS"):
         env.pop(key, None)
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path})
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path,
+                # WORKING_DIR_EXCLUDES lists what Ray would leave out by default.
+                "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": "",
+                # A SIGTERM'd node drains for Ray Serve's sake, 30 s by default; a head whose
+                # job has ended (or was stopped) has nothing to drain.
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     # The head's processes find `ray` and `python` of this environment first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -148,7 +157,6 @@ def _start_head_once(options: HeadOptions) -> Head:
                "--runtime-env-agent-port", str(free_port()),
                "--metrics-export-port", str(free_port()),
                "--ray-client-server-port", str(free_port()),
-               "--node-ip-address", "127.0.0.1",
                "--object-store-memory", str(options.object_store_bytes),
                "--disable-usage-stats"]
     if options.num_cpus is not None:

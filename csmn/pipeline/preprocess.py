@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import statistics
 import sys
 import time
@@ -873,11 +872,12 @@ def preprocess(
     sources = readers.list_sources(archive)
     if not sources:
         raise FileNotFoundError(f"no sources to read in the archive {archive}")
-    if engine == "ray" and os.environ.get("RAY_ADDRESS") and not storage.is_s3(out):
-        log.warning("RAY_ADDRESS is set but --out %s is a local path: workers on other nodes "
-                    "write to their own disks; use s3:// or a shared mount", out)
     clear_outputs(out)
     runner = ENGINES[engine](config)
+    if engine == "ray":
+        from csmn.pipeline.runtime import warn_if_local_output_on_a_cluster
+
+        warn_if_local_output_on_a_cluster(out, storage.is_s3(out))
     log.info("preprocessing %d source(s) of %s into %s (%s)", len(sources), archive, out,
              engine)
 

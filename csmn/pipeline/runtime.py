@@ -70,6 +70,19 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     )
 
 
+def warn_if_local_output_on_a_cluster(out: str, is_remote: bool) -> None:
+    """A local output root is fine on one node (a laptop, the demo's head) but on a cluster
+    each worker would write to its own disk: say so when more than one node is alive."""
+    import ray
+
+    if is_remote or not ray.is_initialized():
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        log.warning("--out %s is a local path on a cluster of %d nodes: workers on other nodes "
+                    "write to their own disks; use s3:// or a shared mount", out, nodes)
+
+
 def quiet_ray_data() -> None:
     """Ray Data logs a progress table every few seconds when stdout is not a terminal; a
     job that prints its own steps turns it off. Full logs stay in the Ray session folder."""
@@ -81,13 +94,15 @@ def quiet_ray_data() -> None:
 
 def quiet_train_reports() -> None:
     """Ray Train's workers log every ``ray.train.report`` as a raw ``_TrainingReport`` repr
-    (metrics dict, checkpoint object) at INFO; the training loop prints its own line per
-    epoch instead. Called in the worker process, where that logger lives."""
+    (metrics dict, checkpoint object) and every checkpoint's path at INFO; the training loop
+    prints its own line per epoch instead, and the run's checkpoints are in MLflow and the
+    run folder. Called in the worker process, where those loggers live."""
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, storage
     except ImportError:  # another Ray layout: its logs stay as they are
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "INFO") -> None:

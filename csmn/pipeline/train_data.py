@@ -201,9 +201,13 @@ def ingest_config() -> Any:
     tiny test model lands on another F1). The dataset is materialized, so keeping its order
     costs nothing."""
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    # DataConfig.default_ingest_options() with order kept; built here because Ray's own copy
+    # passes the deprecated exclude_resources, which warns on every training run.
+    session = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=session.resource_limits, preserve_order=True,
+                               verbose_progress=session.verbose_progress)
     return ray.train.DataConfig(execution_options=options)
 
 

@@ -88,6 +88,13 @@ def test_demo_through_ray_job_submit(tmp_path):
     assert "Found multiple active Ray instances" not in output
     assert "Execution plan of Dataset" not in output
     assert "_TrainingReport" not in output
+    assert "Checkpoint successfully created" not in output
+    assert "is now ignored by default" not in output and "Ignoring upload" not in output
+    assert "RAY_ADDRESS is set but" not in output
+    assert "exclude_resources" not in output
+    # Random weights: the extraction banner, the nightly job's line and the closing note,
+    # never once per actor.
+    assert output.count("RANDOM WEIGHTS") <= 3, output.count("RANDOM WEIGHTS")
     # The outcome: the table beside the paper's, where the report and MLflow are.
     assert re.search(r"CSMN-P5\s+\d\.\d{3}\s+0\.230", output)
     # The nightly job over the newest posts, held back from training, with the champion.

@@ -9,14 +9,11 @@ preprocessing writes them. The model is tiny (embed 16, memory 32, CNN depth 8).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -336,92 +333,42 @@ def test_checkpoint_round_trip_without_ray(tmp_path):
 # ---- end to end: `ray job submit` against a head node with token authentication ----------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def ray_head(tmp_path):
-    """A head node started the way an operator does (token authentication on, as Ray 2.60
-    does for `ray start --head`), with its own token in RAY_AUTH_TOKEN so that the shared
-    ~/.ray/auth_token is left alone. `--block` ties the node to this process: terminating
-    it stops exactly this node (never `ray stop`, which would stop every Ray on the host)."""
-    dashboard_port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-           "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    ray_cli = str(REPO / ".venv" / "bin" / "ray")
-    log_file = open(tmp_path / "head.log", "w")  # noqa: SIM115
-    # A private temp dir: `ray start` writes its address to <temp dir>/ray_current_cluster,
-    # where every later ray.init() on this host would find it (in /tmp/ray, even after the
-    # node is gone). Short, because Ray's socket paths live under it.
-    temp_dir = tempfile.mkdtemp(prefix="csmn-head-", dir="/tmp")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--num-cpus", "2", "--temp-dir", temp_dir,
-         "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-         # Ports of its own: the session's in-process Ray already holds the agent defaults
-         # (52365 and friends), and a head whose job agent can't bind refuses every submit.
-         "--dashboard-agent-listen-port", str(_free_port()),
-         "--dashboard-agent-grpc-port", str(_free_port()),
-         "--runtime-env-agent-port", str(_free_port()),
-         "--metrics-export-port", str(_free_port()),
-         "--object-store-memory", str(300 * 1024 * 1024)],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.time() + 120
-    while True:
-        probe = subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        if head.poll() is not None or time.time() > deadline:
-            head.terminate()
-            raise RuntimeError(f"the head node did not come up: "
-                               f"{(tmp_path / 'head.log').read_text()[-2000:]}")
-        time.sleep(2)
-    yield address, env, ray_cli
-    head.terminate()  # its SIGTERM handler stops the node's own processes
-    try:
-        head.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        head.kill()  # the node's reaper then stops what is left of it
-        head.wait(timeout=20)
-    log_file.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+def ray_head():
+    """A head node the way ``csmn demo`` starts one for its job (csmn.pipeline.launch):
+    token authentication on, a token of its own in a 0600 file (the shared
+    ~/.ray/auth_token is left alone), its own ports and temp dir."""
+    from csmn.pipeline.launch import HeadOptions, local_head
+
+    with local_head(HeadOptions(num_cpus=2, object_store_bytes=300 * 1024 * 1024)) as head:
+        yield head
 
 
 def test_ray_job_submit_end_to_end(ray_head, tmp_path):
-    address, env, ray_cli = ray_head
+    from csmn.pipeline.launch import ray_cli, submit_job
+
+    head = ray_head
     root = write_data_root(tmp_path / "root", train_posts=160, val_posts=32)
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Without the token the job server refuses the client.
-    refused = subprocess.run([ray_cli, "job", "list", "--address", address],
-                             env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+    wrong_token = tmp_path / "wrong-token"
+    wrong_token.write_text(uuid.uuid4().hex)
+    refused = subprocess.run([ray_cli(), "job", "list", "--address", head.address],
+                             env={**head.env, "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
                              capture_output=True, text=True)
     assert refused.returncode != 0
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}}
-    command = [
-        ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, **head.job_env_vars()}}
+    entrypoint = [
         "python", "jobs/train.py", "--data", str(root), "--task", "hashtag",
         "--context-size", str(CONTEXT), "--epochs", "2", "--batch-size", "32",
         "--cpus-per-worker", "0.5", "--learning-rate", "0.01", "--val-sample-size", "32",
         "--model", json.dumps(TINY_MODEL), "--run-name", "submitted", "--register"]
-    # The job server answers before the node's job agent has registered with it; a submit in
-    # that window is refused with "No available agent", which Ray itself says to retry.
-    deadline = time.time() + 60
-    while True:
-        submitted = subprocess.run(command, env=env, capture_output=True, text=True,
-                                   timeout=420)
-        if "No available agent" not in submitted.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    # One line per epoch for the person watching the job (rank 0's, through the driver).
-    assert "epoch 2/2  loss " in submitted.stdout + submitted.stderr
+    logs = io.StringIO()
+    status = submit_job(head, entrypoint, str(REPO), f"train-{uuid.uuid4().hex[:8]}",
+                        runtime_env=runtime_env, out=logs)
+    output = logs.getvalue()
+    assert status == 0, output[-6000:]
+    assert "epoch 2/2  loss " in output
     client = MlflowClient(tracking_uri)
     run = client.search_runs(
         [client.get_experiment_by_name("csmn-hashtag").experiment_id],
