@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from csmn.data import schemas, storage
+from csmn.data import layout, schemas, storage
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PIXELS = 96
@@ -269,6 +269,7 @@ th:first-child,td:first-child{text-align:left}
 .example img{width:96px;height:96px;object-fit:cover;border:1px solid #aaa}
 .noimg{width:96px;height:96px;background:#eee;font-size:11px;display:flex;align-items:center}
 .hit{font-weight:bold}.ctx{background:#ffe08a}.muted{color:#777;font-size:90%}
+.chart{max-width:100%;border:1px solid #eee;margin:.5em 0}
 """
 
 
@@ -292,8 +293,9 @@ def _marked_html(text: str, truth: set[str], context: set[str]) -> str:
 
 
 def render_html(report: dict[str, Any], users_shown: int = 10) -> str:
-    """One self-contained page: the tables of the markdown and the example predictions with
-    their thumbnails, marked as in the paper's Figure 4."""
+    """One self-contained page: the tables of the markdown, a chart of the methods beside the
+    paper's and of the per-user spread, and the example predictions with their thumbnails,
+    marked as in the paper's Figure 4."""
     task, counts, model = report["task"], report["counts"], report["model"]
     columns = COLUMNS[task]
     title = f"CSMN evaluation: {task}, split {report['split']}"
@@ -316,6 +318,14 @@ def render_html(report: dict[str, Any], users_shown: int = 10) -> str:
         "synthetic data):</p>",
         _html_table(["method", *paper_columns],
                     [[m, *(r.get(c) for c in paper_columns)] for m, r in paper.items()]),
+    ]
+    section = {"task": task, "results": report["results"], "title": title,
+               "by_posts": layout.is_by_posts(report["split"])}
+    charts = [("methods", methods_bar_png([section])),
+              ("per user", per_user_histogram_png(report["per_user"], PAPER_COLUMNS[task][0],
+                                                  title))]
+    parts += [f"<img class='chart' alt='{alt}' src='{uri}'>" for alt, uri in charts if uri]
+    parts += [
         "<h2>Example predictions</h2>",
         "<p class='muted'>As in the paper's Figure 4: <span class='hit'>bold</span> = in the "
         "ground truth, <span class='ctx'>highlighted</span> = a word of the user's context "
@@ -582,7 +592,6 @@ def _run_link(run: dict[str, Any] | None, label: str, ui: str) -> str:
 
 
 _DEMO_STYLE = _STYLE + """
-.chart{max-width:100%;border:1px solid #eee;margin:.5em 0}
 table.attn{margin:.4em 0;font-size:85%}table.attn td.bar{width:220px;padding:2px}
 .att{display:inline-block;height:10px}.att.image{background:#4c78a8}
 .att.context{background:#f2a93b}.att.output{background:#54a24b}

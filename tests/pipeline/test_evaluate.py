@@ -139,6 +139,9 @@ def test_hashtag_evaluation_with_model_and_baselines(ray_session, data_root, tmp
     assert page.startswith("<!DOCTYPE html>") and "<td>1nn-usrim</td>" in page
     shown = [e for e in saved["examples"] if e["post_id"] != "t0-0"]
     assert page.count("data:image/jpeg;base64,") == len(shown)
+    # the methods beside the paper's, and the per-user spread, drawn by matplotlib
+    assert page.count("<img class='chart' alt=") == 2
+    assert page.count("data:image/png;base64,") == 2
     assert 'class="ctx"' in page or 'class="hit ctx"' in page
     # a checkpoint folder has no MLflow run: nothing was logged
     assert "mlflow" not in report
