@@ -938,7 +938,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "under a 'preprocess' section")
     parser.add_argument("--engine", choices=sorted(ENGINES), default="ray",
                         help="ray (default) or local: the same functions in one process")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="(default: INFO)")
     add_config_arguments(parser, PreprocessConfig)
     return parser
 
