@@ -11,10 +11,20 @@ too, so that after a crash a final name holds the whole file or nothing (a renam
 reaches the disk before the data would leave an empty or partial file under it); an S3
 object only becomes visible once its upload completes, so a reader never sees a
 half-written file under its final name.
+
+Transient failures (throttling, timeouts, a connection reset or refused while a server
+restarts) are retried where they happen: every S3 request by the AWS SDK's standard retry
+strategy (exponential backoff with jitter, :data:`S3_MAX_ATTEMPTS` attempts, about 14 s of
+outage), then whole Ray tasks (``csmn.pipeline.runtime.TASK_RETRIES``). An error still
+transient after that is raised as :class:`TransientStorageError` (an ``OSError``), so that
+a stage can tell it from a broken record: never a ``bad_file`` reject, at most a reject whose
+code says it may succeed later (``csmn.data.rejects.TRANSIENT_CODES``).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
 import json
 import os
@@ -23,12 +33,65 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+# Attempts per S3 request (the first included). The standard strategy's delays double up to
+# 20 s: 6 attempts ride out about 14 s, 10 about 85 s; the Ray task retries come on top.
+S3_MAX_ATTEMPTS = 6
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 30.0
+
+
+class TransientStorageError(OSError):
+    """A storage error that may succeed if tried again later (it outlived the retries)."""
+
+
+# How the AWS SDK (through pyarrow) and the OS spell an error that a later try may not meet.
+_TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "THROTTLING", "Throttling",
+    "RequestTimeout", "REQUEST_TIMEOUT", "REQUEST_TIME_TOO_SKEWED", "SERVICE_UNAVAILABLE",
+    "ServiceUnavailable", "InternalError", "INTERNAL_FAILURE", "curlCode: 7,", "curlCode: 28,",
+    "curlCode: 52,", "curlCode: 55,", "curlCode: 56,", "Connection reset", "Connection refused",
+    "Broken pipe", "timed out",
+)
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                     errno.EPIPE, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` says the store was briefly unavailable rather than the data bad."""
+    if isinstance(err, (TransientStorageError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(err, OSError):
+        return err.errno in _TRANSIENT_ERRNOS or any(m in str(err) for m in _TRANSIENT_MARKERS)
+    return False
+
+
+_F = TypeVar("_F")
+
+
+def _transient_raised(fn: _F) -> _F:
+    """Raise a transient ``OSError`` of ``fn`` as :class:`TransientStorageError`."""
+
+    @functools.wraps(fn)  # type: ignore[arg-type]
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)  # type: ignore[operator]
+        except TransientStorageError:
+            raise
+        except OSError as err:
+            if is_transient(err):
+                raise TransientStorageError(err.errno, str(err)) from err
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def is_s3(uri: str) -> bool:
@@ -45,7 +108,9 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     if region:
         kwargs["region"] = region
     # pyarrow resolves credentials through the AWS SDK's default chain.
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S, **kwargs)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -70,21 +135,25 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+@_transient_raised
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@_transient_raised
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+@_transient_raised
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
 
 
+@_transient_raised
 def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> list[str]:
     """Files under ``uri`` (sorted URIs), skipping hidden temporaries of unfinished writes."""
     fs, path = resolve(uri)
@@ -114,6 +183,7 @@ def _to_uri(base_uri: str, base_path: str, item_path: str) -> str:
     return join(base_uri, rel)
 
 
+@_transient_raised
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
@@ -123,11 +193,13 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+@_transient_raised
 def open_input(uri: str) -> IO[bytes]:
     fs, path = resolve(uri)
     return fs.open_input_file(path)
 
 
+@_transient_raised
 def read_bytes(uri: str) -> bytes:
     with open_input(uri) as f:
         return f.read()
@@ -186,6 +258,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@_transient_raised
 def write_bytes(uri: str, data: bytes) -> None:
     with atomic_output(uri) as f:
         f.write(data)
@@ -205,6 +278,7 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     write_bytes(uri, buffer.getvalue())
 
 
+@_transient_raised
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file or every Parquet file under a folder as one table."""
     files = list_files(uri, suffix=".parquet")

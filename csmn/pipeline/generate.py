@@ -65,6 +65,7 @@ from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
 from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
+from csmn.pipeline.runtime import TASK_RETRIES
 from csmn.text.filters import FilterThresholds
 from csmn.text.history import TaskContext, history_contexts
 from csmn.text.user_context import ContextSpec
@@ -587,7 +588,7 @@ def _planned_posts(config: GenerateConfig, champions: dict[str, Champion], sourc
     thresholds = next(iter(champions.values())).task_context().thresholds
     posts = ray.data.from_items([{"source": s} for s in sources],
                                 override_num_blocks=max(1, len(sources))).map_batches(
-        read_posts, batch_size=1, batch_format="pyarrow",
+        read_posts, batch_size=1, batch_format="pyarrow", **TASK_RETRIES,
         fn_kwargs={"archive": config.archive, "rejects_dir": rejects_dir,
                    "read_batch_size": config.read_batch_size,
                    "max_non_english_fraction": thresholds.max_non_english_fraction,
@@ -649,7 +650,7 @@ def _predictions(config: GenerateConfig, champions_ref: Any, champions: dict[str
                                "batch_size": config.batch_size,
                                "torch_threads": config.torch_threads})
     return decoded.map_batches(write_staged, batch_size=None, batch_format="pyarrow",
-                               fn_kwargs={"out": config.out, "attempt": attempt,
+                               **TASK_RETRIES, fn_kwargs={"out": config.out, "attempt": attempt,
                                           "rejects_dir": rejects_dir})
 
 
@@ -701,7 +702,8 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
 
     # Records in are counted from the files by tasks of their own: a count taken from the
     # parser's output could not see what the parser lost.
-    counting = [ray.remote(readers.count_records).remote(source) for source in sources]
+    counting = [ray.remote(**TASK_RETRIES)(readers.count_records).remote(source)
+                for source in sources]
     planned = _planned_posts(config, champions, sources, committed_files, rejects_dir)
     tallies = _tallies(planned)
     tallies["records_in"] = sum(ray.get(counting))

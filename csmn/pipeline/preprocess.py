@@ -535,7 +535,9 @@ class RayEngine:
 
         # Records in are counted from the files by tasks of their own, beside the pipeline:
         # a count taken from the parser's output could not see what the parser lost.
-        count = self.ray.remote(count_records)
+        from csmn.pipeline.runtime import TASK_RETRIES
+
+        count = self.ray.remote(**TASK_RETRIES)(count_records)
         self._counts = [count.remote(source) for source in sources]
 
         ds = self.ray.data.from_items([{"source": s} for s in sources],
@@ -544,7 +546,7 @@ class RayEngine:
         # default stays as it is for other jobs in this process.
         ds.context.shuffle_strategy = ShuffleStrategy(self.config.shuffle_strategy)
         posts = ds.map_batches(
-            features_of_sources, batch_size=1, batch_format="pyarrow",
+            features_of_sources, batch_size=1, batch_format="pyarrow", **TASK_RETRIES,
             fn_kwargs={"archive": archive, "root": root,
                        "read_batch_size": self.config.read_batch_size,
                        "max_non_english_fraction": self.config.max_non_english_fraction,

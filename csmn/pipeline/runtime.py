@@ -12,7 +12,14 @@ import secrets
 import stat
 from pathlib import Path
 
+from csmn.data.storage import TransientStorageError
+
 log = logging.getLogger(__name__)
+
+# Remote args of the tasks that read or write the store: a task whose storage error outlived
+# the S3 client's own retries is run again (3 times, Ray's backoff), as is one whose worker
+# died. A record is never rejected for what the store did (csmn.data.storage).
+TASK_RETRIES: dict = {"max_retries": 3, "retry_exceptions": [TransientStorageError]}
 
 
 def ensure_private_token() -> Path | None:
