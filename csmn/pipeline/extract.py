@@ -62,7 +62,6 @@ from csmn.core.image_features import (
 from csmn.data import layout, storage
 from csmn.data.completeness import require_data_root
 from csmn.data.schemas import conform, load_schema, validate
-from csmn.pipeline.runtime import TASK_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -632,7 +631,6 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
                    "slots": preprocess.grid**2},
         num_cpus=0.25,
         runtime_env=runtime_env,
-        **TASK_RETRIES,
     )
 
 

@@ -588,7 +588,7 @@ def _planned_posts(config: GenerateConfig, champions: dict[str, Champion], sourc
     thresholds = next(iter(champions.values())).task_context().thresholds
     posts = ray.data.from_items([{"source": s} for s in sources],
                                 override_num_blocks=max(1, len(sources))).map_batches(
-        read_posts, batch_size=1, batch_format="pyarrow", **TASK_RETRIES,
+        read_posts, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"archive": config.archive, "rejects_dir": rejects_dir,
                    "read_batch_size": config.read_batch_size,
                    "max_non_english_fraction": thresholds.max_non_english_fraction,
@@ -650,7 +650,7 @@ def _predictions(config: GenerateConfig, champions_ref: Any, champions: dict[str
                                "batch_size": config.batch_size,
                                "torch_threads": config.torch_threads})
     return decoded.map_batches(write_staged, batch_size=None, batch_format="pyarrow",
-                               **TASK_RETRIES, fn_kwargs={"out": config.out, "attempt": attempt,
+                               fn_kwargs={"out": config.out, "attempt": attempt,
                                           "rejects_dir": rejects_dir})
 
 

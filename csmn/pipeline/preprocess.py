@@ -546,7 +546,7 @@ class RayEngine:
         # default stays as it is for other jobs in this process.
         ds.context.shuffle_strategy = ShuffleStrategy(self.config.shuffle_strategy)
         posts = ds.map_batches(
-            features_of_sources, batch_size=1, batch_format="pyarrow", **TASK_RETRIES,
+            features_of_sources, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"archive": archive, "root": root,
                        "read_batch_size": self.config.read_batch_size,
                        "max_non_english_fraction": self.config.max_non_english_fraction,

@@ -16,9 +16,10 @@ from csmn.data.storage import TransientStorageError
 
 log = logging.getLogger(__name__)
 
-# Remote args of the tasks that read or write the store: a task whose storage error outlived
-# the S3 client's own retries is run again (3 times, Ray's backoff), as is one whose worker
-# died. A record is never rejected for what the store did (csmn.data.storage).
+# Options of the plain Ray tasks that read the store (counting a source's records): one whose
+# storage error outlived csmn.data.storage's retries is run again, as is one whose worker
+# died. Ray Data's map tasks retry in process instead (their remote args are deprecated in
+# Ray 2.60), as Ray Data's own file reads do.
 TASK_RETRIES: dict = {"max_retries": 3, "retry_exceptions": [TransientStorageError]}
 
 

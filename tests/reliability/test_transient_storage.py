@@ -190,7 +190,10 @@ def test_an_unreachable_store_is_transient_never_a_bad_record(s3, monkeypatch, t
     storage.write_text(source, '{"user_id": "u", "post_id": "p", "image": "images/a.jpg", '
                                '"caption": "c", "hashtags": []}\n')
     storage.write_bytes(image, b"\xff\xd8 not really")
-    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)  # fail fast: the retries are above
+    # Fail fast: the retries themselves are the test above.
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "STORAGE_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "STORAGE_BACKOFF_S", 0.05)
     storage._s3_filesystem.cache_clear()
     s3.stop()
 
