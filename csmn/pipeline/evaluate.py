@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from csmn.config import config_from_args, config_parser, config_to_dict
+from csmn.config import config_from_args, config_parser, config_to_dict, redact_text
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import (
@@ -409,7 +409,8 @@ def write_and_log(config: EvaluateConfig, built: dict[str, Any], scored: Scored)
         tracking.resolve_tracking_uri(config.data), model_uri=config.model, task=config.task,
         split=config.split, data_root=config.data, out=built["out"],
     ) as run:
-        built["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.tracking_uri}
+        # The report is an artifact: the store's address without its credentials.
+        built["mlflow"] = {"run_id": run.run_id, "tracking_uri": redact_text(run.tracking_uri)}
         write()
         tracking.log_evaluation(run, built)
 

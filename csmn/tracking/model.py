@@ -22,6 +22,7 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
 
 from csmn.tracking.registry import registered_model_name
+from csmn.tracking.runs import quiet_run_urls
 
 MODEL_NAME = "model"  # the LoggedModel's name inside the run
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -84,7 +85,7 @@ def log_pyfunc_model(
     as a new version of ``csmn-hashtag`` / ``csmn-post``. Returns MLflow's ModelInfo."""
     import csmn
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(quiet_run_urls(tracking_uri))
     package_dir = os.path.dirname(os.path.abspath(csmn.__file__))
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(

@@ -20,7 +20,7 @@ from csmn.data import layout, storage
 from csmn.data.rejects import read_rejects
 from csmn.pipeline.extract import ExtractConfig, run_extract
 
-IMAGES = 48
+IMAGES = 24
 
 
 def _root(root: str) -> tuple[list[str], list[str]]:

@@ -213,6 +213,8 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
         uri = f"http://csmn:{SECRET}@127.0.0.1:{port}"
         _wait_for(f"http://127.0.0.1:{port}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        # csmn.tracking turns MLflow's printed run URLs off for this URI; undone after.
+        monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
         monkeypatch.setenv("CSMN_SERVICE_TOKEN", SECRET)
         monkeypatch.setenv("CSMN_DATABASE_URL", f"postgresql://u:{SECRET}@db.internal/x")
         root = tmp_path / "root"
@@ -224,7 +226,7 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
         tracking.log_params(uri, run_id, {"tracking": uri, "db": os.environ["CSMN_DATABASE_URL"]})
         info = tracking.log_pyfunc_model(uri, run_id, checkpoint, "hashtag")
         built = evaluate(EvaluateConfig(data=str(root), model=info.model_uri, task="hashtag",
-                                        split="test", baselines="1nn-im"))
+                                        split="test", baselines="none"))
 
         stored = []
         for experiment_ in client.search_experiments():
@@ -237,7 +239,7 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
         stored += [logs.out, logs.err]
         leaks = [text[max(0, text.find(SECRET) - 80):text.find(SECRET) + 20]
                  for text in stored if SECRET in text]
-        assert leaks == []
+        assert leaks == [], leaks
         assert len(stored) > 10
         reliability_tally.bad_kinds(["credential:tracking_uri", "credential:env_token",
                                      "credential:database_uri"])
@@ -261,12 +263,11 @@ def _wait_for(url: str, server: subprocess.Popen) -> None:
 
 
 def _download_all(client, run_id: str, into: Path) -> list[Path]:
+    if not client.list_artifacts(run_id):
+        return []
     target = into / run_id
     target.mkdir(parents=True, exist_ok=True)
-    try:
-        local = client.download_artifacts(run_id, "", str(target))
-    except Exception:  # a run without artifacts
-        return []
+    local = client.download_artifacts(run_id, "", str(target))
     return [p for p in Path(local).rglob("*") if p.is_file()]
 
 
