@@ -87,3 +87,15 @@ def mlflow_tracking_uri(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One summary of the reliability tests (tests/reliability/reliability_tally.py)."""
+    import sys
+
+    tally = sys.modules.get("reliability_tally")
+    lines = tally.lines() if tally is not None else []
+    if lines:
+        terminalreporter.section("reliability")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -94,6 +94,19 @@ def write_contexts(root: str, task: str, contexts: Mapping[str, Sequence[str]]) 
         "user_context"))
 
 
+def finish_root(root: str, layers: Sequence[str] = ("pool5",), **manifest: Any) -> None:
+    """Mark a hand-built root complete as the stages do (csmn.data.completeness): each
+    layer's ``_meta.json`` with status ``complete`` (random weights), then the manifest with
+    its digest, last."""
+    for layer in layers:
+        storage.write_json(layout.features_meta_uri(root, layer), {
+            "layer": layer, "status": "complete", "random_weights": True,
+            "weights": {"name": "random", "fingerprint": "test-helpers"}})
+    written = {"version": 1, "root": root, **manifest}
+    written["digest"] = layout.content_digest(written)
+    storage.write_json(layout.manifest_uri(root), written)
+
+
 # ---- a learnable hashtag archive -------------------------------------------------------------
 
 
@@ -149,6 +162,7 @@ def write_tagged_root(root: str, train_posts: int = 320, val_posts: int = 64,
         write_examples(root, layout.HASHTAG, split, rows[split], parts=example_parts)
     missing = [image for image, _ in features[:missing_features]]
     write_features(root, features[missing_features:], parts=feature_parts)
+    finish_root(root)
     return TaggedArchive(root=root, vocab=vocab, rows=rows, features_missing=missing)
 
 
@@ -255,7 +269,7 @@ def write_data_root(root: str) -> None:
         schemas.conform(features, "features_pool5"),
     )
     # written last, as preprocessing does: the evaluation's dataset digest comes from it
-    storage.write_json(storage.join(root, "manifest.json"), {"version": 1, "root": root})
+    finish_root(root)
 
 
 def tiny_model_config(vocab_size: int) -> ModelConfig:

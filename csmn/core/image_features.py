@@ -304,7 +304,13 @@ def read_image_bytes(uri: str, max_bytes: int) -> bytes:
         raise
     except (FileNotFoundError, IsADirectoryError) as err:
         raise ImageRejected("missing_image", f"{type(err).__name__}: {err}") from err
-    except (OSError, ValueError) as err:
+    except OSError as err:
+        if storage.is_transient(err):  # the store, not the image: a later run may read it
+            from csmn.data.rejects import TRANSIENT_IO
+
+            raise ImageRejected(TRANSIENT_IO, f"{type(err).__name__}: {err}") from err
+        raise ImageRejected("read_error", f"{type(err).__name__}: {err}") from err
+    except ValueError as err:
         raise ImageRejected("read_error", f"{type(err).__name__}: {err}") from err
 
 

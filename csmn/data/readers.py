@@ -534,6 +534,7 @@ def _parse_parquet(
         stream = fs.open_input_file(path)
         parquet = pq.ParquetFile(stream)
     except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError), OSError
+        _raise_if_transient(source_uri, err)
         batcher.reject(f"bad_file: {err}", None, source_uri, None)
         yield from batcher.drain()
         return
@@ -557,6 +558,7 @@ def _parse_parquet(
                         if batcher.full():
                             yield batcher.take()
             except (OSError, ValueError) as err:
+                _raise_if_transient(source_uri, err)
                 # A corrupt page loses the rest of its row group, not the file: each row
                 # the footer promised and the page did not deliver is a reject of its own.
                 for _ in range(expected - done):
@@ -864,11 +866,22 @@ def parse_source(
 
 
 def _guard(source_uri: str, batches: Iterator[Batch]) -> Iterator[Batch]:
-    """A source that cannot even be opened is one reject, not a dead job."""
+    """A source that cannot even be opened is one reject, not a dead job; one the store
+    could not serve for a while raises, for the task to be retried (never a reject: the
+    file may be fine)."""
     try:
         yield from batches
     except (FileNotFoundError, PermissionError) as err:
         yield [], [reject_row(STAGE, f"bad_file: {err}", None, source_uri, None)]
+    except OSError as err:
+        _raise_if_transient(source_uri, err)
+        raise
+
+
+def _raise_if_transient(source_uri: str, err: BaseException) -> None:
+    if storage.is_transient(err):
+        raise storage.TransientStorageError(
+            getattr(err, "errno", None), f"{source_uri}: {err}") from err
 
 
 def count_records(source_uri: str) -> int:
@@ -896,7 +909,8 @@ def count_records(source_uri: str) -> int:
                 (len(_pairs(posts)) if container is dict else len(posts))
                 if isinstance(posts, container) else 1
                 for _, posts in _pairs(data))
-    except (OSError, ValueError, ReadError, RecursionError):
+    except (OSError, ValueError, ReadError, RecursionError) as err:
+        _raise_if_transient(source_uri, err)  # a count that guessed 1 would unbalance
         return 1
     raise ReadError(f"{source_uri}: not a .jsonl, .parquet or .json source")
 

@@ -21,6 +21,11 @@ from csmn.data.schemas import conform, validate
 
 PAYLOAD_LIMIT = 2000
 
+# The store could not be reached (it outlived every retry, csmn.data.storage): the record may
+# be fine, and ``--retry-rejects`` tries these again; every other code is final.
+TRANSIENT_IO = "transient_io"
+TRANSIENT_CODES = frozenset({TRANSIENT_IO})
+
 
 def reject_row(
     stage: str,
@@ -52,15 +57,16 @@ def parts_digest(parts: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def write_reject_part(rows: Sequence[dict[str, Any]], directory: str, key: str) -> None:
+def write_reject_part(rows: Sequence[dict[str, Any]], directory: str, key: str) -> str | None:
     """One Parquet part of ``rows`` under ``directory``, named by a digest of ``key`` (where
     the rows come from: a source's batch, a user) and of the rows, so that a retried task
-    overwrites its own part instead of adding a second one."""
-    if rows:
-        name = parts_digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}"
-                                    for r in rows)])
-        storage.write_parquet(storage.join(directory, f"part-{name}.parquet"),
-                              conform(list(rows), "reject"))
+    overwrites its own part instead of adding a second one. Returns its URI."""
+    if not rows:
+        return None
+    name = parts_digest([key, *(f"{r['record_id']}|{r['source']}|{r['reason']}" for r in rows)])
+    uri = storage.join(directory, f"part-{name}.parquet")
+    storage.write_parquet(uri, conform(list(rows), "reject"))
+    return uri
 
 
 def write_rejects(root: str, stage: str, rows: list[dict[str, Any]]) -> str | None:
@@ -79,9 +85,37 @@ def read_rejects(root: str, stage: str) -> list[dict[str, Any]]:
     return validate(storage.read_parquet(directory), "reject").to_pylist()
 
 
+def forget_transient_rejects(root: str, stage: str) -> int:
+    """Drop the stage's transient rejects, so that a rerun tries those records again; the
+    others stay. The kept rows are written as a new part before the old parts go: a crash in
+    between leaves a row twice, never a final reject lost. Returns how many were dropped."""
+    directory = layout.rejects_dir(root, stage)
+    parts = storage.list_files(directory, suffix=".parquet")
+    if not parts:
+        return 0
+    rows = read_rejects(root, stage)
+    kept = [row for row in rows if not is_transient_reason(row["reason"])]
+    if len(kept) == len(rows):
+        return 0
+    survivor = write_reject_part(kept, directory, "kept-after-retry")
+    for part in parts:
+        if part != survivor:
+            storage.delete(part)
+    return len(rows) - len(kept)
+
+
 def reason_code(reason: str) -> str:
     """Reasons are written ``code: detail``; summaries count by the code."""
     return reason.split(":", 1)[0].strip()
+
+
+def is_transient_reason(reason: str) -> bool:
+    return reason_code(reason) in TRANSIENT_CODES
+
+
+def transient_reason(err: BaseException) -> str:
+    """The reason of a record lost to a transient storage error."""
+    return f"{TRANSIENT_IO}: {type(err).__name__}: {err}"
 
 
 def count_rejects(root: str, stage: str) -> Counter[str]:

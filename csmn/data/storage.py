@@ -11,24 +11,106 @@ too, so that after a crash a final name holds the whole file or nothing (a renam
 reaches the disk before the data would leave an empty or partial file under it); an S3
 object only becomes visible once its upload completes, so a reader never sees a
 half-written file under its final name.
+
+Transient failures (throttling, timeouts, a connection reset or refused while a server
+restarts) are retried where they happen: every S3 request by the AWS SDK's standard retry
+strategy (exponential backoff with jitter, :data:`S3_MAX_ATTEMPTS` attempts, about 14 s of
+outage), then each operation of this module as a whole (:data:`STORAGE_ATTEMPTS`), and the
+plain Ray tasks that count records (``csmn.pipeline.runtime.TASK_RETRIES``). An error still
+transient after that is raised as :class:`TransientStorageError` (an ``OSError``), so that
+a stage can tell it from a broken record: never a ``bad_file`` reject, at most a reject whose
+code says it may succeed later (``csmn.data.rejects.TRANSIENT_CODES``).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+# Attempts per S3 request (the first included). The standard strategy's delays double up to
+# 20 s: 6 attempts ride out about 14 s, 10 about 85 s; the Ray task retries come on top.
+S3_MAX_ATTEMPTS = 6
+S3_CONNECT_TIMEOUT_S = 5.0
+# Then the operation as a whole (a listing, a whole-object write), after the client gave up.
+STORAGE_ATTEMPTS = 3
+STORAGE_BACKOFF_S = 1.0
+S3_REQUEST_TIMEOUT_S = 30.0
+
+
+class TransientStorageError(OSError):
+    """A storage error that may succeed if tried again later (it outlived the retries)."""
+
+
+# How the AWS SDK (through pyarrow) and the OS spell an error that a later try may not meet.
+_TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "THROTTLING", "Throttling",
+    "RequestTimeout", "REQUEST_TIMEOUT", "REQUEST_TIME_TOO_SKEWED", "SERVICE_UNAVAILABLE",
+    "ServiceUnavailable", "InternalError", "INTERNAL_FAILURE", "curlCode: 7,", "curlCode: 28,",
+    "curlCode: 52,", "curlCode: 55,", "curlCode: 56,", "Connection reset", "Connection refused",
+    "Broken pipe", "timed out",
+)
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                     errno.EPIPE, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` says the store was briefly unavailable rather than the data bad."""
+    if isinstance(err, (TransientStorageError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(err, OSError):
+        return err.errno in _TRANSIENT_ERRNOS or any(m in str(err) for m in _TRANSIENT_MARKERS)
+    return False
+
+
+_F = TypeVar("_F")
+
+
+def _retried(fn: _F) -> _F:
+    """Run ``fn`` again after a transient ``OSError`` (:data:`STORAGE_ATTEMPTS` times, the
+    delay doubling from :data:`STORAGE_BACKOFF_S`, with jitter), then raise it as
+    :class:`TransientStorageError`. Every wrapped operation is idempotent: a read, a listing,
+    a delete, or a whole-object write that replaces its target."""
+
+    @functools.wraps(fn)  # type: ignore[arg-type]
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, STORAGE_ATTEMPTS + 1):
+            try:
+                return fn(*args, **kwargs)  # type: ignore[operator]
+            except TransientStorageError:
+                raise  # an inner operation retried it already
+            except OSError as err:
+                if not is_transient(err):
+                    raise
+                if attempt == STORAGE_ATTEMPTS:
+                    raise TransientStorageError(err.errno, str(err)) from err
+                delay = STORAGE_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+                log.warning("storage: %s failed (attempt %d of %d), again in %.1f s: %s",
+                            fn.__name__, attempt, STORAGE_ATTEMPTS, delay, err)  # type: ignore[attr-defined]
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
 
 
 def is_s3(uri: str) -> bool:
@@ -45,7 +127,9 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     if region:
         kwargs["region"] = region
     # pyarrow resolves credentials through the AWS SDK's default chain.
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S, **kwargs)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -70,21 +154,25 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+@_retried
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@_retried
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+@_retried
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
 
 
+@_retried
 def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> list[str]:
     """Files under ``uri`` (sorted URIs), skipping hidden temporaries of unfinished writes."""
     fs, path = resolve(uri)
@@ -114,6 +202,7 @@ def _to_uri(base_uri: str, base_path: str, item_path: str) -> str:
     return join(base_uri, rel)
 
 
+@_retried
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
@@ -123,11 +212,13 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+@_retried
 def open_input(uri: str) -> IO[bytes]:
     fs, path = resolve(uri)
     return fs.open_input_file(path)
 
 
+@_retried
 def read_bytes(uri: str) -> bytes:
     with open_input(uri) as f:
         return f.read()
@@ -186,6 +277,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@_retried
 def write_bytes(uri: str, data: bytes) -> None:
     with atomic_output(uri) as f:
         f.write(data)
@@ -205,6 +297,7 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     write_bytes(uri, buffer.getvalue())
 
 
+@_retried
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file or every Parquet file under a folder as one table."""
     files = list_files(uri, suffix=".parquet")

@@ -14,6 +14,7 @@ import hashlib
 import html
 import io
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,11 +121,24 @@ def example_rows(
     ]
 
 
+# Markdown's inline punctuation, escaped with a backslash in text that came from the data
+# (ids, captions, context words), so that it renders as the characters it is: no link, image,
+# emphasis, code or table cell made by a post; "<" and "&" become entities, so no HTML tag.
+# (Block syntax needs a line start, and such text never starts a line: newlines are folded.)
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as inert markdown text on one line."""
+    text = " ".join(str(value).split())
+    return _MD_SPECIAL.sub(r"\\\1", text.replace("&", "&amp;").replace("<", "&lt;"))
+
+
 def _marked_markdown(text: str, truth: set[str], context: set[str]) -> str:
     """Figure 4's marks in markdown: **in the truth**, _in the context memory_."""
     words = []
     for word in text.split():
-        shown = word.replace("*", "\\*").replace("_", "\\_")
+        shown = md_text(word)
         if word in context:
             shown = f"_{shown}_"
         if word in truth:
@@ -167,7 +181,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.3f}"
-    return str(value).replace("|", "\\|")
+    return md_text(value)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -182,7 +196,8 @@ def render_markdown(report: dict[str, Any], users_shown: int = 10) -> str:
     lines = [
         f"# CSMN evaluation: {task}, split {report['split']}",
         "",
-        f"Data: `{report['config']['data']}`. Model: `{report['model'].get('uri') or 'none'}`"
+        f"Data: {md_text(report['config']['data'])}. Model: "
+        f"{md_text(report['model'].get('uri') or 'none')}"
         + (f" (epoch {report['model'].get('epoch')})" if report["model"] else "")
         + ".",
         f"Posts: {counts['examples']} in the split, {counts['scored']} scored, "
@@ -218,16 +233,16 @@ def render_markdown(report: dict[str, Any], users_shown: int = 10) -> str:
         truth = set(example["truth"].split())
         used = example.get("context_used", {})
         lines += [
-            f"**{example['post_id']}** (user {example['user_id']})",
+            f"**{md_text(example['post_id'])}** (user {md_text(example['user_id'])})",
             "",
-            f"- truth: {example['truth']}",
+            f"- truth: {md_text(example['truth'])}",
             f"- context (first {len(example['context_words'])} of "
             f"{example.get('context_size', len(example['context_words']))}): "
-            f"{' '.join(example['context_words'])}",
+            f"{md_text(' '.join(example['context_words']))}",
         ]
         for method, text in example["predictions"].items():
             marked = _marked_markdown(text, truth, set(used.get(method, [])))
-            lines.append(f"- {method}: {marked or '(empty)'}")
+            lines.append(f"- {md_text(method)}: {marked or '(empty)'}")
         lines.append("")
     lines += [
         "Marks as in the paper's Figure 4: **bold** = in the ground truth, _italic_ = a word "

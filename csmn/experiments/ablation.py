@@ -31,6 +31,7 @@ from typing import Any
 
 from csmn.config import config_from_args, config_parser
 from csmn.data import layout, storage
+from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import BY_POSTS_TASK, POST, SPLIT_FAMILIES, canonical_task
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
 
     if not config.data:
         raise ValueError("--data is required: the data root written by preprocessing")
+    require_data_root(config.data, "ablation", ("pool5",))
     init_ray()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     config = dataclasses.replace(config, experiment=config.experiment
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(AblationConfig, "csmn ablation", __doc__.split("\n")[0])
 
 
+@exit_code_2("csmn ablation")
 def main(argv: list[str] | None = None) -> int:
     from csmn.pipeline.runtime import setup_logging
 

@@ -38,8 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from csmn.config import config_from_args, config_parser, config_to_dict
+from csmn.config import config_from_args, config_parser, config_to_dict, redact_text
 from csmn.data import layout, storage
+from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import (
     BY_POSTS_TASK,
     TEST,
@@ -408,7 +409,8 @@ def write_and_log(config: EvaluateConfig, built: dict[str, Any], scored: Scored)
         tracking.resolve_tracking_uri(config.data), model_uri=config.model, task=config.task,
         split=config.split, data_root=config.data, out=built["out"],
     ) as run:
-        built["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.tracking_uri}
+        # The report is an artifact: the store's address without its credentials.
+        built["mlflow"] = {"run_id": run.run_id, "tracking_uri": redact_text(run.tracking_uri)}
         write()
         tracking.log_evaluation(run, built)
 
@@ -420,12 +422,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise ValueError("--data is required: the data root written by preprocessing")
     if not config.model and not config.baseline_names:
         raise ValueError("nothing to evaluate: give --model and/or --baselines")
+    require_data_root(config.data, "evaluate", ("pool5",) if config.baseline_names else ())
     out = config.out or storage.join(
         layout.evaluations_dir(config.data),
         f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}",
     )
     examples = load_examples(config)
     model = resolve_model(config) if config.model else None
+    if model:
+        require_data_root(config.data, "evaluate", (model.layer,))
     decoded = (decode_split(config, examples, model.layer, model.tracking_uri)
                if model else None)
     scored = scored_examples(config, examples, decoded)
@@ -440,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(EvaluateConfig, "csmn evaluate", __doc__.split("\n")[0])
 
 
+@exit_code_2("csmn evaluate")
 def main(argv: list[str] | None = None) -> int:
     import json
 

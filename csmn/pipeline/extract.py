@@ -17,9 +17,10 @@ when the weights were random). Bad images go to ``<root>/rejects/extract_feature
 
 Reruns: parts are written atomically (see ``csmn.storage``), so a killed run leaves only whole
 parts; a rerun reads the image keys of the finished parts and computes only what is missing.
-Images rejected by an earlier run are not retried unless ``--retry-rejects`` (their reject rows
-are then replaced). Every image is accounted for: unique images = already done + previously
-rejected + written now + rejected now.
+Images rejected by an earlier run are not retried; with ``--retry-rejects`` those the store
+could not serve (``transient_io``, after every retry) are, and their reject rows dropped
+(``--overwrite`` recomputes everything). Every image is accounted for: unique images =
+already done + previously rejected + written now + rejected now.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from csmn.core.image_features import (
     resolve_precision,
 )
 from csmn.data import layout, storage
+from csmn.data.completeness import require_data_root
 from csmn.data.schemas import conform, load_schema, validate
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,8 @@ class ExtractConfig:
         default=False, metadata={"help": "decode large JPEGs at reduced scale (faster)"}
     )
     retry_rejects: bool = field(
-        default=False, metadata={"help": "retry images an earlier run rejected"}
+        default=False, metadata={"help": "retry the images an earlier run rejected for a "
+                                         "transient storage error (transient_io)"}
     )
     overwrite: bool = field(
         default=False, metadata={"help": "delete existing features of the layer(s) first"}
@@ -534,7 +537,7 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
                      preprocess: PreprocessConfig) -> set[str]:
     """Delete what ``--overwrite`` / ``--retry-rejects`` ask to, refuse features made
     otherwise; returns the images rejected by earlier runs."""
-    from csmn.data.rejects import read_rejects
+    from csmn.data.rejects import forget_transient_rejects, read_rejects
 
     root = config.data
     if config.overwrite:
@@ -544,7 +547,7 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
     for layer in config.layers:
         _check_meta(root, layer, info, preprocess)
     if config.retry_rejects:
-        storage.delete(layout.rejects_dir(root, STAGE))
+        forget_transient_rejects(root, STAGE)
     return {row["record_id"] for row in read_rejects(root, STAGE)}
 
 
@@ -689,6 +692,7 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
 
     if not config.data:
         raise ValueError("--data is required: the data root that holds examples/")
+    require_data_root(config.data, "extract-features")
     started = time.time()
     root, layers = config.data, config.layers
     preprocess = config.preprocess()

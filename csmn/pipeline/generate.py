@@ -65,6 +65,7 @@ from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
 from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
+from csmn.pipeline.runtime import TASK_RETRIES
 from csmn.text.filters import FilterThresholds
 from csmn.text.history import TaskContext, history_contexts
 from csmn.text.user_context import ContextSpec
@@ -703,7 +704,8 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
 
     # Records in are counted from the files by tasks of their own: a count taken from the
     # parser's output could not see what the parser lost.
-    counting = [ray.remote(readers.count_records).remote(source) for source in sources]
+    counting = [ray.remote(**TASK_RETRIES)(readers.count_records).remote(source)
+                for source in sources]
     planned = _planned_posts(config, champions, sources, committed_files, rejects_dir)
     tallies = _tallies(planned)
     tallies["records_in"] = sum(ray.get(counting))

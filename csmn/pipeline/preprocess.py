@@ -534,7 +534,9 @@ class RayEngine:
 
         # Records in are counted from the files by tasks of their own, beside the pipeline:
         # a count taken from the parser's output could not see what the parser lost.
-        count = self.ray.remote(count_records)
+        from csmn.pipeline.runtime import TASK_RETRIES
+
+        count = self.ray.remote(**TASK_RETRIES)(count_records)
         self._counts = [count.remote(source) for source in sources]
 
         ds = self.ray.data.from_items([{"source": s} for s in sources],

@@ -33,6 +33,7 @@ from csmn import tracking
 from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import read_metadata
 from csmn.data import layout, storage
+from csmn.data.completeness import require_data_root
 from csmn.eval.bootstrap import paired_bootstrap
 from csmn.eval.metrics import PER_POST_METRICS, CocoScorer, per_post_scores
 from csmn.tracking import promotion as registry
@@ -207,6 +208,8 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
     again with the new champion."""
     if not config.data:
         raise ValueError("--data is required: the data root both models are evaluated on")
+    if not config.rollback:  # a rollback moves the alias only
+        require_data_root(config.data, "promote")
     tracking_uri = resolve_tracking_uri(config.data)
     client = registry.open_client(tracking_uri)
     if config.rollback:

@@ -12,7 +12,15 @@ import secrets
 import stat
 from pathlib import Path
 
+from csmn.data.storage import TransientStorageError
+
 log = logging.getLogger(__name__)
+
+# Options of the plain Ray tasks that read the store (counting a source's records): one whose
+# storage error outlived csmn.data.storage's retries is run again, as is one whose worker
+# died. Ray Data's map tasks retry in process instead (their remote args are deprecated in
+# Ray 2.60), as Ray Data's own file reads do.
+TASK_RETRIES: dict = {"max_retries": 3, "retry_exceptions": [TransientStorageError]}
 
 
 def ensure_private_token() -> Path | None:

@@ -50,6 +50,7 @@ from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig
 from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, MARKERS, PAD_ID
 from csmn.data import layout, storage
+from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import HASHTAG, POST, canonical_task
 from csmn.eval.metrics import hashtag_prf
 from csmn.pipeline.train_data import (
@@ -697,6 +698,7 @@ def train(config: TrainConfig) -> TrainSummary:
     from csmn.pipeline.runtime import init_ray
 
     config = resolve_defaults(config)
+    require_data_root(config.data, "train", (build_model_config(config, 10).image_layer,))
     init_ray()
     # The by-posts hashtag split has its own vocabulary, fit on train_by_posts.
     vocabulary = load_vocab(config.data, config.task, config.train_split)
@@ -741,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(TrainConfig, "csmn train", __doc__.split("\n")[0])
 
 
+@exit_code_2("csmn train")
 def main(argv: list[str] | None = None) -> int:
     import json
 

@@ -4,7 +4,10 @@ vocabulary, config). ``mlflow.pyfunc.load_model(uri).predict(df)`` takes ``image
 of strings) and answers ``prediction``: hashtags as a list of strings, or a post text as one
 string.
 
-Loading the model needs torch, mlflow and this package, never Ray.
+Loading the model needs torch, mlflow and this package, never Ray. The model is logged as
+code (MLflow 3's models-from-code: ``csmn/tracking/served_model.py`` calls
+``mlflow.models.set_model``), not as a pickled object: loading it unpickles nothing, and
+keeps working where MLflow refuses pickles (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
 
 from csmn.tracking.registry import registered_model_name
+from csmn.tracking.runs import quiet_run_urls
 
 MODEL_NAME = "model"  # the LoggedModel's name inside the run
 CHECKPOINT_ARTIFACT = "checkpoint"
+# The file MLflow runs to build the model at load time.
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "served_model.py")
 
 
 def model_signature(task: str) -> ModelSignature:
@@ -79,12 +85,12 @@ def log_pyfunc_model(
     as a new version of ``csmn-hashtag`` / ``csmn-post``. Returns MLflow's ModelInfo."""
     import csmn
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(quiet_run_urls(tracking_uri))
     package_dir = os.path.dirname(os.path.abspath(csmn.__file__))
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=CSMNPyfunc(),
+            python_model=MODEL_CODE,
             artifacts={CHECKPOINT_ARTIFACT: checkpoint_dir},
             # The package travels with the model, so loading needs no install of csmn.
             code_paths=[package_dir],

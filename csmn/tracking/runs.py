@@ -27,7 +27,7 @@ def resolve_tracking_uri(data_root: str | None) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<data root>/mlflow.db``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return quiet_run_urls(uri)
     if data_root is None or storage.is_s3(data_root):
         raise ValueError(
             "set MLFLOW_TRACKING_URI (an MLflow server or database): the default SQLite store "
@@ -35,6 +35,15 @@ def resolve_tracking_uri(data_root: str | None) -> str:
     _, path = storage.resolve(data_root)
     os.makedirs(path, exist_ok=True)
     return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+
+
+def quiet_run_urls(uri: str) -> str:
+    """``uri``; MLflow prints each run's URL on stdout when the run ends, and with the
+    credentials of a tracking URI (``https://user:pw@host``) that line would carry them into
+    every job log: such a URI turns the printing off."""
+    if redact_text(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return uri
 
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -11,6 +11,7 @@ import os
 import struct
 import zlib
 
+import helpers
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -85,6 +86,7 @@ def _write_archive(root: str, good: int, bad: bool = True) -> tuple[list[str], d
             }
         )
         storage.write_parquet(storage.join(root, "examples", task, split, "part-0.parquet"), table)
+    helpers.finish_root(root, layers=())
     return good_uris, bad_uris
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hostile
 import pytest
+import reliability_tally
 
 from csmn.data import readers, storage
 from csmn.data.layout import BY_POSTS_SPLITS, BY_USERS_SPLITS
@@ -62,6 +63,8 @@ def test_every_bad_record_is_a_reject_with_its_code_and_good_ones_are_intact(lay
         assert sum(archive.codes.values()) >= 10_000
     posts, rejects, records_in = read_everything(archive.root)
     assert records_in == archive.records_in == len(posts) + len(rejects)
+    reliability_tally.bad_kinds({f"{layout}:{k}": n for k, n in archive.kinds.items()})
+    assert reliability_tally.balance(records_in, len(posts), len(rejects)) == 0
     expected = Counter(archive.codes)
     assert Counter(reason_code(r["reason"]) for r in rejects) == expected
     by_key = {(p["user_id"], p["post_id"]): p for p in posts}
@@ -100,6 +103,9 @@ def test_preprocessing_a_hostile_archive_balances_and_keeps_every_good_post(
         assert balance["lost"] == 0 and balance["balanced"], balance
         assert balance["records_in"] == archive.records_in
     assert manifest["records"]["in"] == archive.records_in
+    post = manifest["balance"]["post"]
+    assert reliability_tally.balance(post["records_in"], post["kept"] + post["filtered"],
+                                     post["rejected"]) == 0
     rejects = read_rejects(str(out), "read") + read_rejects(str(out), "preprocess")
     assert Counter(reason_code(r["reason"]) for r in rejects) == archive.codes
 

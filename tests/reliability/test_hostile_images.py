@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
+import reliability_tally
 from PIL import Image
 
 from csmn.core.image_features import ImageRejected, PreprocessConfig, load_image
@@ -63,6 +64,8 @@ def test_each_bad_image_is_rejected_with_its_code(tmp_path, kind):
     with pytest.raises(ImageRejected) as caught:
         load_image(str(path), CONFIG)
     assert caught.value.code == code, caught.value.reason
+    reliability_tally.bad_input(f"image:{kind}")
+    reliability_tally.balance(1, 0, 1)
 
 
 def test_a_fifo_a_directory_and_a_missing_file_never_block(tmp_path):
@@ -74,6 +77,8 @@ def test_a_fifo_a_directory_and_a_missing_file_never_block(tmp_path):
             load_image(str(tmp_path / name), CONFIG)
         codes[name] = caught.value.code
     assert codes == {"fifo": "not_a_file", "folder": "missing_image", "missing": "missing_image"}
+    reliability_tally.bad_kinds([f"image:{name}" for name in codes])
+    reliability_tally.balance(len(codes), 0, len(codes))
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped_to_white():
