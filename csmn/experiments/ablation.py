@@ -316,10 +316,11 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
     trained = store.read(trained_uri)
     if trained is None:
         started = time.perf_counter()
-        # Named by the key: a run killed mid-training resumes from its latest checkpoint
-        # (Ray Train finds its own snapshot under the same name and storage).
+        # Named by the key and the output: a run killed mid-training resumes from its latest
+        # checkpoint (Ray Train finds its snapshot under the same name and storage, MLflow
+        # the run of that name), and another --out never continues this one's MLflow run.
         summary = train(train_config(config, variant, family, seed,
-                                     run_name=f"ablation-{name}-{key}",
+                                     run_name=f"ablation-{name}-{key}-{_digest(out)[:6]}",
                                      storage_uri=storage.join(out, "runs")))
         if summary.model_uri is None:
             raise RuntimeError(f"{name}: training left no checkpoint")
