@@ -2,17 +2,30 @@
 baselines at a small, configurable size, and write the tables with the paper's figures beside
 ours.
 
-Every variant is trained by :func:`csmn.pipeline.train.train` (Ray Train, an MLflow run per variant
-and split family in the experiment ``csmn-<task>-ablation``) and evaluated by
-:func:`csmn.pipeline.evaluate.evaluate` (Ray Data decoding, pycocoevalcap / hashtag-set F1). The
-baselines are evaluated once per test split. Hashtags are scored on both of the paper's splits
-(Table 3: by users left, by posts right), each with its own training split and vocabulary;
-posts on the split by users (Table 2).
+Every variant is trained by :func:`csmn.pipeline.train.train` (Ray Train, an MLflow run per
+variant, split family and seed in the experiment ``csmn-<task>-ablation``) and evaluated by
+:func:`csmn.pipeline.evaluate.evaluate` (Ray Data decoding, pycocoevalcap / hashtag-set F1).
+The baselines are evaluated once per test split and seed. Hashtags are scored on both of the
+paper's splits (Table 3: by users left, by posts right), each with its own training split and
+vocabulary; posts on the split by users (Table 2).
 
-Outputs under ``out`` (default ``<data>/ablations/<task>-<UTC stamp>``): ``ablation.json``
-(every number, the configs, the notes), ``ablation.md`` (the table), one evaluation report
-folder per (method, split), and an MLflow run ``ablation-<task>`` holding the table as metrics
-(``<method>/<metric>[/by_posts]``) and the two files as artifacts.
+``--seeds N`` runs every variant and baseline with the seeds ``seed .. seed+N-1`` (the
+training seed: initial weights and data order; the evaluation seed: 1NN-Usr's draw); the table
+shows the mean, the sample standard deviation and min..max of each method.
+
+Outputs under ``out`` (default ``<data>/ablations/<task>``): ``results/<split>/<method>/
+seed<N>-<key>.json``, one per (split, method, seed), written atomically as soon as that run
+is evaluated; ``ablation.json`` (every number, the configs, the notes), ``ablation.md`` (the
+table), one evaluation report folder per (method, split, seed), and an MLflow run
+``ablation-<task>`` holding the table as metrics (``<method>/<metric>[/by_posts]``, the mean;
+``<method>/<metric>_std[...]``) and the two files as artifacts. ``<key>`` is a digest of
+everything that changes a result (the training config but paths and resources, the test split,
+the data root's manifest digest, the features' weights and parts), so a rerun reuses exactly
+the results of the same config and data and runs the rest; a changed config runs again.
+
+Beside the paper's figures and ours, the truth ceiling: where the data root was preprocessed
+from a ``csmn synth`` archive, the reference predictors of its truth tables
+(csmn.synth.truth), scored on the same test split; "n/a" otherwise (and for posts).
 
 The paper's figures are Tables 2 and 3 of the paper, copied whole:
 they are Instagram's, given for the shape of the results, not as a target for synthetic data.
@@ -22,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,7 +100,8 @@ class AblationConfig:
     """What to train and evaluate; sizes are small on purpose (the paper's are ModelConfig's)."""
 
     data: str = field(default="", metadata={"help": "data root written by preprocessing"})
-    task: str = field(default="hashtag", metadata={"help": "hashtag (Table 3) | caption (2)"})
+    task: str = field(default="hashtag", metadata={
+        "help": "hashtag (Table 3) | post (Table 2; caption is accepted for post)"})
     variants: str = field(default=DEFAULT_VARIANTS, metadata={
         "help": "comma list of CSMN variants (csmn.core.model.ModelConfig.for_variant names)"})
     splits: str = field(default="", metadata={
@@ -104,7 +120,9 @@ class AblationConfig:
         "help": "more ModelConfig overrides, e.g. '{max_length: 16}'"})
     val_sample_size: int = field(default=500, metadata={
         "help": "validation examples scored per epoch"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "the first seed"})
+    seeds: int = field(default=1, metadata={
+        "help": "seeds per method (seed, seed+1, ...): the table gives mean, std, min..max"})
     res5c: str = field(default="extract", metadata={
         "help": "R5C needs res5c features: extract (when missing, with pool5's weights) | skip"})
     res5c_crop_size: int = field(default=224, metadata={
@@ -116,7 +134,9 @@ class AblationConfig:
     use_gpu: bool = False
     experiment: str = field(default="", metadata={
         "help": "MLflow experiment (default csmn-<task>-ablation)"})
-    out: str = field(default="", metadata={"help": "output folder (default under the data)"})
+    out: str = field(default="", metadata={
+        "help": "output folder (default <data>/ablations/<task>); a rerun with the same one "
+                "reuses every (split, method, seed) result of the same config and data"})
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -133,6 +153,8 @@ class AblationConfig:
             raise ValueError("the split by posts exists for the hashtag task only")
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.seeds < 1:
+            raise ValueError("seeds must be >= 1")
 
     @property
     def split_families(self) -> list[str]:
@@ -195,51 +217,146 @@ def ensure_res5c(config: AblationConfig) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------ the runs
+# ------------------------------------------------------------------------------ result keys
+
+# TrainConfig fields that do not change what a run learns: where it goes, its name, the CPUs
+# it holds, how failures are retried. Everything else is in a result's key.
+_TRAIN_FIELDS_NOT_IN_KEY = frozenset({
+    "data", "experiment", "storage", "run_name", "register", "cpus_per_worker",
+    "checkpoints_to_keep", "max_failures", "fail_once_at_epoch"})
 
 
-def _train_and_evaluate(config: AblationConfig, variant: str, family: str, stamp: str,
-                        out: str) -> dict[str, Any]:
-    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
-    from csmn.pipeline.train import TrainConfig, train
+def _digest(fields: Any) -> str:
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
-    train_split, val_split, test_split = SPLIT_FAMILIES[family]
-    started = time.perf_counter()
-    summary = train(TrainConfig(
+
+def features_identity(data: str, layer: str) -> dict[str, Any]:
+    """What makes the features of ``layer`` what they are: the weights and preprocessing
+    recorded by the extractor and the part files. The manifest's digest does not cover them
+    (features are extracted after preprocessing, and again with other weights)."""
+    meta_uri = layout.features_meta_uri(data, layer)
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    parts = storage.list_files(layout.features_dir(data, layer), ".parquet")
+    return {**{k: meta.get(k) for k in ("weights", "preprocess", "precision", "status")},
+            "parts": sorted(p.rsplit("/", 1)[-1] for p in parts)}
+
+
+def seeds_of(config: AblationConfig) -> list[int]:
+    return [config.seed + i for i in range(config.seeds)]
+
+
+def train_config(config: AblationConfig, variant: str, family: str, seed: int,
+                 run_name: str = "", storage_uri: str = "") -> Any:
+    from csmn.pipeline.train import TrainConfig
+
+    train_split, val_split, _ = SPLIT_FAMILIES[family]
+    return TrainConfig(
         data=config.data, task=config.task, variant=variant.removeprefix("CSMN-"),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         train_split=train_split, val_split=val_split, val_sample_size=config.val_sample_size,
-        seed=config.seed, model=config.model_overrides(), workers=config.workers,
+        seed=seed, model=config.model_overrides(), workers=config.workers,
         cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
-        experiment=config.experiment, run_name=f"ablation-{stamp}-{variant}-{family}"))
-    train_seconds = time.perf_counter() - started
-    if summary.model_uri is None:
-        raise RuntimeError(f"{variant} ({family}): training left no checkpoint")
+        experiment=config.experiment, run_name=run_name, storage=storage_uri)
+
+
+def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
+                data_digest: str) -> tuple[str, dict[str, Any]]:
+    """(digest, the fields it is of) for one variant's result: its whole training config but
+    paths and resources, the test split and decoding, the data root's manifest digest and
+    its features' identity."""
+    from csmn.core.model import ModelConfig
+
+    trained = dataclasses.asdict(train_config(config, variant, family, seed))
+    layer = ModelConfig.for_variant(variant.removeprefix("CSMN-"), vocab_size=10).image_layer
+    fields = {"kind": "variant", "method": variant, "family": family,
+              "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
+              "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY},
+              "data_digest": data_digest, "features": features_identity(config.data, layer)}
+    return _digest(fields), fields
+
+
+def baseline_key(config: AblationConfig, method: str, family: str, seed: int,
+                 data_digest: str) -> tuple[str, dict[str, Any]]:
+    fields = {"kind": "baseline", "method": method, "task": config.task, "family": family,
+              "test_split": SPLIT_FAMILIES[family][2], "seed": seed,
+              "data_digest": data_digest, "features": features_identity(config.data, "pool5")}
+    return _digest(fields), fields
+
+
+class ResultStore:
+    """One JSON file per (split, method, seed) result under ``<out>/results/``, named by its
+    key and written atomically once the result is complete; a rerun reads it instead of
+    running again. A variant's training leaves its own file first, so a failed evaluation
+    does not train again."""
+
+    def __init__(self, out: str):
+        self.root = storage.join(out, "results")
+
+    def uri(self, family: str, method: str, seed: int, key: str, stage: str = "") -> str:
+        suffix = f".{stage}" if stage else ""
+        return storage.join(self.root, family, method, f"seed{seed}-{key}{suffix}.json")
+
+    def read(self, uri: str) -> dict[str, Any] | None:
+        return storage.read_json(uri) if storage.exists(uri) else None
+
+    def write(self, uri: str, record: dict[str, Any]) -> None:
+        storage.write_json(uri, record)
+
+
+# ------------------------------------------------------------------------------ the runs
+
+
+def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, key: str,
+                 fields: dict[str, Any], store: ResultStore, out: str) -> dict[str, Any]:
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
+    from csmn.pipeline.train import train
+
+    name = f"{variant}-{family}-seed{seed}"
+    trained_uri = store.uri(family, variant, seed, key, stage="train")
+    trained = store.read(trained_uri)
+    if trained is None:
+        started = time.perf_counter()
+        # Named by the key and the output: a run killed mid-training resumes from its latest
+        # checkpoint (Ray Train finds its snapshot under the same name and storage, MLflow
+        # the run of that name), and another --out never continues this one's MLflow run.
+        summary = train(train_config(config, variant, family, seed,
+                                     run_name=f"ablation-{name}-{key}-{_digest(out)[:6]}",
+                                     storage_uri=storage.join(out, "runs")))
+        if summary.model_uri is None:
+            raise RuntimeError(f"{name}: training left no checkpoint")
+        trained = {"mlflow_run_id": summary.mlflow_run_id, "model_uri": summary.model_uri,
+                   "best_epoch": summary.best_metrics.get("epoch"),
+                   "train_seconds": round(time.perf_counter() - started, 1)}
+        store.write(trained_uri, trained)
+    started = time.perf_counter()
     report = evaluate(EvaluateConfig(
-        data=config.data, model=summary.model_uri, task=config.task, split=test_split,
-        baselines="none", out=storage.join(out, "reports", f"{variant}-{family}"),
-        cpus_per_actor=config.cpus_per_actor, use_gpu=config.use_gpu, seed=config.seed,
-        report_examples=4))
-    return {
-        "results": report["results"]["csmn"],
-        "counts": report["counts"],
-        "mlflow_run_id": summary.mlflow_run_id,
-        "model_uri": summary.model_uri,
-        "best_epoch": summary.best_metrics.get("epoch"),
-        "train_seconds": round(train_seconds, 1),
-        "evaluate_seconds": round(time.perf_counter() - started - train_seconds, 1),
-        "report": report["out"],
-    }
+        data=config.data, model=trained["model_uri"], task=config.task,
+        split=SPLIT_FAMILIES[family][2], baselines="none",
+        out=storage.join(out, "reports", name), cpus_per_actor=config.cpus_per_actor,
+        use_gpu=config.use_gpu, seed=seed, report_examples=4))
+    return {**trained, "results": report["results"]["csmn"], "counts": report["counts"],
+            "evaluate_seconds": round(time.perf_counter() - started, 1),
+            "report": report["out"], "key": key, "key_fields": fields,
+            "finished_at": datetime.now(UTC).isoformat()}
 
 
-def _evaluate_baselines(config: AblationConfig, family: str, out: str) -> dict[str, Any]:
+def _run_baselines(config: AblationConfig, names: list[str], family: str, seed: int,
+                   keys: dict[str, tuple[str, dict[str, Any]]], out: str
+                   ) -> dict[str, dict[str, Any]]:
+    """The baselines ``names`` (their option names) in one evaluation; a record for each."""
     from csmn.pipeline.evaluate import EvaluateConfig, evaluate
 
+    started = time.perf_counter()
     report = evaluate(EvaluateConfig(
         data=config.data, task=config.task, split=SPLIT_FAMILIES[family][2],
-        baselines=config.baselines, out=storage.join(out, "reports", f"baselines-{family}"),
-        seed=config.seed, report_examples=4))
-    return {"results": report["results"], "counts": report["counts"], "report": report["out"]}
+        baselines=",".join(names), seed=seed, report_examples=4,
+        out=storage.join(out, "reports", f"baselines-{family}-seed{seed}")))
+    seconds = round(time.perf_counter() - started, 1)
+    return {BASELINE_NAMES.get(n, n): {
+        "results": report["results"][n], "counts": report["counts"], "report": report["out"],
+        "evaluate_seconds": seconds, "key": keys[n][0], "key_fields": keys[n][1],
+        "finished_at": datetime.now(UTC).isoformat()} for n in names}
 
 
 def _context_size(data: str) -> int | None:
@@ -251,8 +368,120 @@ def _context_size(data: str) -> int | None:
     return int(value) if value else None
 
 
+def _baseline_options(config: AblationConfig) -> list[str]:
+    text = config.baselines.strip().lower()
+    return [] if text in ("", "none") else [b.strip() for b in text.split(",") if b.strip()]
+
+
+def run_all(config: AblationConfig, variants: list[str], out: str
+            ) -> tuple[dict[str, dict[str, dict[int, dict[str, Any]]]], dict[str, int]]:
+    """{method: {family: {seed: record}}} for every seed, split and method, each read from
+    the store when a finished result with its key is there; and how many were run / read."""
+    store = ResultStore(out)
+    data_digest = layout.data_digest(config.data)
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    counts = {"computed": 0, "reused": 0}
+
+    def keep(method: str, family: str, seed: int, record: dict[str, Any], reused: bool):
+        counts["reused" if reused else "computed"] += 1
+        runs.setdefault(method, {}).setdefault(family, {})[seed] = {**record, "reused": reused}
+
+    # Seed by seed: a run cut short leaves whole seeds of every method behind.
+    for seed in seeds_of(config):
+        for family in config.split_families:
+            options = _baseline_options(config)
+            keys = {n: baseline_key(config, BASELINE_NAMES.get(n, n), family, seed,
+                                    data_digest) for n in options}
+            missing = []
+            for name in options:
+                method = BASELINE_NAMES.get(name, name)
+                uri = store.uri(family, method, seed, keys[name][0])
+                done = store.read(uri)
+                if done is None:
+                    missing.append(name)
+                else:
+                    keep(method, family, seed, done, reused=True)
+            if missing:
+                log.info("ablation: baselines %s on %s, seed %d", missing, family, seed)
+                for method, record in _run_baselines(config, missing, family, seed, keys,
+                                                     out).items():
+                    store.write(store.uri(family, method, seed, record["key"]), record)
+                    keep(method, family, seed, record, reused=False)
+            for variant in variants:
+                key, fields = variant_key(config, variant, family, seed, data_digest)
+                uri = store.uri(family, variant, seed, key)
+                done = store.read(uri)
+                if done is not None:
+                    keep(variant, family, seed, done, reused=True)
+                    continue
+                log.info("ablation: %s on %s, seed %d", variant, family, seed)
+                record = _run_variant(config, variant, family, seed, key, fields, store, out)
+                store.write(uri, record)
+                keep(variant, family, seed, record, reused=False)
+    return runs, counts
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one seed), min and max."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def aggregate(by_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One method on one split over its seeds: ``results`` the means (what the table shows),
+    ``spread`` per metric, ``seeds`` every run."""
+    records = [by_seed[s] for s in sorted(by_seed)]
+    metrics = [k for k, v in records[0]["results"].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    spreads = {k: spread([float(r["results"][k]) for r in records]) for k in metrics}
+    return {"results": {k: s["mean"] for k, s in spreads.items()}, "spread": spreads,
+            "counts": records[0]["counts"], "report": records[0]["report"],
+            "seeds": {str(s): by_seed[s] for s in sorted(by_seed)}}
+
+
+# ------------------------------------------------------------------------------ truth ceiling
+
+# The reference predictors of csmn.synth.truth, in the order the table lists them.
+TRUTH_PREDICTORS = {
+    "category_mode": "truth: category mode (all an image tells)",
+    "another_post": "truth: another post of the user (the best 1NN-UsrIm)",
+    "niche_category_mode": "truth: niche x category mode (ceiling for new users)",
+    "user_category_mode": "truth: user x category mode (ceiling, by posts)",
+}
+TRUTH_CEILING = {"by_users": "niche_category_mode", "by_posts": "user_category_mode"}
+CEILING_ROW = "truth ceiling"
+
+
+def truth_references(data: str, task: str, families: list[str]
+                     ) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """({family: csmn.synth.truth.reference_scores_on_root}, where from) when the data root
+    was preprocessed from a ``csmn synth`` archive that is still there; else (None, why not).
+    They are scored on the data root's own test posts, the ones the methods are scored on."""
+    from csmn.synth.truth import reference_scores_on_root
+
+    if task != BY_POSTS_TASK:
+        return None, "n/a: the truth tables give reference predictors for hashtags only"
+    manifest_uri = layout.manifest_uri(data)
+    manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
+    archive = manifest.get("archive")
+    if not archive or not storage.exists(storage.join(archive, "truth", "summary.json")):
+        return None, ("n/a: the data root's archive has no truth tables (it was not written "
+                      "by csmn synth, or is gone)")
+    scores = {family: reference_scores_on_root(archive, data, family) for family in families}
+    return scores, f"the truth tables of {archive}"
+
+
+# ------------------------------------------------------------------------------ run_ablation
+
+
 def run_ablation(config: AblationConfig) -> dict[str, Any]:
-    """Train and evaluate every variant on every split family; write and return the table."""
+    """Train and evaluate every variant, and the baselines, on every split family for every
+    seed (reusing finished results under ``out``); write and return the table."""
     from csmn.core.model import ModelConfig
     from csmn.pipeline.runtime import init_ray
 
@@ -260,10 +489,9 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
         raise ValueError("--data is required: the data root written by preprocessing")
     require_data_root(config.data, "ablation", ("pool5",))
     init_ray()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     config = dataclasses.replace(config, experiment=config.experiment
                                  or f"csmn-{config.task}-ablation")
-    out = config.out or storage.join(config.data, "ablations", f"{config.task}-{stamp}")
+    out = config.out or storage.join(config.data, "ablations", config.task)
     notes: list[str] = []
     variants = config.variant_names
     if any("R5C" in v for v in variants):
@@ -279,28 +507,26 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
                          f"words, so {wanted - data_context} of its {wanted} slots stay empty "
                          "(preprocess with --context-size to fill them)")
 
-    methods: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
-    for family in config.split_families:
-        if config.baselines.strip().lower() not in ("", "none"):
-            baselines = _evaluate_baselines(config, family, out)
-            for key, results in baselines["results"].items():
-                methods.setdefault(BASELINE_NAMES.get(key, key), {})[family] = {
-                    "results": results, "counts": baselines["counts"],
-                    "report": baselines["report"]}
-        for variant in variants:
-            log.info("ablation: %s on the split %s", variant, family)
-            methods.setdefault(variant, {})[family] = _train_and_evaluate(
-                config, variant, family, stamp, out)
-    table = build_table(config.task, methods, config.split_families)
+    runs, counts = run_all(config, variants, out)
+    methods = {method: {family: aggregate(by_seed) for family, by_seed in families.items()}
+               for method, families in runs.items()}
+    truth, truth_source = truth_references(config.data, config.task, config.split_families)
+    table = build_table(config.task, methods, config.split_families, truth)
+    seeds = seeds_of(config)
     result = {
         "task": config.task,
         "out": out,
         "config": dataclasses.asdict(config),
+        "seeds": seeds,
         "model_sizes": config.model_overrides() or "paper (ModelConfig defaults)",
         "data_context_size": data_context,
+        "data_digest": layout.data_digest(config.data),
         "methods": methods,
+        "truth": truth,
+        "truth_source": truth_source,
         "table": table,
+        "runs": counts,
         "paper_source": "Tables 2 and 3 of Park, Kim, Kim, CVPR 2017 (Instagram; every figure "
                         "of both tables copied)",
         "notes": notes + [
@@ -331,25 +557,54 @@ def _paper_key(task: str, family: str, metric: str) -> str:
     return "f1_by_posts" if task == "hashtag" and family == "by_posts" else metric
 
 
-def build_table(task: str, methods: dict[str, dict[str, Any]],
-                families: list[str]) -> list[dict[str, Any]]:
+def build_table(task: str, methods: dict[str, dict[str, Any]], families: list[str],
+                truth: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per method, the paper's order first, then anything else we ran: for every
-    column ``ours`` and ``paper`` (None where a side has no figure)."""
+    column ``ours`` (the mean over seeds) and ``paper`` (None where a side has no figure),
+    and the spread over seeds. Then the truth ceiling (``ours`` None: n/a) and, from the
+    truth tables, each reference predictor."""
     paper = PAPER_TABLES[task]
     order = list(paper) + [m for m in methods if m not in paper]
+    columns = _columns(task, families)
     rows = []
     for method in order:
         cells = {}
-        for name, family, metric in _columns(task, families):
-            ours = methods.get(method, {}).get(family, {}).get("results", {}).get(metric)
-            cells[name] = {"ours": ours,
-                           "paper": paper.get(method, {}).get(_paper_key(task, family, metric))}
-        rows.append({"method": method, "ran": method in methods, "cells": cells})
+        for name, family, metric in columns:
+            run = methods.get(method, {}).get(family, {})
+            cells[name] = {"ours": run.get("results", {}).get(metric),
+                           "paper": paper.get(method, {}).get(_paper_key(task, family, metric)),
+                           "spread": run.get("spread", {}).get(metric)}
+        rows.append({"method": method, "kind": "method", "ran": method in methods,
+                     "cells": cells})
+
+    def truth_cell(family: str, predictor: str) -> dict[str, Any]:
+        scores = (truth or {}).get(family, {}).get(predictor)
+        return {"ours": scores["f1"] if scores else None, "paper": None, "spread": None}
+
+    rows.append({"method": CEILING_ROW, "kind": "truth", "ran": truth is not None,
+                 "cells": {name: truth_cell(family, TRUTH_CEILING[family]) if truth
+                           else {"ours": None, "paper": None, "spread": None}
+                           for name, family, _ in columns}})
+    if truth:
+        for predictor, label in TRUTH_PREDICTORS.items():
+            rows.append({"method": label, "kind": "truth", "ran": True,
+                         "cells": {name: truth_cell(family, predictor)
+                                   for name, family, _ in columns}})
     return rows
 
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_ours(cell: dict[str, Any], kind: str) -> str:
+    if cell["ours"] is None:
+        return "n/a" if kind == "truth" else "-"
+    spread_ = cell.get("spread")
+    if not spread_ or spread_["n"] < 2:
+        return _fmt(cell["ours"])
+    return (f"{spread_['mean']:.3f} ± {spread_['std']:.3f} "
+            f"({spread_['min']:.3f}..{spread_['max']:.3f})")
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -358,38 +613,65 @@ def render_markdown(result: dict[str, Any]) -> str:
              else "Table 2 analogue: post generation")
     families = result["config"]["splits"] or ("by_users,by_posts" if task == "hashtag"
                                                else "by_users")
-    columns = _columns(task, families.split(","))
+    columns = _columns(task, [f.strip() for f in families.split(",") if f.strip()])
     header = ["method"] + [f"{name} {side}" for name, _, _ in columns for side in ("ours",
                                                                                    "paper")]
+    seeds = result["seeds"]
+    seed_text = (f"seed {seeds[0]}" if len(seeds) == 1 else
+                 f"seeds {seeds[0]}..{seeds[-1]}: ours is the mean ± sample std (min..max) "
+                 f"over {len(seeds)} runs")
     lines = [f"# {title}", "",
-             f"Data: `{result['config']['data']}`; {result['config']['epochs']} epochs; model "
-             f"sizes {result['model_sizes']}; {result['seconds']} s.", "",
+             f"Data: `{result['config']['data']}` (digest {result['data_digest']}); "
+             f"{result['config']['epochs']} epochs; model sizes {result['model_sizes']}; "
+             f"{seed_text}; {result['runs']['computed']} results run, "
+             f"{result['runs']['reused']} reused; {result['seconds']} s.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["table"]:
-        cells = [_fmt(row["cells"][name][side]) for name, _, _ in columns
-                 for side in ("ours", "paper")]
+        cells = [_fmt_ours(row["cells"][name], row["kind"]) if side == "ours"
+                 else _fmt(row["cells"][name]["paper"])
+                 for name, _, _ in columns for side in ("ours", "paper")]
         lines.append("| " + " | ".join([row["method"], *cells]) + " |")
-    lines += ["", f"Paper figures: {result['paper_source']}.", "", "## Notes", ""]
+    lines += ["", f"Paper figures: {result['paper_source']}.", ""]
+    if result["truth"]:
+        lines.append(f"Truth ceiling and reference predictors: {result['truth_source']} "
+                     "(csmn.synth.truth; by users the niche x category mode, by posts the "
+                     "user x category mode), on the clean test posts:")
+        lines += [f"{family.replace('_', ' ')} {s['test_posts']} posts of {s['test_users']} "
+                  f"users, {s['tag_list_size']} tags per prediction"
+                  for family, s in result["truth"].items()]
+    else:
+        lines.append(f"Truth ceiling: {result['truth_source']}.")
+    lines += ["", "## Notes", ""]
     lines += [f"- {note}" for note in result["notes"]]
-    lines += ["", "## Runs", "", "| method | split | MLflow run | train s | evaluate s |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| method | split | seed | MLflow run | train s | evaluate s "
+              "| reused |", "|---|---|---|---|---|---|---|"]
     for method, by_family in result["methods"].items():
-        for family, run in by_family.items():
-            if "mlflow_run_id" in run:
-                lines.append(f"| {method} | {family} | {run['mlflow_run_id']} | "
-                             f"{run['train_seconds']} | {run['evaluate_seconds']} |")
+        for family, agg in by_family.items():
+            for seed, run in agg["seeds"].items():
+                lines.append(f"| {method} | {family} | {seed} | "
+                             f"{run.get('mlflow_run_id', '-')} | "
+                             f"{run.get('train_seconds', '-')} | {run['evaluate_seconds']} | "
+                             f"{'yes' if run['reused'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def table_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """``<method>/<metric>`` (``/by_posts`` appended for that split): MLflow metric names."""
+    """``<method>/<metric>`` (``/by_posts`` appended for that split), the mean over seeds, and
+    ``<method>/<metric>_std`` beside it for several seeds: MLflow metric names."""
     metrics: dict[str, float] = {}
     for method, by_family in result["methods"].items():
-        for family, run in by_family.items():
+        for family, agg in by_family.items():
             suffix = "" if family == "by_users" else f"/{family}"
-            for key, value in run["results"].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    metrics[f"{method}/{key}{suffix}"] = float(value)
+            for key, value in agg["results"].items():
+                metrics[f"{method}/{key}{suffix}"] = float(value)
+                std = agg["spread"][key]["std"]
+                if std is not None:
+                    metrics[f"{method}/{key}_std{suffix}"] = float(std)
+    for family, scores in (result.get("truth") or {}).items():
+        suffix = "" if family == "by_users" else f"/{family}"
+        for predictor in TRUTH_PREDICTORS:
+            if predictor in scores:
+                metrics[f"truth/{predictor}/f1{suffix}"] = float(scores[predictor]["f1"])
     return metrics
 
 
@@ -399,9 +681,10 @@ def log_to_mlflow(config: AblationConfig, result: dict[str, Any]) -> str:
     Returns its run id."""
     from csmn import tracking
 
-    method_runs = {f"{method}.{family}": run["mlflow_run_id"]
+    method_runs = {f"{method}.{family}.seed{seed}": run["mlflow_run_id"]
                    for method, by_family in result["methods"].items()
-                   for family, run in by_family.items() if "mlflow_run_id" in run}
+                   for family, agg in by_family.items()
+                   for seed, run in agg["seeds"].items() if "mlflow_run_id" in run}
     run_id = tracking.log_ablation(
         tracking.resolve_tracking_uri(config.data), config.experiment, task=config.task,
         data_root=config.data,

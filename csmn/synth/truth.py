@@ -16,8 +16,11 @@ They say what the archive lets a model learn, to print beside the results of Tab
 
 All are scored with the project's hashtag F1 on the test posts of the split by users (or by
 posts, where ``user_category_mode``, the user's own most frequent tags in the category, is
-the ceiling), made from the clean posts of regular users, the posts the preprocessing keeps
-(section 3.1).
+the ceiling). :func:`reference_scores` makes the splits itself from the clean posts of regular
+users (section 3.1), the archive alone; :func:`reference_scores_on_root` takes the training and
+test posts of a preprocessed data root and scores against their normalized hashtags, the very
+posts and truths the evaluation scores a model on (the filters keep some noisy posts, and a
+user's split by posts depends on all the posts kept, so the two differ).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from csmn.data import storage
-from csmn.data.layout import TEST, TEST_BY_POSTS, TRAIN, TRAIN_BY_POSTS
+from csmn.data import layout, storage
+from csmn.data.layout import HASHTAG, SPLIT_FAMILIES, TEST, TEST_BY_POSTS, TRAIN, TRAIN_BY_POSTS
 from csmn.eval.metrics import hashtag_set, score_hashtags
 from csmn.text.splits import by_posts_fractions, split_user_posts, split_users, unit_hash
 
@@ -163,6 +166,47 @@ def reference_scores(
     training posts, as 1NN-UsrIm does."""
     posts = _clean_posts(archive_uri)
     train, test = _split(posts, split, seed, train_fraction, test_posts, max_test_share)
+    return _reference(archive_uri, train, test, split, seed)
+
+
+def _truth_of_posts(archive_uri: str) -> dict[str, tuple[str, str | None]]:
+    rows = storage.read_parquet(storage.join(archive_uri, "truth", "posts"),
+                                columns=["post_id", "category", "niche"]).to_pylist()
+    return {r["post_id"]: (r["category"], r["niche"]) for r in rows}
+
+
+def _root_posts(data_root: str, split: str, truth: dict[str, tuple[str, str | None]]
+                ) -> list[_Post]:
+    table = storage.read_parquet(layout.examples_dir(data_root, HASHTAG, split),
+                                 columns=["user_id", "post_id", "text"])
+    posts = []
+    for row in table.to_pylist():
+        if row["post_id"] not in truth:
+            raise ValueError(f"{data_root}: post {row['post_id']!r} of {split} is not in the "
+                             "archive's truth tables: not the archive this root came from")
+        category, niche = truth[row["post_id"]]
+        posts.append(_Post(row["user_id"], row["post_id"], category, niche,
+                           frozenset(hashtag_set(row["text"]))))
+    return posts
+
+
+def reference_scores_on_root(archive_uri: str, data_root: str, split: str = "by_users",
+                             seed: int = 0) -> dict[str, Any]:
+    """The reference predictors of :func:`reference_scores`, learned from the training posts
+    of a data root preprocessed from ``archive_uri`` and scored on its test posts (split
+    family ``by_users`` or ``by_posts``) against their hashtags as the data root wrote them:
+    the posts and truths the evaluation scores a model on. Categories and niches come from
+    the truth tables, by post id."""
+    if split not in SPLIT_FAMILIES:
+        raise ValueError(f"split must be by_users or by_posts, got {split!r}")
+    train_split, _, test_split = SPLIT_FAMILIES[split]
+    truth = _truth_of_posts(archive_uri)
+    train, test = (_root_posts(data_root, name, truth) for name in (train_split, test_split))
+    return _reference(archive_uri, train, test, split, seed)
+
+
+def _reference(archive_uri: str, train: list[_Post], test: list[_Post], split: str,
+               seed: int) -> dict[str, Any]:
     if not train or not test:
         raise ValueError(f"{archive_uri}: too few clean posts for a split {split}")
     sizes = sorted(len(p.tags) for p in train)

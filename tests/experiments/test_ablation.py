@@ -29,20 +29,30 @@ communities are for, is issue #16's and not asserted here yet.
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from csmn.data import storage
+from csmn.data import layout, storage
 from csmn.experiments.ablation import (
+    CEILING_ROW,
     PAPER_TABLES,
     AblationConfig,
+    baseline_key,
     build_parser,
     build_table,
     paper_name,
+    render_markdown,
     run_ablation,
+    spread,
+    truth_references,
+    variant_key,
 )
+from csmn.synth.truth import reference_scores_on_root
 
 USERS = 14
 
@@ -75,7 +85,7 @@ def data_root(ray_session, tmp_path_factory) -> str:
     return root
 
 
-def test_names_tables_and_switches():
+def test_names_tables_and_switches(tmp_path):
     assert paper_name("P5") == "CSMN-P5"
     assert paper_name("NoUC-P5") == paper_name("CSMN-NoUC-P5") == "CSMN-NoUC-P5"
     assert paper_name("W20") == "CSMN-W20-P5" and paper_name("R5C") == "CSMN-R5C"
@@ -85,26 +95,57 @@ def test_names_tables_and_switches():
     assert len(PAPER_TABLES["hashtag"]) == len(PAPER_TABLES["post"]) == 13
     assert PAPER_TABLES["hashtag"]["CSMN-P5"] == {"f1": 0.230, "f1_by_posts": 0.390}
     assert PAPER_TABLES["post"]["CSMN-P5"]["cider"] == 0.214
-    rows = build_table("hashtag", {"CSMN-P5": {"by_posts": {"results": {"f1": 0.5}}}},
-                       ["by_users", "by_posts"])
+    three = spread([0.368, 0.397, 0.38])
+    assert three["n"] == 3 and three["min"] == 0.368 and three["max"] == 0.397
+    assert three["mean"] == pytest.approx(0.38167, abs=1e-5)
+    assert three["std"] == pytest.approx(0.01457, abs=1e-5)  # sample std (n - 1)
+    assert spread([0.5])["std"] is None
+    rows = build_table("hashtag", {"CSMN-P5": {"by_posts": {
+        "results": {"f1": 0.38167}, "spread": {"f1": three}}}}, ["by_users", "by_posts"])
     p5 = next(r for r in rows if r["method"] == "CSMN-P5")
-    assert p5["cells"]["F1 by posts"] == {"ours": 0.5, "paper": 0.390}
-    assert p5["cells"]["F1 by users"] == {"ours": None, "paper": 0.230}
-    args = build_parser().parse_args(["--small", "--epochs", "2", "--use-gpu"])
-    assert (args.small, args.epochs, args.use_gpu) == ("true", "2", "true")
+    assert p5["cells"]["F1 by posts"] == {"ours": 0.38167, "paper": 0.390, "spread": three}
+    assert p5["cells"]["F1 by users"] == {"ours": None, "paper": 0.230, "spread": None}
+    # Without truth tables the ceiling row is there and says n/a.
+    ceiling = next(r for r in rows if r["method"] == CEILING_ROW)
+    assert not ceiling["ran"] and ceiling["cells"]["F1 by posts"]["ours"] is None
+    args = build_parser().parse_args(["--small", "--epochs", "2", "--use-gpu", "--seeds", "3"])
+    assert (args.small, args.epochs, args.use_gpu, args.seeds) == ("true", "2", "true", "3")
     assert build_parser().parse_args(["--small", "false"]).small == "false"
+    task_help = next(a.help for a in build_parser()._actions if a.dest == "task")
+    assert "post (Table 2" in task_help and "caption (2)" not in task_help
+    assert AblationConfig(data="x", task="caption").task == "post"
     with pytest.raises(ValueError, match="by posts exists for the hashtag task only"):
         AblationConfig(data="x", task="post", splits="by_posts")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        AblationConfig(data="x", seeds=0)
+    # A data root whose archive has no truth tables, and the post task: n/a, and why.
+    storage.write_json(layout.manifest_uri(str(tmp_path)), {"archive": str(tmp_path / "raw")})
+    assert truth_references(str(tmp_path), "hashtag", ["by_users"])[0] is None
+    truth, why = truth_references(str(tmp_path), "post", ["by_users"])
+    assert truth is None and why.startswith("n/a")
 
 
-def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_uri, tmp_path):
-    out = str(tmp_path / "ablation")
-    result = run_ablation(AblationConfig(
-        data=data_root, task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
-        baselines="1nn-usrim", epochs=16, batch_size=32, learning_rate=0.003,
-        embed_dim=64, memory_dim=128, cnn_depth=32, val_sample_size=200, seed=0,
-        cpus_per_actor=1.0, out=out))
+# The setting the margins below were measured in (module docstring).
+ORDERING = dict(task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
+                baselines="1nn-usrim", epochs=16, batch_size=32, learning_rate=0.003,
+                embed_dim=64, memory_dim=128, cnn_depth=32, val_sample_size=200, seed=0,
+                cpus_per_actor=1.0)
 
+
+@pytest.fixture(scope="module")
+def ordering(data_root, mlflow_tracking_uri, tmp_path_factory):
+    """One ablation run (its config, result and seconds), shared by the ordering test and
+    the rerun test, which must find every result of it done."""
+    config = AblationConfig(data=data_root, out=str(tmp_path_factory.mktemp("ordering")),
+                            **ORDERING)
+    started = time.perf_counter()
+    result = run_ablation(config)
+    return config, result, time.perf_counter() - started
+
+
+def test_paper_ordering_on_hashtags_split_by_posts(ordering, data_root, mlflow_tracking_uri):
+    config, result, _ = ordering
+    out = config.out
     f1 = {m: runs["by_posts"]["results"]["f1"] for m, runs in result["methods"].items()}
     assert set(f1) == {"CSMN-P5", "CSMN-NoUC-P5", "1NN-UsrIm"}
     counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
@@ -122,9 +163,15 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_ur
              for m in ("CSMN-P5", "CSMN-NoUC-P5")}
     assert share["CSMN-P5"] > share["CSMN-NoUC-P5"], share
 
-    # the table: ours beside the paper's, in markdown and JSON
+    # the table: ours beside the paper's and the truth ceiling, in markdown and JSON
     markdown = storage.read_text(storage.join(out, "ablation.md"))
     assert "| CSMN-P5 | " in markdown and "0.390" in markdown
+    ceiling = reference_scores_on_root(
+        storage.read_json(layout.manifest_uri(data_root))["archive"], data_root, "by_posts")
+    assert ceiling["test_posts"] == counts["examples"]  # the very posts the methods are scored on
+    row = next(r for r in result["table"] if r["method"] == CEILING_ROW)
+    assert row["cells"]["F1 by posts"]["ours"] == ceiling["user_category_mode"]["f1"]
+    assert f"| {CEILING_ROW} | {ceiling['user_category_mode']['f1']:.3f} |" in markdown
     saved = storage.read_json(storage.join(out, "ablation.json"))
     row = next(r for r in saved["table"] if r["method"] == "CSMN-NoUC-P5")
     assert row["cells"]["F1 by posts"]["paper"] == 0.076
@@ -135,15 +182,80 @@ def test_paper_ordering_on_hashtags_split_by_posts(data_root, mlflow_tracking_ur
     experiment = client.get_experiment_by_name("csmn-hashtag-ablation")
     ablation_run = client.get_run(result["mlflow_run_id"])
     assert ablation_run.data.metrics["CSMN-P5/f1/by_posts"] == pytest.approx(f1["CSMN-P5"])
+    assert ablation_run.data.metrics["truth/user_category_mode/f1/by_posts"] == pytest.approx(
+        ceiling["user_category_mode"]["f1"])
     artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
     assert {"ablation.md", "ablation.json"} <= artifacts
     evaluations = client.search_runs([experiment.experiment_id],
                                      filter_string="tags.`csmn.kind` = 'evaluation'")
-    assert len(evaluations) == 2
+    assert len(evaluations) >= 2  # the rerun test evaluates nothing again
     for run in evaluations:
         assert run.data.tags["csmn.split"] == "test_by_posts"
         assert run.data.tags["csmn.model_uri"].startswith("models:/")
         assert "csmn/f1" in run.data.metrics
     # the HTML report embeds thumbnails and marks the context words a prediction used
-    html = storage.read_text(storage.join(out, "reports", "CSMN-P5-by_posts", "report.html"))
+    html = storage.read_text(storage.join(out, "reports", "CSMN-P5-by_posts-seed0",
+                                          "report.html"))
     assert "data:image/jpeg;base64," in html and 'class="ctx"' in html
+
+
+def _result_files(out: str) -> dict[str, int]:
+    files = storage.list_files(storage.join(out, "results"), ".json")
+    return {f: os.stat(f).st_mtime_ns for f in files}
+
+
+def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_root,
+                                                                  tmp_path):
+    """Resumability, with real runs: the ordering run again (same config and out) trains and
+    evaluates nothing; baselines over seeds (seconds each) show that a second run with more
+    seeds runs only the new seeds, and the mean, std and min..max of the table."""
+    config, first, first_seconds = ordering
+    before = _result_files(config.out)
+    # (split, method, seed) results: two variants (each also with its training's file) and
+    # one baseline
+    assert len(before) == 5, sorted(before)
+    started = time.perf_counter()
+    again = run_ablation(config)
+    seconds = time.perf_counter() - started
+    assert again["runs"] == {"computed": 0, "reused": 3}
+    assert _result_files(config.out) == before  # not one result written again
+    assert seconds < first_seconds / 4, (seconds, first_seconds)
+    assert again["table"] == first["table"]
+    assert all(run["reused"] for m in again["methods"].values()
+               for agg in m.values() for run in agg["seeds"].values())
+
+    # A changed config or data root is a new key, never an old result.
+    digest = layout.data_digest(data_root)
+    key = variant_key(config, "CSMN-P5", "by_posts", 0, digest)[0]
+    for changed in (dict(epochs=15), dict(learning_rate=0.002), dict(model={"max_length": 12}),
+                    dict(workers=2)):
+        other = AblationConfig(**{**config.__dict__, **changed})
+        assert variant_key(other, "CSMN-P5", "by_posts", 0, digest)[0] != key, changed
+    assert variant_key(config, "CSMN-P5", "by_posts", 1, digest)[0] != key
+    assert variant_key(config, "CSMN-P5", "by_posts", 0, "another-digest")[0] != key
+    # ... but where it goes, its CPUs and the other methods of the run do not change it.
+    same = AblationConfig(**{**config.__dict__, "out": str(tmp_path), "cpus_per_worker": 2.0,
+                             "variants": "P5", "seeds": 3})
+    assert variant_key(same, "CSMN-P5", "by_posts", 0, digest)[0] == key
+    assert baseline_key(config, "1NN-Usr", "by_posts", 0, digest)[0] != baseline_key(
+        config, "1NN-Usr", "by_posts", 1, digest)[0]
+
+    seeds = dict(data=data_root, task="hashtag", variants="", splits="by_posts",
+                 baselines="1nn-usr,1nn-usrim", out=str(tmp_path / "seeds"))
+    two = run_ablation(AblationConfig(**seeds, seeds=2))
+    assert two["runs"] == {"computed": 4, "reused": 0}
+    three = run_ablation(AblationConfig(**seeds, seeds=3))
+    assert three["runs"] == {"computed": 2, "reused": 4}  # seed 2 of each baseline only
+    usr = three["methods"]["1NN-Usr"]["by_posts"]
+    assert sorted(usr["seeds"]) == ["0", "1", "2"]
+    assert [usr["seeds"][s]["reused"] for s in ("0", "1", "2")] == [True, True, False]
+    f1 = [usr["seeds"][s]["results"]["f1"] for s in ("0", "1", "2")]
+    assert usr["spread"]["f1"] == spread(f1) and usr["results"]["f1"] == pytest.approx(
+        sum(f1) / 3)
+    assert min(f1) < max(f1)  # 1NN-Usr draws another post of the neighbour for each seed
+    markdown = render_markdown(three)
+    cell = (f"{usr['spread']['f1']['mean']:.3f} ± {usr['spread']['f1']['std']:.3f} "
+            f"({min(f1):.3f}..{max(f1):.3f})")
+    assert f"| 1NN-Usr | {cell} |" in markdown, markdown
+    assert "seeds 0..2" in markdown
+    assert markdown == storage.read_text(storage.join(seeds["out"], "ablation.md"))
