@@ -12,6 +12,7 @@ import html.parser
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -245,8 +246,12 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
         reliability_tally.bad_kinds(["credential:tracking_uri", "credential:env_token",
                                      "credential:database_uri"])
     finally:
-        server.terminate()
-        server.wait(30)
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
 
 
 def _wait_for(url: str, server: subprocess.Popen) -> None:

@@ -147,6 +147,9 @@ def test_a_write_survives_the_store_restarting_in_the_middle(s3):
     time.sleep(1.5)
     s3.start()  # the same port, the same objects
     writer.join(120)
+    deadline = time.monotonic() + 10  # the poller sees the committed object too
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
     stop_polling.set()
     poller.join()
     assert not writer.is_alive() and errors == [], errors
