@@ -27,9 +27,11 @@ user x category mode scores 0.459 against 0.327 for another post of the same use
 category (the truth ceiling of the table, on the very test posts). Measured through this
 path (10 epochs, batch 32, lr 0.005, the sizes below): P5 0.399, NoUC-P5 0.333, 1NN-UsrIm
 0.326 in three identical runs (the same F1 each time, now that Ray Train keeps the data
-order), and with seeds 1 and 2 P5 SEED_P5, NoUC SEED_NOUC; so the test asks for margins of
-0.03 over both (the paper: 0.390 against 0.076 and 0.380). At 16 epochs and lr 0.003 the
-margins were alike (P5 0.408) at twice the time.
+order); seeds 1 and 2 gave P5 0.385 and 0.363, NoUC-P5 0.306 and 0.335, 1NN-UsrIm 0.326
+(margins over NoUC 0.066, 0.079, 0.028 and over 1NN-UsrIm 0.073, 0.059, 0.037 for seeds 0,
+1, 2). The test asks for 0.02 over both: it holds for every seed measured, and seed 0, the
+test's, has 0.046 and 0.053 of room (the paper: 0.390 against 0.076 and 0.380). At 16
+epochs and lr 0.003 the margins were alike (P5 0.408) at twice the time.
 """
 
 from __future__ import annotations
@@ -156,10 +158,10 @@ def test_paper_ordering_on_hashtags_split_by_posts(ordering, data_root, mlflow_t
     counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
     assert counts["scored"] == counts["examples"] > 50
     # the paper's ordering (Table 3, right): P5 above NoUC (guaranteed by the signature
-    # tags) and above 1NN-UsrIm (the paper's 0.390 vs 0.380), each by 0.03: half the
-    # margins measured over five runs and three seeds (module docstring)
-    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.03, f1
-    assert f1["CSMN-P5"] > f1["1NN-UsrIm"] + 0.03, f1
+    # tags) and above 1NN-UsrIm (the paper's 0.390 vs 0.380), each by 0.02, which every
+    # seed measured clears (module docstring)
+    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.02, f1
+    assert f1["CSMN-P5"] > f1["1NN-UsrIm"] + 0.02, f1
     # ... and the reason: P5 names the user's context words, NoUC hardly ever
     share = {m: result["methods"][m]["by_posts"]["results"]["context_share"]
              for m in ("CSMN-P5", "CSMN-NoUC-P5")}
