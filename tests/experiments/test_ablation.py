@@ -9,22 +9,29 @@ posts, every test user also has training posts: the signature tags are in the vo
 the model learns to copy them from the context memory. A model without user context can only
 guess whose image it sees from its category (the images carry nothing of their user); with 14
 users a category often belongs to one or two of them, so NoUC still names some signature tags
-(measured 0.31 against P5's 0.38), but it cannot do so as well as P5. That makes CSMN-P5 >
+(measured 0.333 against P5's 0.399), but it cannot do so as well as P5. That makes CSMN-P5 >
 CSMN-NoUC-P5 a consequence of the archive's structure there. Split by users, a test user's
 signature tags never occur in training: they are out of the vocabulary, unpredictable for
-every method, and the model writes the signature tags of the training user whose context
-looks most like theirs instead (README, "The paper's tables on our data"): no ordering is
-guaranteed there at these sizes.
+every method. What a new user's context can still tell is their niche, and at this size no
+niche has another member in training: the truth tables' ceiling for new users (the niche x
+category mode) equals the category mode an image-only model can learn, F1 0.062 = 0.062 with
+14 users and 0.127 = 0.127 with 30 (niche archive, seed 1); only at 40 users does it rise
+above (0.212 against 0.133), with 2 test users, and the demo measured CSMN-P5 at 0.000 there.
+So split by users no ordering is learnable at a size this suite can train, and the test keeps
+the split by posts.
 1NN-UsrIm, split by posts, finds the query user itself and returns the tags of one of its
 posts (of the same category, by the image): one sample of the user's tag distribution. A
 model that learned the distribution returns its most likely tags instead, and the most
 likely tags agree with a new post more often than another post does: on this archive the
-user-and-category mode scores F1 0.44-0.48 (6-8 tags) against 0.32 for a same-user,
-same-category post (tests' archive, from the truth tables). CSMN-P5 at this size measured
-0.37-0.38 against 1NN-UsrIm's 0.31 (three seeds, plain PyTorch loop) and 0.380 against 0.321
-through this very path (csmn.experiments.ablation, Ray), so the test asks for a margin of
-0.02 over it (the paper: 0.390 vs 0.380). The split-by-users ordering, which niche
-communities are for, is issue #16's and not asserted here yet.
+user x category mode scores 0.459 against 0.327 for another post of the same user and
+category (the truth ceiling of the table, on the very test posts). Measured through this
+path (10 epochs, batch 32, lr 0.005, the sizes below): P5 0.399, NoUC-P5 0.333, 1NN-UsrIm
+0.326 in three identical runs (the same F1 each time, now that Ray Train keeps the data
+order); seeds 1 and 2 gave P5 0.385 and 0.363, NoUC-P5 0.306 and 0.335, 1NN-UsrIm 0.326
+(margins over NoUC 0.066, 0.079, 0.028 and over 1NN-UsrIm 0.073, 0.059, 0.037 for seeds 0,
+1, 2). The test asks for 0.02 over both: it holds for every seed measured, and seed 0, the
+test's, has 0.046 and 0.053 of room (the paper: 0.390 against 0.076 and 0.380). At 16
+epochs and lr 0.003 the margins were alike (P5 0.408) at twice the time.
 """
 
 from __future__ import annotations
@@ -127,7 +134,7 @@ def test_names_tables_and_switches(tmp_path):
 
 # The setting the margins below were measured in (module docstring).
 ORDERING = dict(task="hashtag", variants="P5,NoUC-P5", splits="by_posts",
-                baselines="1nn-usrim", epochs=16, batch_size=32, learning_rate=0.003,
+                baselines="1nn-usrim", epochs=10, batch_size=32, learning_rate=0.005,
                 embed_dim=64, memory_dim=128, cnn_depth=32, val_sample_size=200, seed=0,
                 cpus_per_actor=1.0)
 
@@ -151,12 +158,9 @@ def test_paper_ordering_on_hashtags_split_by_posts(ordering, data_root, mlflow_t
     counts = result["methods"]["CSMN-P5"]["by_posts"]["counts"]
     assert counts["scored"] == counts["examples"] > 50
     # the paper's ordering (Table 3, right): P5 above NoUC (guaranteed by the signature
-    # tags). The margin is not asserted: the same seed still trains a different model from
-    # run to run (Ray Train's ingest keeps the data order now, but five runs on one machine
-    # gave P5 0.368-0.397 and NoUC 0.328-0.358, margins 0.016-0.042; 1NN-UsrIm 0.326 each
-    # time)...
-    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"], f1
-    # ... and above 1NN-UsrIm (the paper's 0.390 vs 0.380).
+    # tags) and above 1NN-UsrIm (the paper's 0.390 vs 0.380), each by 0.02, which every
+    # seed measured clears (module docstring)
+    assert f1["CSMN-P5"] > f1["CSMN-NoUC-P5"] + 0.02, f1
     assert f1["CSMN-P5"] > f1["1NN-UsrIm"] + 0.02, f1
     # ... and the reason: P5 names the user's context words, NoUC hardly ever
     share = {m: result["methods"][m]["by_posts"]["results"]["context_share"]
