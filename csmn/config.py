@@ -194,8 +194,10 @@ def is_secret_key(key: Any) -> bool:
 
 
 def _environment_secrets() -> list[str]:
-    values = {value for name, value in os.environ.items()
-              if is_secret_key(name) and len(value) >= _MIN_ENV_SECRET}
+    # By name, then .get: another thread (MLflow's telemetry) may unset a variable between
+    # the listing and the read, where os.environ.items() raises KeyError.
+    values = {value for name in list(os.environ) if is_secret_key(name)
+              for value in [os.environ.get(name) or ""] if len(value) >= _MIN_ENV_SECRET}
     return sorted(values, key=len, reverse=True)
 
 
