@@ -193,10 +193,15 @@ def is_secret_key(key: Any) -> bool:
     return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
 
 
+# The shell's working directories: "pwd" names a password anywhere else.
+_SHELL_VARIABLES = frozenset({"PWD", "OLDPWD"})
+
+
 def _environment_secrets() -> list[str]:
     # By name, then .get: another thread (MLflow's telemetry) may unset a variable between
     # the listing and the read, where os.environ.items() raises KeyError.
-    values = {value for name in list(os.environ) if is_secret_key(name)
+    values = {value for name in list(os.environ)
+              if is_secret_key(name) and name not in _SHELL_VARIABLES
               for value in [os.environ.get(name) or ""] if len(value) >= _MIN_ENV_SECRET}
     return sorted(values, key=len, reverse=True)
 

@@ -38,6 +38,9 @@ def test_uri_values_are_redacted():
 def test_a_credential_in_the_environment_is_redacted_wherever_it_appears(monkeypatch):
     monkeypatch.setenv("CSMN_TEST_SERVICE_TOKEN", "tok-0123456789abcdef")
     assert redact_text("header=tok-0123456789abcdef;") == "header=***;"
+    # The shell's working directory is no password, though "pwd" names one elsewhere.
+    monkeypatch.setenv("PWD", "/srv/csmn/checkout")
+    assert redact_text("data /srv/csmn/checkout/data") == "data /srv/csmn/checkout/data"
 
 
 @dataclasses.dataclass
