@@ -30,12 +30,15 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
 from csmn.data.layout import IMAGE_SLOTS
 
 MEMORY_TYPES = ("image", "context", "output")
+# The cost of one more length bucket in ``training_loss``, in row-steps of the per-step work
+# (attention and memory CNN read of one sequence at one step). Measured on CPU at paper size
+# (bench/model.py); a GPU's per-bucket cost (kernel launches) is larger against its row-step.
+BUCKET_OVERHEAD = 8.0
 
 
 @dataclass
@@ -189,7 +192,9 @@ class MemoryCNN(nn.Module):
                 conv = torch.matmul(weights, shifted)  # [B, positions, T, depth]
                 # ReLU and "+ bias" are monotone, so they commute with the max over
                 # positions: the winning position is that of the raw sums.
-                best = conv.argmax(dim=1)  # [B, T, depth]
+                # max(...).indices, not argmax: the same first-maximum rule, and on CPU at
+                # paper size it was twice as fast over this strided dimension.
+                best = conv.max(dim=1).indices  # [B, T, depth]
                 del conv, shifted, weights
             # The max-pool passes gradient to its winning position only, so the sum is
             # recomputed with autograd there alone: the [B, positions, T, depth] tensor is
@@ -272,6 +277,13 @@ class MemoryBank:
     values: Tensor
     products: Tensor
     mask: Tensor | None = None
+
+    def rows(self, start: int, stop: int, slots: int | None = None) -> MemoryBank:
+        """Rows start:stop (views), and the first ``slots`` slots when given."""
+        cut = slice(None) if slots is None else slice(0, slots)
+        return MemoryBank(self.keys[start:stop, cut], self.values[start:stop, cut],
+                          self.products[start:stop, cut],
+                          None if self.mask is None else self.mask[start:stop, cut])
 
     def index_select(self, index: Tensor) -> MemoryBank:
         return MemoryBank(
@@ -397,17 +409,36 @@ class CSMN(nn.Module):
     def encode_static_memories(self, image_features: Tensor,
                                context_ids: Tensor | None) -> dict[str, MemoryBank]:
         """Image and user-context memories: they do not change during a sequence."""
+        return self._encode_memories(image_features, context_ids, None)
+
+    def _encode_memories(self, image_features: Tensor, context_ids: Tensor | None,
+                         output_words: Tensor | None) -> dict[str, MemoryBank]:
+        """The image and context memories and, given ``output_words`` [B, slots], the
+        teacher-forced word output memory (without its mask). Context and output words go
+        through each embedding table in one lookup: each lookup's gradient is a dense V x 512
+        tensor, zero-filled and then added to the others (about 30 ms a lookup at paper size
+        on CPU)."""
         image = image_slots_from_features(image_features, self.config)
         banks = {"image": self._bank("image", torch.relu(self.image_input(image)),
                                      torch.relu(self.image_output(image)))}
+        words: dict[str, Tensor] = {}
         if "context" in self.readouts:
             if context_ids is None:
                 raise ValueError("this CSMN variant needs context_ids (user context memory)")
             if context_ids.shape[1] != self.config.context_size:
                 raise ValueError(f"context_ids has {context_ids.shape[1]} slots, the model "
                                  f"{self.config.context_size}")
-            keys, values = self._word_memory(context_ids)
-            banks["context"] = self._bank("context", keys, values, context_ids != PAD_ID)
+            words["context"] = context_ids
+        if output_words is not None:
+            words["output"] = output_words
+        if words:
+            ids = list(words.values())
+            keys, values = self._word_memory(ids[0] if len(ids) == 1 else torch.cat(ids, 1))
+            sizes = [t.shape[1] for t in ids]
+            for name, k, v in zip(words, keys.split(sizes, 1), values.split(sizes, 1),
+                                  strict=True):
+                mask = context_ids != PAD_ID if name == "context" else None
+                banks[name] = self._bank(name, k, v, mask)
         return banks
 
     def _queries(self, previous_ids: Tensor) -> Tensor:
@@ -478,29 +509,43 @@ class CSMN(nn.Module):
     ) -> tuple[dict[str, MemoryBank], dict[str, Tensor | None]]:
         """The memories of a teacher-forced pass and their per-step masks, with the word
         output memory cut to its first ``output_slots`` slots."""
-        banks = self.encode_static_memories(image_features, context_ids)
-        step_masks: dict[str, Tensor | None] = {}
-        if "context" in banks:
-            step_masks["context"] = banks["context"].mask.unsqueeze(1)
+        words = None
         if "output" in self.readouts:
             words = input_ids[:, 1:1 + output_slots]
             words = F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
-            keys, values = self._word_memory(words)
-            banks["output"] = self._bank("output", keys, values)
+        banks = self._encode_memories(image_features, context_ids, words)
+        step_masks: dict[str, Tensor | None] = {}
+        if "context" in banks:
+            step_masks["context"] = banks["context"].mask.unsqueeze(1)
+        if words is not None:
             slot = torch.arange(output_slots, device=input_ids.device)
             step = torch.arange(input_ids.shape[1], device=input_ids.device)
             causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
             step_masks["output"] = causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
         return banks, step_masks
 
+    def _output_slots(self, steps: int) -> int:
+        """Output slots a pass of ``steps`` steps needs: the slots a step can attend to, plus
+        the widest filter's reach past them (``training_loss``)."""
+        if "output" not in self.readouts:
+            return self.config.max_length
+        reach = max(self.config.cnn_widths) if self.config.use_cnn else 1
+        return min(self.config.max_length, max(1, steps - 1 + reach))
+
     def training_loss(self, image_features: Tensor, context_ids: Tensor | None,
                       input_ids: Tensor, target_ids: Tensor, literal: bool = False,
-                      chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+                      chunk_tokens: int | None = None,
+                      bucket_overhead: float | None = BUCKET_OVERHEAD) -> tuple[Tensor, Tensor]:
         """-> (softmax cross-entropy averaged over the real target tokens, their number as an
         int64 tensor): ``sequence_loss(self(...), target_ids)`` (section 4.3: the loss stops at
         _EOS), without the work that padding costs there.
 
-        - Steps after the batch's last real target are dropped; no kept step attends to them.
+        - Length buckets: the rows are sorted by their number of steps (up to their last real
+          target) and split into contiguous buckets (``length_buckets``; ``bucket_overhead``
+          is the cost of one more bucket in row-steps, None: one bucket). The memories,
+          queries and their gradients are computed once for the whole batch; only the
+          per-step part (attention, memory CNN read, eq. 9-10) runs per bucket, over that
+          bucket's steps. No kept step attends to a dropped one.
         - c_t is gathered at the real targets before W_o and W_f (eq. 11-12), the largest
           layers, so padding costs neither them nor the V-wide softmax.
         - The word output memory keeps only the slots a kept step can attend to, plus the
@@ -508,22 +553,44 @@ class CSMN(nn.Module):
           window over them sums to exactly 0, and one all-zero window is kept, so the
           max-pool of eq. 10 sees the same values. Results equal the padded form's up to
           the order of floating-point additions.
-        - ``chunk_tokens``: the W_f logits are made ``chunk_tokens`` targets at a time and
-          rebuilt in the backward pass, so no more than that many V-wide rows exist at
-          once (memory for time: W_f runs twice forward).
+        - W_f and the cross-entropy are one operation (``linear_cross_entropy``): the softmax
+          and its gradient are made in one pass over the logits, which hold the gradient
+          until the backward pass. ``chunk_tokens``: no more than that many V-wide rows
+          exist at once, the gradients of W_f and h_t are made chunk by chunk in the
+          forward pass (W_f is not run twice).
         """
         real = target_ids != PAD_ID
-        # One host sync per batch: the sizes below depend on the data.
-        kept = int(real.any(dim=0).nonzero().max()) + 1 if bool(real.any()) else 1
-        slots = self.config.max_length
-        if "output" in self.readouts:
-            reach = max(self.config.cnn_widths) if self.config.use_cnn else 1
-            slots = min(slots, max(1, kept - 1 + reach))
+        positions = torch.arange(1, real.shape[1] + 1, device=real.device)
+        # Steps a row needs: up to its last real target; at least 1, so that an empty batch
+        # still reaches every parameter (DDP waits for all of them).
+        row_steps = (real * positions).amax(dim=1).clamp(min=1)
+        lengths = row_steps.tolist()  # one host sync per batch: the sizes depend on the data
+        buckets = length_buckets(lengths, bucket_overhead)
+        if len(buckets) > 1:
+            order = torch.argsort(row_steps, stable=True)
+            image_features = image_features.index_select(0, order)
+            context_ids = None if context_ids is None else context_ids.index_select(0, order)
+            input_ids, target_ids = input_ids.index_select(0, order), target_ids.index_select(
+                0, order)
+            real = real.index_select(0, order)
+        kept = max(lengths)
         input_ids, real = input_ids[:, :kept], real[:, :kept]
         banks, step_masks = self._teacher_forced_memories(
-            image_features, context_ids, input_ids, slots)
-        state, _ = self._memory_read(self._queries(input_ids), banks, step_masks, literal)
-        hidden = self.hidden_state(state[real])  # [tokens, state_dim], row-major
+            image_features, context_ids, input_ids, self._output_slots(kept))
+        queries = self._queries(input_ids)
+        states = []
+        for start, stop, steps in buckets:
+            slots = self._output_slots(steps)
+            part_banks = {name: bank.rows(start, stop, slots if name == "output" else None)
+                          for name, bank in banks.items()}
+            part_masks = {name: None if mask is None else (
+                mask[start:stop, :steps, :slots] if name == "output" else mask[start:stop])
+                for name, mask in step_masks.items()}
+            state, _ = self._memory_read(queries[start:stop, :steps], part_banks, part_masks,
+                                         literal)
+            states.append(state[real[start:stop, :steps]])
+        # Row-major over the (sorted) rows, as the targets below.
+        hidden = self.hidden_state(states[0] if len(states) == 1 else torch.cat(states))
         targets = target_ids[:, :kept][real]
         loss_sum = self._vocab_loss_sum(hidden, targets, chunk_tokens)
         tokens = real.sum()
@@ -532,19 +599,8 @@ class CSMN(nn.Module):
     def _vocab_loss_sum(self, hidden: Tensor, targets: Tensor,
                         chunk_tokens: int | None) -> Tensor:
         """Summed cross-entropy of softmax(W_f h) (eq. 12) against ``targets``."""
-        def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
-            logits = _at_least_float32(self.logits(h))
-            return F.cross_entropy(logits, t, reduction="sum")
-
-        if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
-            return chunk_loss(hidden, targets)
-        total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64
-                                 else torch.float64)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            part = slice(start, start + chunk_tokens)
-            total = total + checkpoint(chunk_loss, hidden[part], targets[part],
-                                       use_reentrant=False)
-        return total
+        hidden, weight, _ = _aligned_operands(hidden, self.vocab.weight)
+        return linear_cross_entropy(hidden, weight, targets, chunk_tokens)
 
     def forward(self, image_features: Tensor, context_ids: Tensor | None,
                 input_ids: Tensor, literal: bool = False, target_ids: Tensor | None = None,
@@ -617,18 +673,167 @@ def aligned_linear(inputs: Tensor, layer: nn.Linear, multiple: int | None = None
     no padding elsewhere). Rows of the paper's 2,700 bf16 values are not 16-byte aligned, and
     cuBLAS then falls back from the Hopper GEMM kernels to older ones: on an H200 the W_f
     products ran at about half speed. The zeros change no sum."""
-    weight, bias = layer.weight, layer.bias
+    inputs, weight, bias = _aligned_operands(inputs, layer.weight, layer.bias, multiple)
+    return F.linear(inputs, weight, bias)
+
+
+def _aligned_operands(inputs: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      multiple: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(inputs, weight, bias) of ``aligned_linear``, the inner size padded, in the autocast
+    dtype when autocast is on and they need padding (the padded copy is then the half-size
+    one), else as given."""
     multiple = multiple or (8 if inputs.is_cuda else 1)
     pad = -weight.shape[1] % multiple
     if pad == 0:
-        return F.linear(inputs, weight, bias)
+        return inputs, weight, bias
     device_type = inputs.device.type
     if torch.is_autocast_enabled(device_type):
-        # Cast before padding, so that the padded copy is the half-size one.
         dtype = torch.get_autocast_dtype(device_type)
         inputs, weight = inputs.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return F.linear(F.pad(inputs, (0, pad)), F.pad(weight, (0, pad)), bias)
+    return F.pad(inputs, (0, pad)), F.pad(weight, (0, pad)), bias
+
+
+# Rows of logits per softmax pass: a few MB, so that the pass stays in the CPU's caches.
+_SOFTMAX_ELEMENTS = 1 << 20
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
+                         chunk_tokens: int | None = None) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")`` (eq. 12, no
+    bias), the softmax in float32 at least, as ``sequence_loss`` does under autocast.
+
+    The V-wide logits are made once and turned in place, in cache-sized passes, into the
+    gradient of the loss with respect to them (softmax minus one-hot), which the backward
+    pass multiplies into W_f and h: one V-wide buffer instead of the three of log_softmax,
+    its saved output and their gradients. ``chunk_tokens``: at most that many rows of
+    logits at a time; the gradients of ``hidden`` and ``weight`` are then made in the
+    forward pass, chunk by chunk, and scaled in the backward pass. Without gradients (no
+    grad mode, or nothing requires them) only the loss is made, chunk by chunk."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        with torch.autocast(device_type, enabled=False):
+            return _cross_entropy_sum(hidden, weight, targets, chunk_tokens or max(
+                1, _SOFTMAX_ELEMENTS // weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+
+
+def _cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+    total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+    for start in range(0, hidden.shape[0], rows):
+        logits = _at_least_float32(F.linear(hidden[start:start + rows], weight))
+        total = total + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
+    return total
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _softmax_gradient_(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits [N, V] (float32 at least) -> their summed cross-entropy; ``logits`` become
+    softmax(logits) - onehot(targets), in place."""
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    loss = (lse.squeeze(1) - logits[rows, targets]).sum()
+    logits.sub_(lse).exp_()
+    logits[rows, targets] -= 1
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """See ``linear_cross_entropy``. hidden [N, H], weight [V, H] of one dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,  # type: ignore[override]
+                chunk_tokens: int | None) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            rows, vocab = hidden.shape[0], weight.shape[0]
+            upcast = hidden.dtype in (torch.float16, torch.bfloat16)
+            total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+            step = max(1, _SOFTMAX_ELEMENTS // vocab)
+            if not chunk_tokens or rows <= chunk_tokens:
+                grads = F.linear(hidden, weight)  # [N, V]: the logits, then their gradient
+                for start in range(0, rows, step):
+                    part = grads[start:start + step]
+                    logits = part.float() if upcast else part
+                    total += _softmax_gradient_(logits, targets[start:start + step])
+                    if upcast:
+                        part.copy_(logits)
+                ctx.save_for_backward(grads, hidden, weight)
+                ctx.fused = False
+                return total
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = weight.new_zeros(weight.shape, dtype=_loss_dtype(weight.dtype))
+            for start in range(0, rows, chunk_tokens):
+                h = hidden[start:start + chunk_tokens]
+                part = F.linear(h, weight)
+                logits = part.float() if upcast else part
+                total += _softmax_gradient_(logits, targets[start:start + chunk_tokens])
+                grad = logits.to(hidden.dtype)
+                grad_hidden[start:start + chunk_tokens] = grad @ weight
+                product = grad.t() @ h
+                grad_weight += product if product.dtype == grad_weight.dtype else product.to(
+                    grad_weight.dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.fused = True
+            return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):  # type: ignore[override]
+        with torch.autocast(grad_total.device.type, enabled=False):
+            need_hidden, need_weight = ctx.needs_input_grad[:2]
+            grad_hidden = grad_weight = None
+            if ctx.fused:
+                saved_hidden, saved_weight = ctx.saved_tensors
+                scale = grad_total.to(saved_hidden.dtype)
+                if need_hidden:
+                    grad_hidden = saved_hidden * scale
+                if need_weight:
+                    grad_weight = saved_weight * scale
+            else:
+                grads, hidden, weight = ctx.saved_tensors
+                scale = grad_total.to(hidden.dtype)
+                # The scalar goes on the [N, H] side of each product, the smaller one.
+                if need_hidden:
+                    grad_hidden = (grads @ weight).mul_(scale)
+                if need_weight:
+                    grad_weight = grads.t() @ (hidden * scale)
+        return grad_hidden, grad_weight, None, None
+
+
+def length_buckets(lengths: list[int], overhead: float | None) -> list[tuple[int, int, int]]:
+    """Contiguous buckets of the rows sorted by ``lengths`` (steps per row): (start, stop,
+    steps) each, steps the bucket's longest. Chosen to minimize the row-steps computed,
+    sum(rows x steps), plus ``overhead`` row-steps per bucket (an exact dynamic program over
+    the distinct lengths). ``overhead`` None: one bucket, the rows in their order."""
+    if overhead is None or not lengths:
+        return [(0, len(lengths), max(lengths, default=1))]
+    values = sorted(set(lengths))
+    counts = [0] * len(values)
+    where = {v: i for i, v in enumerate(values)}
+    for length in lengths:
+        counts[where[length]] += 1
+    before = [0]
+    for count in counts:
+        before.append(before[-1] + count)
+    # best[i]: the cheapest cover of the i shortest distinct lengths; cut[i] its last start.
+    best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)
+    for i in range(1, len(values) + 1):
+        for j in range(i):
+            cost = best[j] + (before[i] - before[j]) * values[i - 1] + overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    buckets = []
+    i = len(values)
+    while i > 0:
+        j = cut[i]
+        buckets.append((before[j], before[i], values[i - 1]))
+        i = j
+    return buckets[::-1]
 
 
 def _with_slot(buffer: Tensor, slot: int, value: Tensor) -> Tensor:
@@ -726,5 +931,5 @@ __all__ = [
     "CSMN", "CSMNOutput",
     "DecoderState", "FlopCount", "MemoryBank", "ModelConfig", "count_parameters",
     "aligned_linear", "flops_per_token", "image_slots_from_features", "init_fan_in",
-    "sequence_loss",
+    "length_buckets", "linear_cross_entropy", "sequence_loss",
 ]

@@ -18,6 +18,8 @@ from csmn.core.model import (
     aligned_linear,
     count_parameters,
     flops_per_token,
+    length_buckets,
+    linear_cross_entropy,
     sequence_loss,
 )
 from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
@@ -344,11 +346,59 @@ def test_real_token_loss_and_gradients_equal_the_padded_form(layer: str, variant
     model = tiny_model(image_layer=layer, max_length=12, **VARIANTS[variant])
     image, context, inputs, targets = ragged_batch(model.config, lengths, steps=12)
     padded = sequence_loss(model(image, context, inputs), targets)
-    real, tokens = model.training_loss(image, context, inputs, targets)
-    assert int(tokens) == sum(lengths)
-    torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
-    for new, old in zip(_gradients(model, real), _gradients(model, padded), strict=True):
+    padded_gradients = _gradients(model, padded)
+    # One bucket, and one bucket per distinct length (no cost per bucket).
+    for overhead in (None, 0.0):
+        real, tokens = model.training_loss(image, context, inputs, targets,
+                                           bucket_overhead=overhead)
+        assert int(tokens) == sum(lengths)
+        torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
+        for new, old in zip(_gradients(model, real), padded_gradients, strict=True):
+            torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+
+
+def test_length_buckets_are_the_cheapest_contiguous_split():
+    lengths = [16, 2, 3, 16, 9, 2, 15, 3, 8]
+    assert length_buckets(lengths, None) == [(0, 9, 16)]
+    assert length_buckets(lengths, 100.0) == [(0, 9, 16)]
+    # No cost per bucket: one bucket per distinct length, in sorted order.
+    assert length_buckets(lengths, 0.0) == [(0, 2, 2), (2, 4, 3), (4, 5, 8), (5, 6, 9),
+                                            (6, 7, 15), (7, 9, 16)]
+    ordered = sorted(lengths)
+    for overhead in (0.5, 4.0, 8.0, 20.0):
+        buckets = length_buckets(lengths, overhead)
+        assert buckets[0][0] == 0 and buckets[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(buckets))
+        assert all(steps == ordered[stop - 1] for _, stop, steps in buckets)
+        cost = sum((stop - start) * steps + overhead for start, stop, steps in buckets)
+        # Against every split of the sorted rows into contiguous buckets.
+        cheapest = min(
+            sum((b - a) * ordered[b - 1] + overhead for a, b in itertools.pairwise(cuts))
+            for k in range(len(lengths))
+            for inner in itertools.combinations(range(1, len(lengths)), k)
+            for cuts in [(0, *inner, len(lengths))])
+        assert cost == pytest.approx(cheapest)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 2, 4])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk_tokens):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets,
+                                                 reduction="sum")
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    # A scale on the way back, as the mean over tokens puts there.
+    scale = torch.tensor(0.3, dtype=torch.float64)
+    got = torch.autograd.grad(loss * scale, (hidden, weight))
+    want = torch.autograd.grad(expected * scale, (hidden, weight))
+    for new, old in zip(got, want, strict=True):
         torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_tokens),
+                                   expected.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_real_token_loss_equals_the_unchunked_one():
