@@ -35,10 +35,6 @@ from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
 from csmn.data.layout import IMAGE_SLOTS
 
 MEMORY_TYPES = ("image", "context", "output")
-# The cost of one more length bucket in ``training_loss``, in row-steps of the per-step work
-# (attention and memory CNN read of one sequence at one step). Measured on CPU at paper size
-# (bench/model.py); a GPU's per-bucket cost (kernel launches) is larger against its row-step.
-BUCKET_OVERHEAD = 8.0
 
 
 @dataclass
@@ -175,14 +171,15 @@ class MemoryCNN(nn.Module):
         """attention [B, T, N], products [B, N, K] -> [B, T, out_dim]: eq. 10, exact up to
         the order of floating-point additions."""
         batch, slots, _ = products.shape
-        pooled = []
+        steps = attention.shape[1]
+        winners = []
         offset = 0
-        for width, bias in zip(self.widths, self.biases, strict=True):
-            positions = slots - width + 1
-            block = products[..., offset:offset + width * self.depth]
-            block = block.reshape(batch, slots, width, self.depth)
-            offset += width * self.depth
-            with torch.no_grad():
+        with torch.no_grad():
+            for width in self.widths:
+                positions = slots - width + 1
+                block = products[..., offset:offset + width * self.depth]
+                block = block.reshape(batch, slots, width, self.depth)
+                offset += width * self.depth
                 # shifted[b, i, k, f] = W_k M[i + k] (filter f): what position i sums.
                 shifted = torch.stack(
                     [block[:, k:k + positions, k, :] for k in range(width)], dim=2)
@@ -191,21 +188,25 @@ class MemoryCNN(nn.Module):
                 # One small GEMM per (sequence, position): [T, width] @ [width, depth].
                 conv = torch.matmul(weights, shifted)  # [B, positions, T, depth]
                 # ReLU and "+ bias" are monotone, so they commute with the max over
-                # positions: the winning position is that of the raw sums.
-                # max(...).indices, not argmax: the same first-maximum rule, and on CPU at
-                # paper size it was twice as fast over this strided dimension.
+                # positions: the winning position is that of the raw sums. max(...).indices,
+                # not argmax: the same first-maximum rule, and on CPU at paper size it was
+                # twice as fast over this strided dimension.
                 best = conv.max(dim=1).indices  # [B, T, depth]
                 del conv, shifted, weights
-            # The max-pool passes gradient to its winning position only, so the sum is
-            # recomputed with autograd there alone: the [B, positions, T, depth] tensor is
-            # neither kept for the backward pass nor rebuilt by it, only [B, T, width, depth].
-            steps = attention.shape[1]
-            # index[b, t, k, f] = i* + k: the slots that the winning position of filter f sums.
-            index = best.unsqueeze(2) + torch.arange(width, device=best.device).view(1, 1, -1, 1)
-            weight_at = torch.gather(attention, 2, index.view(batch, steps, -1))
-            product_at = torch.gather(block, 1, index)  # block[b, i* + k, k, f]
-            value = (weight_at.view_as(product_at) * product_at).sum(dim=2)
-            pooled.append(torch.relu(value + bias))
+                # [b, t, k, f] = i* + k: the slots that the winning position of filter f sums,
+                # in the column order of ``products`` (width, offset k, filter f).
+                offsets = torch.arange(width, device=best.device).view(1, 1, -1, 1)
+                winners.append((best.unsqueeze(2) + offsets).view(batch, steps, -1))
+            index = winners[0] if len(winners) == 1 else torch.cat(winners, dim=-1)
+        # The max-pool passes gradient to its winning position only, so the sum is
+        # recomputed with autograd there alone: the [B, positions, T, depth] tensors are
+        # neither kept for the backward pass nor rebuilt by it. One gather for every width:
+        # its backward pass scatters into one gradient of ``products``.
+        product_at = torch.gather(products, 1, index)  # products[b, i* + k, (w, k, f)]
+        weight_at = torch.gather(attention, 2, index)  # p_t[i* + k]
+        sums = (weight_at * product_at).split([w * self.depth for w in self.widths], dim=-1)
+        pooled = [torch.relu(part.view(batch, steps, width, self.depth).sum(dim=2) + bias)
+                  for part, width, bias in zip(sums, self.widths, self.biases, strict=True)]
         return torch.cat(pooled, dim=-1)
 
     def read_literal(self, attention: Tensor, values: Tensor) -> Tensor:
@@ -277,13 +278,6 @@ class MemoryBank:
     values: Tensor
     products: Tensor
     mask: Tensor | None = None
-
-    def rows(self, start: int, stop: int, slots: int | None = None) -> MemoryBank:
-        """Rows start:stop (views), and the first ``slots`` slots when given."""
-        cut = slice(None) if slots is None else slice(0, slots)
-        return MemoryBank(self.keys[start:stop, cut], self.values[start:stop, cut],
-                          self.products[start:stop, cut],
-                          None if self.mask is None else self.mask[start:stop, cut])
 
     def index_select(self, index: Tensor) -> MemoryBank:
         return MemoryBank(
@@ -402,44 +396,49 @@ class CSMN(nn.Module):
         return MemoryBank(keys, values, readout.precompute(values), mask)
 
     def _word_memory(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        keys = torch.relu(self.word_hidden(self.embed_input(token_ids)))
-        values = torch.relu(self.word_hidden(self.embed_output(token_ids)))
-        return keys, values
+        return self._word_slots(self.embed_input(token_ids), self.embed_output(token_ids))
+
+    def _word_slots(self, embedded_a: Tensor, embedded_c: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of word memory slots from their a and c embeddings (eq. 3-4)."""
+        return (torch.relu(self.word_hidden(embedded_a)),
+                torch.relu(self.word_hidden(embedded_c)))
 
     def encode_static_memories(self, image_features: Tensor,
                                context_ids: Tensor | None) -> dict[str, MemoryBank]:
         """Image and user-context memories: they do not change during a sequence."""
-        return self._encode_memories(image_features, context_ids, None)
+        return self._encode_memories(image_features, context_ids, None)[0]
 
-    def _encode_memories(self, image_features: Tensor, context_ids: Tensor | None,
-                         output_words: Tensor | None) -> dict[str, MemoryBank]:
-        """The image and context memories and, given ``output_words`` [B, slots], the
-        teacher-forced word output memory (without its mask). Context and output words go
-        through each embedding table in one lookup: each lookup's gradient is a dense V x 512
-        tensor, zero-filled and then added to the others (about 30 ms a lookup at paper size
-        on CPU)."""
+    def _encode_memories(
+        self, image_features: Tensor, context_ids: Tensor | None, output_words: Tensor | None,
+    ) -> tuple[dict[str, MemoryBank], tuple[Tensor, Tensor] | None]:
+        """(the image and context memories, the a and c embeddings of ``output_words``
+        [B, slots] when given). Context and output words go through each embedding table in
+        one lookup: each lookup's gradient is a dense V x 512 tensor, zero-filled and then
+        added to the others (about 30 ms a lookup at paper size on CPU)."""
         image = image_slots_from_features(image_features, self.config)
         banks = {"image": self._bank("image", torch.relu(self.image_input(image)),
                                      torch.relu(self.image_output(image)))}
-        words: dict[str, Tensor] = {}
+        ids = []
         if "context" in self.readouts:
             if context_ids is None:
                 raise ValueError("this CSMN variant needs context_ids (user context memory)")
             if context_ids.shape[1] != self.config.context_size:
                 raise ValueError(f"context_ids has {context_ids.shape[1]} slots, the model "
                                  f"{self.config.context_size}")
-            words["context"] = context_ids
+            ids.append(context_ids)
         if output_words is not None:
-            words["output"] = output_words
-        if words:
-            ids = list(words.values())
-            keys, values = self._word_memory(ids[0] if len(ids) == 1 else torch.cat(ids, 1))
-            sizes = [t.shape[1] for t in ids]
-            for name, k, v in zip(words, keys.split(sizes, 1), values.split(sizes, 1),
-                                  strict=True):
-                mask = context_ids != PAD_ID if name == "context" else None
-                banks[name] = self._bank(name, k, v, mask)
-        return banks
+            ids.append(output_words)
+        if not ids:
+            return banks, None
+        joined = ids[0] if len(ids) == 1 else torch.cat(ids, 1)
+        sizes = [t.shape[1] for t in ids]
+        embedded_a = self.embed_input(joined).split(sizes, 1)
+        embedded_c = self.embed_output(joined).split(sizes, 1)
+        if "context" in self.readouts:
+            keys, values = self._word_slots(embedded_a[0], embedded_c[0])
+            banks["context"] = self._bank("context", keys, values, context_ids != PAD_ID)
+        output = (embedded_a[-1], embedded_c[-1]) if output_words is not None else None
+        return banks, output
 
     def _queries(self, previous_ids: Tensor) -> Tensor:
         return torch.relu(self.query(self.embed_query(previous_ids)))  # eq. 8
@@ -509,20 +508,23 @@ class CSMN(nn.Module):
     ) -> tuple[dict[str, MemoryBank], dict[str, Tensor | None]]:
         """The memories of a teacher-forced pass and their per-step masks, with the word
         output memory cut to its first ``output_slots`` slots."""
-        words = None
-        if "output" in self.readouts:
-            words = input_ids[:, 1:1 + output_slots]
-            words = F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
-        banks = self._encode_memories(image_features, context_ids, words)
+        words = self._output_words(input_ids, output_slots)
+        banks, embedded = self._encode_memories(image_features, context_ids, words)
         step_masks: dict[str, Tensor | None] = {}
         if "context" in banks:
             step_masks["context"] = banks["context"].mask.unsqueeze(1)
-        if words is not None:
-            slot = torch.arange(output_slots, device=input_ids.device)
-            step = torch.arange(input_ids.shape[1], device=input_ids.device)
-            causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
-            step_masks["output"] = causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
+        if embedded is not None:
+            banks["output"] = self._bank("output", *self._word_slots(*embedded))
+            step_masks["output"] = _output_mask(words, input_ids.shape[1])
         return banks, step_masks
+
+    def _output_words(self, input_ids: Tensor, output_slots: int) -> Tensor | None:
+        """What the teacher-forced output slots hold: slot j holds y_{j+1} = input_ids[:, j+1]
+        (0-padded to ``output_slots``); None without a word output memory."""
+        if "output" not in self.readouts:
+            return None
+        words = input_ids[:, 1:1 + output_slots]
+        return F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
 
     def _output_slots(self, steps: int) -> int:
         """Output slots a pass of ``steps`` steps needs: the slots a step can attend to, plus
@@ -534,18 +536,12 @@ class CSMN(nn.Module):
 
     def training_loss(self, image_features: Tensor, context_ids: Tensor | None,
                       input_ids: Tensor, target_ids: Tensor, literal: bool = False,
-                      chunk_tokens: int | None = None,
-                      bucket_overhead: float | None = BUCKET_OVERHEAD) -> tuple[Tensor, Tensor]:
+                      chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:
         """-> (softmax cross-entropy averaged over the real target tokens, their number as an
         int64 tensor): ``sequence_loss(self(...), target_ids)`` (section 4.3: the loss stops at
         _EOS), without the work that padding costs there.
 
-        - Length buckets: the rows are sorted by their number of steps (up to their last real
-          target) and split into contiguous buckets (``length_buckets``; ``bucket_overhead``
-          is the cost of one more bucket in row-steps, None: one bucket). The memories,
-          queries and their gradients are computed once for the whole batch; only the
-          per-step part (attention, memory CNN read, eq. 9-10) runs per bucket, over that
-          bucket's steps. No kept step attends to a dropped one.
+        - Steps after the batch's last real target are dropped; no kept step attends to them.
         - c_t is gathered at the real targets before W_o and W_f (eq. 11-12), the largest
           layers, so padding costs neither them nor the V-wide softmax.
         - The word output memory keeps only the slots a kept step can attend to, plus the
@@ -553,44 +549,19 @@ class CSMN(nn.Module):
           window over them sums to exactly 0, and one all-zero window is kept, so the
           max-pool of eq. 10 sees the same values. Results equal the padded form's up to
           the order of floating-point additions.
-        - W_f and the cross-entropy are one operation (``linear_cross_entropy``): the softmax
-          and its gradient are made in one pass over the logits, which hold the gradient
-          until the backward pass. ``chunk_tokens``: no more than that many V-wide rows
-          exist at once, the gradients of W_f and h_t are made chunk by chunk in the
-          forward pass (W_f is not run twice).
+        - W_f and the cross-entropy are one operation (``linear_cross_entropy``): the logits
+          become, in place, their own gradient, which the backward pass multiplies into W_f
+          and h. ``chunk_tokens``: no more than that many V-wide rows exist at once, the
+          gradients of W_f and h_t are then made chunk by chunk in the forward pass.
         """
         real = target_ids != PAD_ID
-        positions = torch.arange(1, real.shape[1] + 1, device=real.device)
-        # Steps a row needs: up to its last real target; at least 1, so that an empty batch
-        # still reaches every parameter (DDP waits for all of them).
-        row_steps = (real * positions).amax(dim=1).clamp(min=1)
-        lengths = row_steps.tolist()  # one host sync per batch: the sizes depend on the data
-        buckets = length_buckets(lengths, bucket_overhead)
-        if len(buckets) > 1:
-            order = torch.argsort(row_steps, stable=True)
-            image_features = image_features.index_select(0, order)
-            context_ids = None if context_ids is None else context_ids.index_select(0, order)
-            input_ids, target_ids = input_ids.index_select(0, order), target_ids.index_select(
-                0, order)
-            real = real.index_select(0, order)
-        kept = max(lengths)
+        # One host sync per batch: the sizes below depend on the data.
+        kept = int(real.any(dim=0).nonzero().max()) + 1 if bool(real.any()) else 1
         input_ids, real = input_ids[:, :kept], real[:, :kept]
         banks, step_masks = self._teacher_forced_memories(
             image_features, context_ids, input_ids, self._output_slots(kept))
-        queries = self._queries(input_ids)
-        states = []
-        for start, stop, steps in buckets:
-            slots = self._output_slots(steps)
-            part_banks = {name: bank.rows(start, stop, slots if name == "output" else None)
-                          for name, bank in banks.items()}
-            part_masks = {name: None if mask is None else (
-                mask[start:stop, :steps, :slots] if name == "output" else mask[start:stop])
-                for name, mask in step_masks.items()}
-            state, _ = self._memory_read(queries[start:stop, :steps], part_banks, part_masks,
-                                         literal)
-            states.append(state[real[start:stop, :steps]])
-        # Row-major over the (sorted) rows, as the targets below.
-        hidden = self.hidden_state(states[0] if len(states) == 1 else torch.cat(states))
+        state, _ = self._memory_read(self._queries(input_ids), banks, step_masks, literal)
+        hidden = self.hidden_state(state[real])  # [tokens, state_dim], row-major
         targets = target_ids[:, :kept][real]
         loss_sum = self._vocab_loss_sum(hidden, targets, chunk_tokens)
         tokens = real.sum()
@@ -679,15 +650,15 @@ def aligned_linear(inputs: Tensor, layer: nn.Linear, multiple: int | None = None
 
 def _aligned_operands(inputs: Tensor, weight: Tensor, bias: Tensor | None = None,
                       multiple: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(inputs, weight, bias) of ``aligned_linear``, the inner size padded, in the autocast
-    dtype when autocast is on and they need padding (the padded copy is then the half-size
-    one), else as given."""
+    """(inputs, weight, bias) of ``aligned_linear``: the inner size padded, or as given when
+    it needs no padding."""
     multiple = multiple or (8 if inputs.is_cuda else 1)
     pad = -weight.shape[1] % multiple
     if pad == 0:
         return inputs, weight, bias
     device_type = inputs.device.type
     if torch.is_autocast_enabled(device_type):
+        # Cast before padding, so that the padded copy is the half-size one.
         dtype = torch.get_autocast_dtype(device_type)
         inputs, weight = inputs.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -805,35 +776,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def length_buckets(lengths: list[int], overhead: float | None) -> list[tuple[int, int, int]]:
-    """Contiguous buckets of the rows sorted by ``lengths`` (steps per row): (start, stop,
-    steps) each, steps the bucket's longest. Chosen to minimize the row-steps computed,
-    sum(rows x steps), plus ``overhead`` row-steps per bucket (an exact dynamic program over
-    the distinct lengths). ``overhead`` None: one bucket, the rows in their order."""
-    if overhead is None or not lengths:
-        return [(0, len(lengths), max(lengths, default=1))]
-    values = sorted(set(lengths))
-    counts = [0] * len(values)
-    where = {v: i for i, v in enumerate(values)}
-    for length in lengths:
-        counts[where[length]] += 1
-    before = [0]
-    for count in counts:
-        before.append(before[-1] + count)
-    # best[i]: the cheapest cover of the i shortest distinct lengths; cut[i] its last start.
-    best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)
-    for i in range(1, len(values) + 1):
-        for j in range(i):
-            cost = best[j] + (before[i] - before[j]) * values[i - 1] + overhead
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    buckets = []
-    i = len(values)
-    while i > 0:
-        j = cut[i]
-        buckets.append((before[j], before[i], values[i - 1]))
-        i = j
-    return buckets[::-1]
+def _output_mask(words: Tensor, steps: int) -> Tensor:
+    """[B, steps, slots]: step t attends to the teacher-forced output slots j < t that hold a
+    word (slot j holds y_{j+1})."""
+    slot = torch.arange(words.shape[1], device=words.device)
+    step = torch.arange(steps, device=words.device)
+    causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
+    return causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
 
 
 def _with_slot(buffer: Tensor, slot: int, value: Tensor) -> Tensor:
@@ -931,5 +880,5 @@ __all__ = [
     "CSMN", "CSMNOutput",
     "DecoderState", "FlopCount", "MemoryBank", "ModelConfig", "count_parameters",
     "aligned_linear", "flops_per_token", "image_slots_from_features", "init_fan_in",
-    "length_buckets", "linear_cross_entropy", "sequence_loss",
+    "linear_cross_entropy", "sequence_loss",
 ]

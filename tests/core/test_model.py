@@ -18,7 +18,6 @@ from csmn.core.model import (
     aligned_linear,
     count_parameters,
     flops_per_token,
-    length_buckets,
     linear_cross_entropy,
     sequence_loss,
 )
@@ -346,38 +345,11 @@ def test_real_token_loss_and_gradients_equal_the_padded_form(layer: str, variant
     model = tiny_model(image_layer=layer, max_length=12, **VARIANTS[variant])
     image, context, inputs, targets = ragged_batch(model.config, lengths, steps=12)
     padded = sequence_loss(model(image, context, inputs), targets)
-    padded_gradients = _gradients(model, padded)
-    # One bucket, and one bucket per distinct length (no cost per bucket).
-    for overhead in (None, 0.0):
-        real, tokens = model.training_loss(image, context, inputs, targets,
-                                           bucket_overhead=overhead)
-        assert int(tokens) == sum(lengths)
-        torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
-        for new, old in zip(_gradients(model, real), padded_gradients, strict=True):
-            torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
-
-
-def test_length_buckets_are_the_cheapest_contiguous_split():
-    lengths = [16, 2, 3, 16, 9, 2, 15, 3, 8]
-    assert length_buckets(lengths, None) == [(0, 9, 16)]
-    assert length_buckets(lengths, 100.0) == [(0, 9, 16)]
-    # No cost per bucket: one bucket per distinct length, in sorted order.
-    assert length_buckets(lengths, 0.0) == [(0, 2, 2), (2, 4, 3), (4, 5, 8), (5, 6, 9),
-                                            (6, 7, 15), (7, 9, 16)]
-    ordered = sorted(lengths)
-    for overhead in (0.5, 4.0, 8.0, 20.0):
-        buckets = length_buckets(lengths, overhead)
-        assert buckets[0][0] == 0 and buckets[-1][1] == len(lengths)
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(buckets))
-        assert all(steps == ordered[stop - 1] for _, stop, steps in buckets)
-        cost = sum((stop - start) * steps + overhead for start, stop, steps in buckets)
-        # Against every split of the sorted rows into contiguous buckets.
-        cheapest = min(
-            sum((b - a) * ordered[b - 1] + overhead for a, b in itertools.pairwise(cuts))
-            for k in range(len(lengths))
-            for inner in itertools.combinations(range(1, len(lengths)), k)
-            for cuts in [(0, *inner, len(lengths))])
-        assert cost == pytest.approx(cheapest)
+    real, tokens = model.training_loss(image, context, inputs, targets)
+    assert int(tokens) == sum(lengths)
+    torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
+    for new, old in zip(_gradients(model, real), _gradients(model, padded), strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_tokens", [None, 2, 4])
