@@ -6,9 +6,10 @@ res5c), on CPU or CUDA. Not a test: it prints figures.
   this machine's own matmul peak, measured in the same run;
 - the speed-up of the parallel teacher-forced pass over a loop over time (step by step with
   the cached memories) and over the literal memory CNN of eq. 9-10 (forward + backward);
-- training examples/s of ``CSMN.training_loss`` (h_t and W_f at real targets only) against
-  the padded form (logits at all 16 steps, then ``sequence_loss``), on posts of 2-16 targets
-  (about 45% padding), both timed in turns in the same run;
+- training examples/s of ``CSMN.training_loss`` (h_t, W_o and W_f at real targets only, W_f
+  fused with the cross-entropy) against the padded form (logits at all 16 steps, then
+  ``sequence_loss``), on posts of 2-16 targets (about 40% padding), both timed in turns in
+  the same run (docs/method.md, "Where the time goes", has the profile);
 - batched greedy decoding (posts/s) against one post at a time.
 
     python bench/model.py                 # CPU, about 2-3 minutes on 2 cores

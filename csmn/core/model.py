@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
 from csmn.data.layout import IMAGE_SLOTS
@@ -172,14 +171,15 @@ class MemoryCNN(nn.Module):
         """attention [B, T, N], products [B, N, K] -> [B, T, out_dim]: eq. 10, exact up to
         the order of floating-point additions."""
         batch, slots, _ = products.shape
-        pooled = []
+        steps = attention.shape[1]
+        winners = []
         offset = 0
-        for width, bias in zip(self.widths, self.biases, strict=True):
-            positions = slots - width + 1
-            block = products[..., offset:offset + width * self.depth]
-            block = block.reshape(batch, slots, width, self.depth)
-            offset += width * self.depth
-            with torch.no_grad():
+        with torch.no_grad():
+            for width in self.widths:
+                positions = slots - width + 1
+                block = products[..., offset:offset + width * self.depth]
+                block = block.reshape(batch, slots, width, self.depth)
+                offset += width * self.depth
                 # shifted[b, i, k, f] = W_k M[i + k] (filter f): what position i sums.
                 shifted = torch.stack(
                     [block[:, k:k + positions, k, :] for k in range(width)], dim=2)
@@ -188,19 +188,25 @@ class MemoryCNN(nn.Module):
                 # One small GEMM per (sequence, position): [T, width] @ [width, depth].
                 conv = torch.matmul(weights, shifted)  # [B, positions, T, depth]
                 # ReLU and "+ bias" are monotone, so they commute with the max over
-                # positions: the winning position is that of the raw sums.
-                best = conv.argmax(dim=1)  # [B, T, depth]
+                # positions: the winning position is that of the raw sums. max(...).indices,
+                # not argmax: the same first-maximum rule, and on CPU at paper size it was
+                # twice as fast over this strided dimension.
+                best = conv.max(dim=1).indices  # [B, T, depth]
                 del conv, shifted, weights
-            # The max-pool passes gradient to its winning position only, so the sum is
-            # recomputed with autograd there alone: the [B, positions, T, depth] tensor is
-            # neither kept for the backward pass nor rebuilt by it, only [B, T, width, depth].
-            steps = attention.shape[1]
-            # index[b, t, k, f] = i* + k: the slots that the winning position of filter f sums.
-            index = best.unsqueeze(2) + torch.arange(width, device=best.device).view(1, 1, -1, 1)
-            weight_at = torch.gather(attention, 2, index.view(batch, steps, -1))
-            product_at = torch.gather(block, 1, index)  # block[b, i* + k, k, f]
-            value = (weight_at.view_as(product_at) * product_at).sum(dim=2)
-            pooled.append(torch.relu(value + bias))
+                # [b, t, k, f] = i* + k: the slots that the winning position of filter f sums,
+                # in the column order of ``products`` (width, offset k, filter f).
+                offsets = torch.arange(width, device=best.device).view(1, 1, -1, 1)
+                winners.append((best.unsqueeze(2) + offsets).view(batch, steps, -1))
+            index = winners[0] if len(winners) == 1 else torch.cat(winners, dim=-1)
+        # The max-pool passes gradient to its winning position only, so the sum is
+        # recomputed with autograd there alone: the [B, positions, T, depth] tensors are
+        # neither kept for the backward pass nor rebuilt by it. One gather for every width:
+        # its backward pass scatters into one gradient of ``products``.
+        product_at = torch.gather(products, 1, index)  # products[b, i* + k, (w, k, f)]
+        weight_at = torch.gather(attention, 2, index)  # p_t[i* + k]
+        sums = (weight_at * product_at).split([w * self.depth for w in self.widths], dim=-1)
+        pooled = [torch.relu(part.view(batch, steps, width, self.depth).sum(dim=2) + bias)
+                  for part, width, bias in zip(sums, self.widths, self.biases, strict=True)]
         return torch.cat(pooled, dim=-1)
 
     def read_literal(self, attention: Tensor, values: Tensor) -> Tensor:
@@ -390,25 +396,49 @@ class CSMN(nn.Module):
         return MemoryBank(keys, values, readout.precompute(values), mask)
 
     def _word_memory(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        keys = torch.relu(self.word_hidden(self.embed_input(token_ids)))
-        values = torch.relu(self.word_hidden(self.embed_output(token_ids)))
-        return keys, values
+        return self._word_slots(self.embed_input(token_ids), self.embed_output(token_ids))
+
+    def _word_slots(self, embedded_a: Tensor, embedded_c: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of word memory slots from their a and c embeddings (eq. 3-4)."""
+        return (torch.relu(self.word_hidden(embedded_a)),
+                torch.relu(self.word_hidden(embedded_c)))
 
     def encode_static_memories(self, image_features: Tensor,
                                context_ids: Tensor | None) -> dict[str, MemoryBank]:
         """Image and user-context memories: they do not change during a sequence."""
+        return self._encode_memories(image_features, context_ids, None)[0]
+
+    def _encode_memories(
+        self, image_features: Tensor, context_ids: Tensor | None, output_words: Tensor | None,
+    ) -> tuple[dict[str, MemoryBank], tuple[Tensor, Tensor] | None]:
+        """(the image and context memories, the a and c embeddings of ``output_words``
+        [B, slots] when given). Context and output words go through each embedding table in
+        one lookup: each lookup's gradient is a dense V x 512 tensor, zero-filled and then
+        added to the others (about 30 ms a lookup at paper size on CPU)."""
         image = image_slots_from_features(image_features, self.config)
         banks = {"image": self._bank("image", torch.relu(self.image_input(image)),
                                      torch.relu(self.image_output(image)))}
+        ids = []
         if "context" in self.readouts:
             if context_ids is None:
                 raise ValueError("this CSMN variant needs context_ids (user context memory)")
             if context_ids.shape[1] != self.config.context_size:
                 raise ValueError(f"context_ids has {context_ids.shape[1]} slots, the model "
                                  f"{self.config.context_size}")
-            keys, values = self._word_memory(context_ids)
+            ids.append(context_ids)
+        if output_words is not None:
+            ids.append(output_words)
+        if not ids:
+            return banks, None
+        joined = ids[0] if len(ids) == 1 else torch.cat(ids, 1)
+        sizes = [t.shape[1] for t in ids]
+        embedded_a = self.embed_input(joined).split(sizes, 1)
+        embedded_c = self.embed_output(joined).split(sizes, 1)
+        if "context" in self.readouts:
+            keys, values = self._word_slots(embedded_a[0], embedded_c[0])
             banks["context"] = self._bank("context", keys, values, context_ids != PAD_ID)
-        return banks
+        output = (embedded_a[-1], embedded_c[-1]) if output_words is not None else None
+        return banks, output
 
     def _queries(self, previous_ids: Tensor) -> Tensor:
         return torch.relu(self.query(self.embed_query(previous_ids)))  # eq. 8
@@ -478,20 +508,31 @@ class CSMN(nn.Module):
     ) -> tuple[dict[str, MemoryBank], dict[str, Tensor | None]]:
         """The memories of a teacher-forced pass and their per-step masks, with the word
         output memory cut to its first ``output_slots`` slots."""
-        banks = self.encode_static_memories(image_features, context_ids)
+        words = self._output_words(input_ids, output_slots)
+        banks, embedded = self._encode_memories(image_features, context_ids, words)
         step_masks: dict[str, Tensor | None] = {}
         if "context" in banks:
             step_masks["context"] = banks["context"].mask.unsqueeze(1)
-        if "output" in self.readouts:
-            words = input_ids[:, 1:1 + output_slots]
-            words = F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
-            keys, values = self._word_memory(words)
-            banks["output"] = self._bank("output", keys, values)
-            slot = torch.arange(output_slots, device=input_ids.device)
-            step = torch.arange(input_ids.shape[1], device=input_ids.device)
-            causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
-            step_masks["output"] = causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
+        if embedded is not None:
+            banks["output"] = self._bank("output", *self._word_slots(*embedded))
+            step_masks["output"] = _output_mask(words, input_ids.shape[1])
         return banks, step_masks
+
+    def _output_words(self, input_ids: Tensor, output_slots: int) -> Tensor | None:
+        """What the teacher-forced output slots hold: slot j holds y_{j+1} = input_ids[:, j+1]
+        (0-padded to ``output_slots``); None without a word output memory."""
+        if "output" not in self.readouts:
+            return None
+        words = input_ids[:, 1:1 + output_slots]
+        return F.pad(words, (0, output_slots - words.shape[1]), value=PAD_ID)
+
+    def _output_slots(self, steps: int) -> int:
+        """Output slots a pass of ``steps`` steps needs: the slots a step can attend to, plus
+        the widest filter's reach past them (``training_loss``)."""
+        if "output" not in self.readouts:
+            return self.config.max_length
+        reach = max(self.config.cnn_widths) if self.config.use_cnn else 1
+        return min(self.config.max_length, max(1, steps - 1 + reach))
 
     def training_loss(self, image_features: Tensor, context_ids: Tensor | None,
                       input_ids: Tensor, target_ids: Tensor, literal: bool = False,
@@ -508,20 +549,17 @@ class CSMN(nn.Module):
           window over them sums to exactly 0, and one all-zero window is kept, so the
           max-pool of eq. 10 sees the same values. Results equal the padded form's up to
           the order of floating-point additions.
-        - ``chunk_tokens``: the W_f logits are made ``chunk_tokens`` targets at a time and
-          rebuilt in the backward pass, so no more than that many V-wide rows exist at
-          once (memory for time: W_f runs twice forward).
+        - W_f and the cross-entropy are one operation (``linear_cross_entropy``): the logits
+          become, in place, their own gradient, which the backward pass multiplies into W_f
+          and h. ``chunk_tokens``: no more than that many V-wide rows exist at once, the
+          gradients of W_f and h_t are then made chunk by chunk in the forward pass.
         """
         real = target_ids != PAD_ID
         # One host sync per batch: the sizes below depend on the data.
         kept = int(real.any(dim=0).nonzero().max()) + 1 if bool(real.any()) else 1
-        slots = self.config.max_length
-        if "output" in self.readouts:
-            reach = max(self.config.cnn_widths) if self.config.use_cnn else 1
-            slots = min(slots, max(1, kept - 1 + reach))
         input_ids, real = input_ids[:, :kept], real[:, :kept]
         banks, step_masks = self._teacher_forced_memories(
-            image_features, context_ids, input_ids, slots)
+            image_features, context_ids, input_ids, self._output_slots(kept))
         state, _ = self._memory_read(self._queries(input_ids), banks, step_masks, literal)
         hidden = self.hidden_state(state[real])  # [tokens, state_dim], row-major
         targets = target_ids[:, :kept][real]
@@ -532,19 +570,8 @@ class CSMN(nn.Module):
     def _vocab_loss_sum(self, hidden: Tensor, targets: Tensor,
                         chunk_tokens: int | None) -> Tensor:
         """Summed cross-entropy of softmax(W_f h) (eq. 12) against ``targets``."""
-        def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
-            logits = _at_least_float32(self.logits(h))
-            return F.cross_entropy(logits, t, reduction="sum")
-
-        if not chunk_tokens or hidden.shape[0] <= chunk_tokens:
-            return chunk_loss(hidden, targets)
-        total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64
-                                 else torch.float64)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            part = slice(start, start + chunk_tokens)
-            total = total + checkpoint(chunk_loss, hidden[part], targets[part],
-                                       use_reentrant=False)
-        return total
+        hidden, weight, _ = _aligned_operands(hidden, self.vocab.weight)
+        return linear_cross_entropy(hidden, weight, targets, chunk_tokens)
 
     def forward(self, image_features: Tensor, context_ids: Tensor | None,
                 input_ids: Tensor, literal: bool = False, target_ids: Tensor | None = None,
@@ -617,18 +644,145 @@ def aligned_linear(inputs: Tensor, layer: nn.Linear, multiple: int | None = None
     no padding elsewhere). Rows of the paper's 2,700 bf16 values are not 16-byte aligned, and
     cuBLAS then falls back from the Hopper GEMM kernels to older ones: on an H200 the W_f
     products ran at about half speed. The zeros change no sum."""
-    weight, bias = layer.weight, layer.bias
+    inputs, weight, bias = _aligned_operands(inputs, layer.weight, layer.bias, multiple)
+    return F.linear(inputs, weight, bias)
+
+
+def _aligned_operands(inputs: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      multiple: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(inputs, weight, bias) of ``aligned_linear``: the inner size padded, or as given when
+    it needs no padding."""
     multiple = multiple or (8 if inputs.is_cuda else 1)
     pad = -weight.shape[1] % multiple
     if pad == 0:
-        return F.linear(inputs, weight, bias)
+        return inputs, weight, bias
     device_type = inputs.device.type
     if torch.is_autocast_enabled(device_type):
         # Cast before padding, so that the padded copy is the half-size one.
         dtype = torch.get_autocast_dtype(device_type)
         inputs, weight = inputs.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return F.linear(F.pad(inputs, (0, pad)), F.pad(weight, (0, pad)), bias)
+    return F.pad(inputs, (0, pad)), F.pad(weight, (0, pad)), bias
+
+
+# Rows of logits per softmax pass: a few MB, so that the pass stays in the CPU's caches.
+_SOFTMAX_ELEMENTS = 1 << 20
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
+                         chunk_tokens: int | None = None) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")`` (eq. 12, no
+    bias), the softmax in float32 at least, as ``sequence_loss`` does under autocast.
+
+    The V-wide logits are made once and turned in place, in cache-sized passes, into the
+    gradient of the loss with respect to them (softmax minus one-hot), which the backward
+    pass multiplies into W_f and h: one V-wide buffer instead of the three of log_softmax,
+    its saved output and their gradients. ``chunk_tokens``: at most that many rows of
+    logits at a time; the gradients of ``hidden`` and ``weight`` are then made in the
+    forward pass, chunk by chunk, and scaled in the backward pass. Without gradients (no
+    grad mode, or nothing requires them) only the loss is made, chunk by chunk."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        with torch.autocast(device_type, enabled=False):
+            return _cross_entropy_sum(hidden, weight, targets, chunk_tokens or max(
+                1, _SOFTMAX_ELEMENTS // weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+
+
+def _cross_entropy_sum(hidden: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+    total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+    for start in range(0, hidden.shape[0], rows):
+        logits = _at_least_float32(F.linear(hidden[start:start + rows], weight))
+        total = total + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
+    return total
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _softmax_gradient_(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits [N, V] (float32 at least) -> their summed cross-entropy; ``logits`` become
+    softmax(logits) - onehot(targets), in place."""
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    loss = (lse.squeeze(1) - logits[rows, targets]).sum()
+    logits.sub_(lse).exp_()
+    logits[rows, targets] -= 1
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """See ``linear_cross_entropy``. hidden [N, H], weight [V, H] of one dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,  # type: ignore[override]
+                chunk_tokens: int | None) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            rows, vocab = hidden.shape[0], weight.shape[0]
+            upcast = hidden.dtype in (torch.float16, torch.bfloat16)
+            total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+            step = max(1, _SOFTMAX_ELEMENTS // vocab)
+            if not chunk_tokens or rows <= chunk_tokens:
+                grads = F.linear(hidden, weight)  # [N, V]: the logits, then their gradient
+                for start in range(0, rows, step):
+                    part = grads[start:start + step]
+                    logits = part.float() if upcast else part
+                    total += _softmax_gradient_(logits, targets[start:start + step])
+                    if upcast:
+                        part.copy_(logits)
+                ctx.save_for_backward(grads, hidden, weight)
+                ctx.fused = False
+                return total
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = weight.new_zeros(weight.shape, dtype=_loss_dtype(weight.dtype))
+            for start in range(0, rows, chunk_tokens):
+                h = hidden[start:start + chunk_tokens]
+                part = F.linear(h, weight)
+                logits = part.float() if upcast else part
+                total += _softmax_gradient_(logits, targets[start:start + chunk_tokens])
+                grad = logits.to(hidden.dtype)
+                grad_hidden[start:start + chunk_tokens] = grad @ weight
+                product = grad.t() @ h
+                grad_weight += product if product.dtype == grad_weight.dtype else product.to(
+                    grad_weight.dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.fused = True
+            return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):  # type: ignore[override]
+        with torch.autocast(grad_total.device.type, enabled=False):
+            need_hidden, need_weight = ctx.needs_input_grad[:2]
+            grad_hidden = grad_weight = None
+            if ctx.fused:
+                saved_hidden, saved_weight = ctx.saved_tensors
+                scale = grad_total.to(saved_hidden.dtype)
+                if need_hidden:
+                    grad_hidden = saved_hidden * scale
+                if need_weight:
+                    grad_weight = saved_weight * scale
+            else:
+                grads, hidden, weight = ctx.saved_tensors
+                scale = grad_total.to(hidden.dtype)
+                # The scalar goes on the [N, H] side of each product, the smaller one.
+                if need_hidden:
+                    grad_hidden = (grads @ weight).mul_(scale)
+                if need_weight:
+                    grad_weight = grads.t() @ (hidden * scale)
+        return grad_hidden, grad_weight, None, None
+
+
+def _output_mask(words: Tensor, steps: int) -> Tensor:
+    """[B, steps, slots]: step t attends to the teacher-forced output slots j < t that hold a
+    word (slot j holds y_{j+1})."""
+    slot = torch.arange(words.shape[1], device=words.device)
+    step = torch.arange(steps, device=words.device)
+    causal = slot.unsqueeze(0) < step.unsqueeze(1)  # [T, slots]: j < t
+    return causal.unsqueeze(0) & (words != PAD_ID).unsqueeze(1)
 
 
 def _with_slot(buffer: Tensor, slot: int, value: Tensor) -> Tensor:
@@ -726,5 +880,5 @@ __all__ = [
     "CSMN", "CSMNOutput",
     "DecoderState", "FlopCount", "MemoryBank", "ModelConfig", "count_parameters",
     "aligned_linear", "flops_per_token", "image_slots_from_features", "init_fan_in",
-    "sequence_loss",
+    "linear_cross_entropy", "sequence_loss",
 ]

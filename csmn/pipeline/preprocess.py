@@ -444,7 +444,7 @@ def _example(user_id: str, post: dict[str, Any], vocab: Vocabulary, words: list[
         "image": post["image"],
         "text": " ".join(post["tokens"]),
         "token_ids": vocab.encode(post["tokens"]),
-        "context_ids": [vocab.id_of(w) for w in words],
+        "context_ids": vocab.ids(words),
         "context_words": words,
     }
 

@@ -18,6 +18,7 @@ from csmn.core.model import (
     aligned_linear,
     count_parameters,
     flops_per_token,
+    linear_cross_entropy,
     sequence_loss,
 )
 from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
@@ -349,6 +350,27 @@ def test_real_token_loss_and_gradients_equal_the_padded_form(layer: str, variant
     torch.testing.assert_close(real, padded, rtol=1e-12, atol=1e-12)
     for new, old in zip(_gradients(model, real), _gradients(model, padded), strict=True):
         torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 2, 4])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk_tokens):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=gen)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets,
+                                                 reduction="sum")
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    # A scale on the way back, as the mean over tokens puts there.
+    scale = torch.tensor(0.3, dtype=torch.float64)
+    got = torch.autograd.grad(loss * scale, (hidden, weight))
+    want = torch.autograd.grad(expected * scale, (hidden, weight))
+    for new, old in zip(got, want, strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_tokens),
+                                   expected.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_real_token_loss_equals_the_unchunked_one():
