@@ -16,8 +16,9 @@ Two levels:
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,3 +329,45 @@ def train_tiny_model(root: str, task: str, out: str, steps: int, seed: int = 0,
         optimizer.step()
     save_checkpoint(out, model.eval(), config, vocab, task, epoch=steps, inputs=inputs)
     return out
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: str, start_timeout_s: float = 90.0) -> Iterator[int]:
+    """``mlflow server`` on 127.0.0.1 and a free port, with a SQLite store and its own
+    artifacts under ``folder``; yields the port once ``/health`` answers. Stopped with its
+    workers (its own process group); SIGKILL after a short grace, since its graceful stop
+    waits out idle keep-alive connections and a test's store needs no orderly close."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from csmn.pipeline.launch import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--serve-artifacts", "--artifacts-destination", f"{folder}/artifacts"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("mlflow server did not come up on 127.0.0.1")
+            time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)

@@ -6,13 +6,11 @@ evaluated by the real evaluation job (Ray Data decoding)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+import helpers
 import pytest
 from helpers import tiny_model_config, train_tiny_model, write_data_root
 from mlflow.tracking import MlflowClient
@@ -52,39 +50,12 @@ def promo_root(tmp_path_factory):
     return {"root": root, "good": good, "bad": bad, "other": other}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def http_store(tmp_path):
     """``mlflow server`` on 127.0.0.1 and a free port, serving its own artifacts; one per
     test, so that each starts from an empty registry."""
-    folder = tmp_path / "mlflow-server"
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            pytest.fail("mlflow server did not come up on 127.0.0.1")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+    with helpers.mlflow_server(str(tmp_path / "mlflow-server")) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(params=["sqlite", "http"])

@@ -12,10 +12,7 @@ import html.parser
 import json
 import os
 import re
-import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -205,15 +202,8 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
     from csmn import tracking
     from csmn.pipeline.evaluate import EvaluateConfig, evaluate
 
-    port = launch.free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with helpers.mlflow_server(str(tmp_path / "server")) as port:
         uri = f"http://csmn:{SECRET}@127.0.0.1:{port}"
-        _wait_for(f"http://127.0.0.1:{port}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         # csmn.tracking turns MLflow's printed run URLs off for this URI; undone after.
         monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
@@ -245,27 +235,6 @@ def test_a_planted_credential_appears_in_no_log_param_tag_or_artifact(
         assert len(stored) > 10
         reliability_tally.bad_kinds(["credential:tracking_uri", "credential:env_token",
                                      "credential:database_uri"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(30)
-
-
-def _wait_for(url: str, server: subprocess.Popen) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "mlflow server exited"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail("mlflow server did not come up on 127.0.0.1")
 
 
 def _download_all(client, run_id: str, into: Path) -> list[Path]:
