@@ -20,6 +20,7 @@ import contextlib
 import io
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,16 @@ FEATURE_DIM = layout.FEATURE_DIM
 
 
 # ---- pieces ----------------------------------------------------------------------------------
+
+# Raw posts of hand-written archives (preprocessing and hostile-archive tests): a start
+# time, everyday English words the dictionary knows, and hashtags.
+T0 = datetime(2016, 6, 1, tzinfo=UTC)
+WORDS = (
+    "sunny morning coffee beach walk with friends happy weekend family dinner lovely garden "
+    "flowers blue sky city lights night music book reading quiet afternoon mountain trail "
+    "river cold warm bread fresh market street photo window rain dog cat park lake summer"
+).split()
+TAGS = [f"#{w}" for w in "travel food nature love art style design fitness".split()]
 
 
 def category_feature(category: int, rng: np.random.Generator, noise: float = 0.1,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from helpers import T0, TAGS, WORDS
 
 from csmn.core.tokens import SPECIAL_TOKENS
 from csmn.data import storage
@@ -24,13 +25,6 @@ from csmn.data.schemas import validate
 from csmn.pipeline.preprocess import PreprocessConfig, load_manifest, main, preprocess
 from csmn.text.vocab import load_vocab
 
-T0 = datetime(2016, 6, 1, tzinfo=UTC)
-WORDS = (
-    "sunny morning coffee beach walk with friends happy weekend family dinner lovely garden "
-    "flowers blue sky city lights night music book reading quiet afternoon mountain trail "
-    "river cold warm bread fresh market street photo window rain dog cat park lake summer"
-).split()
-TAGS = [f"#{w}" for w in "travel food nature love art style design fitness".split()]
 NON_ENGLISH = "das ist ein sehr schönes wetter heute morgen"
 OVERRIDES = {
     "min_posts_per_user": 4, "max_posts_per_user": 8, "max_flagged_posts_min": 2,

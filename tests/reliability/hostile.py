@@ -12,22 +12,16 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from helpers import T0, TAGS, WORDS
 
 from csmn.data import readers
 
-T0 = datetime(2016, 6, 1, tzinfo=UTC)
-WORDS = (
-    "sunny morning coffee beach walk with friends happy weekend family dinner lovely garden "
-    "flowers blue sky city lights night music book reading quiet afternoon mountain trail "
-    "river cold warm bread fresh market street photo window rain dog cat park lake summer"
-).split()
-TAGS = [f"#{w}" for w in "travel food nature love art style design fitness".split()]
 # Preprocessing thresholds for these archives: a few posts make a user.
 OVERRIDES = {"min_posts_per_user": 4, "max_posts_per_user": 50, "max_flagged_posts_min": 2,
              "context_size": 10, "post_vocab_size": 500, "hashtag_vocab_size": 500}
