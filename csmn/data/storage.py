@@ -50,10 +50,10 @@ log = logging.getLogger(__name__)
 # 20 s: 6 attempts ride out about 14 s, 10 about 85 s; the Ray task retries come on top.
 S3_MAX_ATTEMPTS = 6
 S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 30.0
 # Then the operation as a whole (a listing, a whole-object write), after the client gave up.
 STORAGE_ATTEMPTS = 3
 STORAGE_BACKOFF_S = 1.0
-S3_REQUEST_TIMEOUT_S = 30.0
 
 
 class TransientStorageError(OSError):

@@ -47,7 +47,7 @@ from typing import Any
 from csmn.config import config_from_args, config_parser
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
-from csmn.data.layout import BY_POSTS_TASK, POST, SPLIT_FAMILIES, canonical_task
+from csmn.data.layout import BY_POSTS_TASK, LAYERS, POST, SPLIT_FAMILIES, canonical_task
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +261,11 @@ def train_config(config: AblationConfig, variant: str, family: str, seed: int,
 
 
 def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
-                data_digest: str) -> tuple[str, dict[str, Any]]:
+                data_digest: str, features: dict[str, dict[str, Any]] | None = None
+                ) -> tuple[str, dict[str, Any]]:
     """(digest, the fields it is of) for one variant's result: its whole training config but
     paths and resources, the test split and decoding, the data root's manifest digest and
-    its features' identity."""
+    its features' identity (``features``: by layer, as :func:`features_identity` gives)."""
     from csmn.core.model import ModelConfig
 
     trained = dataclasses.asdict(train_config(config, variant, family, seed))
@@ -272,15 +273,18 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     fields = {"kind": "variant", "method": variant, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
               "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY},
-              "data_digest": data_digest, "features": features_identity(config.data, layer)}
+              "data_digest": data_digest,
+              "features": (features or {}).get(layer) or features_identity(config.data, layer)}
     return _digest(fields), fields
 
 
 def baseline_key(config: AblationConfig, method: str, family: str, seed: int,
-                 data_digest: str) -> tuple[str, dict[str, Any]]:
+                 data_digest: str, features: dict[str, dict[str, Any]] | None = None
+                 ) -> tuple[str, dict[str, Any]]:
     fields = {"kind": "baseline", "method": method, "task": config.task, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "seed": seed,
-              "data_digest": data_digest, "features": features_identity(config.data, "pool5")}
+              "data_digest": data_digest,
+              "features": (features or {}).get("pool5") or features_identity(config.data, "pool5")}
     return _digest(fields), fields
 
 
@@ -381,6 +385,10 @@ def run_all(config: AblationConfig, variants: list[str], out: str
     data_digest = layout.data_digest(config.data)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     counts = {"computed": 0, "reused": 0}
+    # Read once: every key of the run names the same features (a listing of every part).
+    features = {layer: features_identity(config.data, layer) for layer in LAYERS
+                if storage.exists(layout.features_meta_uri(config.data, layer))}
+    options = _baseline_options(config)
 
     def keep(method: str, family: str, seed: int, record: dict[str, Any], reused: bool):
         counts["reused" if reused else "computed"] += 1
@@ -389,9 +397,8 @@ def run_all(config: AblationConfig, variants: list[str], out: str
     # Seed by seed: a run cut short leaves whole seeds of every method behind.
     for seed in seeds_of(config):
         for family in config.split_families:
-            options = _baseline_options(config)
             keys = {n: baseline_key(config, BASELINE_NAMES.get(n, n), family, seed,
-                                    data_digest) for n in options}
+                                    data_digest, features) for n in options}
             missing = []
             for name in options:
                 method = BASELINE_NAMES.get(name, name)
@@ -408,7 +415,7 @@ def run_all(config: AblationConfig, variants: list[str], out: str
                     store.write(store.uri(family, method, seed, record["key"]), record)
                     keep(method, family, seed, record, reused=False)
             for variant in variants:
-                key, fields = variant_key(config, variant, family, seed, data_digest)
+                key, fields = variant_key(config, variant, family, seed, data_digest, features)
                 uri = store.uri(family, variant, seed, key)
                 done = store.read(uri)
                 if done is not None:
