@@ -5,8 +5,14 @@ their memory-CNN products, are computed once per post, and each generated word a
 to the output memory (its products computed once, like a KV cache); no step recomputes the
 prefix. Decoding stops at ``_EOS`` or after ``max_length`` tokens (16 in the paper).
 
-For hashtags the paper removes duplicates after decoding (``dedupe=True``);
-``block_repeats=True`` instead forbids a post's already emitted words while decoding.
+For hashtags the paper removes duplicates after decoding (4.2, ``dedupe_tokens=True``);
+``block_repeats=True`` instead forbids a post's already emitted words while decoding. Which
+the project uses is ``csmn.core.tokens.task_rules``: a hashtag list never holds a tag twice (the
+preprocessing drops duplicates), so a repeated tag is a step the model wastes; forbidding it
+gives the step's probability to the other tags, the model's distribution conditioned on what
+every real list satisfies. Measured on the niche archive split by users (README), the model
+repeats its first tags (9 steps, 3 distinct tags on average), and blocking raises CSMN-P5's
+F1 from 0.125 to 0.175 on the same checkpoint.
 
 ``_PAD``, ``_GO`` and ``_UNK`` are never emitted (``NEVER_EMITTED_IDS``): padding and the start
 symbol are not words, and ``_UNK`` is a guess that is always wrong, so the step takes the most

@@ -10,7 +10,8 @@ back into words exist once:
   with none left has every context slot masked (``used_context`` is False for it);
 - decoding never emits ``_PAD``, ``_GO`` or ``_UNK`` (csmn.core.decoding), and an output id
   that is a special token never becomes a word;
-- hashtags are deduplicated, first occurrence kept (paper 5.1).
+- a hashtag list holds each tag once: repeats are forbidden while decoding (or, as the
+  paper's 4.2 does, removed afterwards: ``hashtag_repeats``; csmn.core.decoding.task_rules).
 
 Only torch and numpy: the predictor runs in a Ray actor, an MLflow model server or a plain
 process alike.
@@ -27,9 +28,7 @@ import torch
 
 from csmn.core.checkpoint import LoadedCheckpoint, load_checkpoint
 from csmn.core.decoding import decode, dedupe
-from csmn.core.tokens import FIRST_WORD_ID
-
-HASHTAG_TASK = "hashtag"
+from csmn.core.tokens import BLOCK, FIRST_WORD_ID, task_rules
 
 
 @dataclass
@@ -49,10 +48,11 @@ class Predictor:
     """A loaded checkpoint that decodes batches of posts.
 
     ``device``: ``cpu`` or ``cuda``; ``batch_size``: posts per decoding batch (a larger input
-    is decoded in several); ``beam_width``: 1 is greedy decoding, the paper's."""
+    is decoded in several); ``beam_width``: 1 is greedy decoding, the paper's;
+    ``hashtag_repeats``: ``block`` or ``dedupe`` (csmn.core.tokens.task_rules)."""
 
     def __init__(self, loaded: LoadedCheckpoint, *, device: str = "cpu", batch_size: int = 256,
-                 beam_width: int = 1):
+                 beam_width: int = 1, hashtag_repeats: str = BLOCK):
         _check_device(device)
         if batch_size < 1 or beam_width < 1:
             raise ValueError(f"batch_size and beam_width must be >= 1, got {batch_size}, "
@@ -62,6 +62,7 @@ class Predictor:
         self.vocab = list(loaded.vocab)
         self.task = loaded.task
         self.device, self.batch_size, self.beam_width = device, batch_size, beam_width
+        self.rules = task_rules(self.task, hashtag_repeats)
         self._word_ids = {word: i for i, word in enumerate(self.vocab) if i >= FIRST_WORD_ID}
 
     @classmethod
@@ -87,7 +88,7 @@ class Predictor:
 
     def words_of(self, token_ids: Sequence[int]) -> list[str]:
         words = [self.vocab[i] for i in token_ids if FIRST_WORD_ID <= i < len(self.vocab)]
-        return dedupe(words) if self.task == HASHTAG_TASK else words
+        return dedupe(words) if self.rules["dedupe_tokens"] else words
 
     def feature_matrix(self, features: np.ndarray | Sequence[Any]) -> np.ndarray:
         """``[N, slots, dim]`` float32 from ``[N, size]``, ``[N, slots, dim]`` or a sequence of
@@ -130,7 +131,7 @@ class Predictor:
             image = image.squeeze(1)
         decoded = decode(self.model, image.to(self.device),
                          torch.from_numpy(context).to(self.device),
-                         beam_width=self.beam_width)
+                         beam_width=self.beam_width, block_repeats=self.rules["block_repeats"])
         result.words.extend(self.words_of(ids) for ids in decoded.token_ids)
         if result.attention is not None:
             lengths = decoded.lengths.tolist()

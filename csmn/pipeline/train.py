@@ -428,6 +428,7 @@ def validate(worker: Worker, shard: Any) -> ValidationSums:
     """Loss and greedy decoding of this worker's share of the validation sample, scored on
     words as the evaluation scores them (paper 5.1)."""
     from csmn.core.decoding import greedy_decode
+    from csmn.core.tokens import task_rules
 
     network, task = worker.network, worker.config.task
     network.eval()
@@ -442,7 +443,7 @@ def validate(worker: Worker, shard: Any) -> ValidationSums:
             sums.loss_sum += float(mean_loss) * float(tokens)
             sums.tokens += float(tokens)
             decoded = greedy_decode(network, batch["image_features"], batch["context_ids"],
-                                    dedupe_tokens=task == HASHTAG)
+                                    **task_rules(task))
             for ids, text in zip(decoded.token_ids, numpy_batch["text"], strict=True):
                 sums.add_post(task, prediction_words(ids, worker.vocab), str(text))
     return sums

@@ -74,19 +74,28 @@ def test_a_model_without_user_context_never_uses_it(tmp_path):
     assert predictor.predict(_features(2), [["#a"], ["#b"]]).used_context == [False, False]
 
 
-def test_special_tokens_never_become_words_and_hashtags_are_deduplicated(tmp_path):
+def test_special_tokens_never_become_words_and_hashtags_hold_each_tag_once(tmp_path):
     # the rigged model prefers _PAD, _GO, _UNK over every word, then #x, then #y; _EOS last
     model = rigged({PAD_ID: 9.0, GO_ID: 8.0, UNK_ID: 7.0, ID["#x"]: 5.0, ID["#y"]: 4.0,
                     EOS_ID: -9.0})
-    hashtags = Predictor.from_checkpoint(_save(str(tmp_path / "h"), model))
+    blocked = Predictor.from_checkpoint(_save(str(tmp_path / "h"), model))
+    deduped = Predictor.from_checkpoint(str(tmp_path / "h"), hashtag_repeats="dedupe")
     posts = Predictor.from_checkpoint(_save(str(tmp_path / "p"), model, task="post"))
     for beam_width in (1, 3):
-        hashtags.beam_width = posts.beam_width = beam_width
-        # 8 steps of #x: one hashtag once, but the post keeps every word
-        assert hashtags.predict(_features(2), [None, ["#a"]]).words == [["#x"], ["#x"]]
+        blocked.beam_width = deduped.beam_width = posts.beam_width = beam_width
+        # the paper's rule: 8 steps of #x, one hashtag once; the post keeps every word
+        assert deduped.predict(_features(2), [None, ["#a"]]).words == [["#x"], ["#x"]]
         assert posts.predict(_features(1), [None]).words == [["#x"] * 8]
-    assert not set(SPECIAL_TOKENS) & {w for ws in hashtags.predict(_features(3), [None] * 3)
+        # the default: a repeat is forbidden while decoding, so the 8 steps give 8 tags, the
+        # two best first (greedy in order; a beam may find the other order scores higher)
+        for words in blocked.predict(_features(2), [None, ["#a"]]).words:
+            assert set(words[:2]) == {"#x", "#y"} and len(words) == len(set(words)) == 8
+            assert beam_width > 1 or words[:2] == ["#x", "#y"]
+            assert not set(SPECIAL_TOKENS) & set(words)
+    assert not set(SPECIAL_TOKENS) & {w for ws in deduped.predict(_features(3), [None] * 3)
                                       .words for w in ws}
+    with pytest.raises(ValueError, match="hashtag_repeats must be one of block, dedupe"):
+        Predictor.from_checkpoint(str(tmp_path / "h"), hashtag_repeats="keep")
 
 
 def test_batches_attention_and_res5c_rows(tmp_path, checkpoint):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint
 from csmn.core.decoding import greedy_decode
 from csmn.core.model import CSMN
+from csmn.core.tokens import task_rules
 from csmn.data import schemas, storage
 from csmn.eval import metrics
 from csmn.eval.baselines import Queries, load_training_set, run_baselines
@@ -55,7 +56,7 @@ def _direct_decoding(checkpoint_dir: str, root: str, post_ids: list[str]) -> lis
     for row, post in enumerate(post_ids):
         cids = [ids[w] for w in by_post[post]["context_words"] if ids.get(w, 0) >= 4][:5]
         context[row, : len(cids)] = torch.tensor(cids)
-    result = greedy_decode(loaded.model, image, context, dedupe_tokens=True)
+    result = greedy_decode(loaded.model, image, context, **task_rules("hashtag"))
     return [[loaded.vocab[i] for i in row if i >= 4] for row in result.token_ids]
 
 
