@@ -33,7 +33,7 @@ from csmn.core.tokens import BLOCK, FIRST_WORD_ID, task_rules
 
 @dataclass
 class Prediction:
-    """Decoded posts, in input order. ``words[i]``: post i's words (hashtags deduplicated).
+    """Decoded posts, in input order. ``words[i]``: post i's words (a hashtag at most once).
     ``used_context[i]``: whether any of post i's context words reached the context memory.
     ``attention[i]`` (when asked): memory type (``image``, ``context``, ``output``) ->
     ``[steps, slots]`` attention of post i's decoding steps (paper eq. 5), ``_EOS`` step

@@ -58,8 +58,14 @@ class DemoConfig:
     users: int = field(default=30, metadata={"help": "users in the synthetic archive"})
     posts_per_user: int = field(default=0, metadata={
         "help": "median posts of a regular user (0: the synthetic archive's default, 100)"})
+    # Split by users a new user's context can only tell their niche, and a niche helps them
+    # only if other members are in training: with all 27 categories (81 niches) that takes
+    # hundreds of users, with 3 (9 niches) the demo's 30 do (README, split by users).
+    categories: int = field(default=3, metadata={
+        "help": "categories of the synthetic archive (27: all; fewer shares niches among "
+                "fewer users)"})
     seed: int = 0
-    train_user_fraction: float = field(default=0.9, metadata={
+    train_user_fraction: float = field(default=0.7, metadata={
         "help": "users in the training split (the rest are the test and validation users)"})
     tasks: tuple[str, ...] = field(
         default=(HASHTAG, POST), metadata={"help": "hashtag,post"}
@@ -132,7 +138,7 @@ def step_synth(state: DemoState) -> None:
         options = {"posts_median": float(config.posts_per_user),
                    "posts_min": max(56, min(75, config.posts_per_user))}
     synth = write_archive(SynthConfig(out=state.archive, users=config.users, seed=config.seed,
-                                      overwrite=True, **options))
+                                      categories=config.categories, overwrite=True, **options))
     _say(f"archive: {synth.get('users')} users, {synth.get('posts'):,} posts -> "
          f"{state.archive}")
     if config.nightly_share > 0:
