@@ -60,12 +60,17 @@ def dedupe(token_ids: Sequence[int]) -> list[int]:
 
 
 def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int],
-               block_repeats: bool) -> Tensor:
+               block_repeats: bool, max_run: int | None = None) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs[:, sorted(set(NEVER_EMITTED_IDS) | set(banned_ids))] = float("-inf")
     if block_repeats and history is not None and history.shape[1] > 0:
         # history holds only real words (finished rows are not decoded further).
         log_probs.scatter_(1, history, float("-inf"))
+    if max_run is not None and history is not None and history.shape[1] >= max_run:
+        last = history[:, -max_run:]
+        run = (last == last[:, :1]).all(dim=1)
+        rows = run.nonzero().squeeze(1)
+        log_probs[rows, last[rows, 0]] = float("-inf")
     return log_probs
 
 
@@ -81,9 +86,10 @@ def _finish(history: Tensor, scores: Tensor, lengths: Tensor,
 @torch.no_grad()
 def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                   max_length: int | None = None, *, block_repeats: bool = False,
-                  dedupe_tokens: bool = False,
+                  dedupe_tokens: bool = False, max_run: int | None = None,
                   banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
-    """The paper's inference: the most probable word at every step, for a batch of posts.
+    """The paper's inference: the most probable word at every step, for a batch of posts
+    (``max_run``: a word never more than that many times in a row; None: no limit).
     Posts that have emitted ``_EOS`` leave the batch once half of it is done, so the last
     steps cost only what the unfinished posts need."""
     max_length = _check_length(model, max_length)
@@ -99,7 +105,8 @@ def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | Non
     previous = torch.full((batch,), GO_ID, dtype=torch.long, device=device)
     for step in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
-        log_probs = _log_probs(logits, history[rows, :step], banned_ids, block_repeats)
+        log_probs = _log_probs(logits, history[rows, :step], banned_ids, block_repeats,
+                               max_run)
         best, token = log_probs.max(dim=-1)
         live = alive.nonzero().squeeze(1)
         posts = rows[live]
@@ -125,7 +132,7 @@ def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | Non
 def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                 beam_width: int = 5, max_length: int | None = None, *,
                 block_repeats: bool = False, dedupe_tokens: bool = False,
-                length_penalty: float = 0.0,
+                length_penalty: float = 0.0, max_run: int | None = None,
                 banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
     """Beam search over a batch of posts (beam_width hypotheses each, all in one batch).
     A finished hypothesis keeps its score and competes with the open ones; the answer is the
@@ -153,7 +160,7 @@ def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
     base = (torch.arange(batch, device=device) * width).unsqueeze(1)
     for _ in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
-        log_probs = _log_probs(logits, history, banned_ids, block_repeats)
+        log_probs = _log_probs(logits, history, banned_ids, block_repeats, max_run)
         # A finished hypothesis extends only by padding, at no cost.
         log_probs[finished] = float("-inf")
         log_probs[finished, PAD_ID] = 0.0

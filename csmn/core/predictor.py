@@ -10,8 +10,9 @@ back into words exist once:
   with none left has every context slot masked (``used_context`` is False for it);
 - decoding never emits ``_PAD``, ``_GO`` or ``_UNK`` (csmn.core.decoding), and an output id
   that is a special token never becomes a word;
-- a hashtag list holds each tag once: repeats are forbidden while decoding (or, as the
-  paper's 4.2 does, removed afterwards: ``hashtag_repeats``; csmn.core.decoding.task_rules).
+- a hashtag list holds each tag once and a post text no word three times in a row: such
+  repeats are forbidden while decoding (``repeats="block"``), or, as the paper's 4.2 does,
+  duplicate hashtags are removed afterwards (``repeats="paper"``; csmn.core.tokens).
 
 Only torch and numpy: the predictor runs in a Ray actor, an MLflow model server or a plain
 process alike.
@@ -49,10 +50,10 @@ class Predictor:
 
     ``device``: ``cpu`` or ``cuda``; ``batch_size``: posts per decoding batch (a larger input
     is decoded in several); ``beam_width``: 1 is greedy decoding, the paper's;
-    ``hashtag_repeats``: ``block`` or ``dedupe`` (csmn.core.tokens.task_rules)."""
+    ``repeats``: ``block`` or ``paper`` (csmn.core.tokens.task_rules)."""
 
     def __init__(self, loaded: LoadedCheckpoint, *, device: str = "cpu", batch_size: int = 256,
-                 beam_width: int = 1, hashtag_repeats: str = BLOCK):
+                 beam_width: int = 1, repeats: str = BLOCK):
         _check_device(device)
         if batch_size < 1 or beam_width < 1:
             raise ValueError(f"batch_size and beam_width must be >= 1, got {batch_size}, "
@@ -62,7 +63,7 @@ class Predictor:
         self.vocab = list(loaded.vocab)
         self.task = loaded.task
         self.device, self.batch_size, self.beam_width = device, batch_size, beam_width
-        self.rules = task_rules(self.task, hashtag_repeats)
+        self.rules = task_rules(self.task, repeats)
         self._word_ids = {word: i for i, word in enumerate(self.vocab) if i >= FIRST_WORD_ID}
 
     @classmethod
@@ -131,7 +132,8 @@ class Predictor:
             image = image.squeeze(1)
         decoded = decode(self.model, image.to(self.device),
                          torch.from_numpy(context).to(self.device),
-                         beam_width=self.beam_width, block_repeats=self.rules["block_repeats"])
+                         beam_width=self.beam_width, block_repeats=self.rules["block_repeats"],
+                         max_run=self.rules["max_run"])
         result.words.extend(self.words_of(ids) for ids in decoded.token_ids)
         if result.attention is not None:
             lengths = decoded.lengths.tolist()

@@ -6,6 +6,8 @@ This is the one definition: the model, decoding, vocabularies and metrics all re
 
 from __future__ import annotations
 
+from typing import Any
+
 from csmn.data.layout import HASHTAG
 
 PAD, GO, EOS, UNK = "_PAD", "_GO", "_EOS", "_UNK"
@@ -19,18 +21,22 @@ NEVER_EMITTED_IDS = (PAD_ID, GO_ID, UNK_ID)
 # Markers that never belong to a scored prediction (``_UNK`` stays: it is a wrong guess).
 MARKERS = frozenset({PAD, GO, EOS})
 
-# How a hashtag list treats a tag the model emits twice.
-BLOCK, DEDUPE = "block", "dedupe"
-HASHTAG_REPEATS = (BLOCK, DEDUPE)
+# What decoding does about repeated words (csmn.core.decoding). ``block``: a hashtag list
+# never holds a tag twice and a post text never a word three times in a row, as no list or
+# caption preprocessing keeps does; ``paper``: duplicate hashtags removed after decoding (4.2),
+# post texts as decoded.
+BLOCK, PAPER = "block", "paper"
+REPEAT_RULES = (BLOCK, PAPER)
+# The longest run of one word a post text may hold under ``block``.
+POST_MAX_RUN = 2
 
 
-def task_rules(task: str, hashtag_repeats: str = BLOCK) -> dict[str, bool]:
-    """``block_repeats`` / ``dedupe_tokens`` for a task: hashtags are deduplicated after
-    decoding (``dedupe``, the paper's 4.2) or their repeats forbidden while decoding
-    (``block``, the default: a list never holds a tag twice, so a repeat is a wasted step;
-    csmn.core.decoding); post texts keep every word."""
-    if hashtag_repeats not in HASHTAG_REPEATS:
-        raise ValueError(f"hashtag_repeats must be one of {', '.join(HASHTAG_REPEATS)}, "
-                         f"got {hashtag_repeats!r}")
-    hashtags = task == HASHTAG
-    return {"block_repeats": hashtags and hashtag_repeats == BLOCK, "dedupe_tokens": hashtags}
+def task_rules(task: str, repeats: str = BLOCK) -> dict[str, Any]:
+    """The decoding options (``block_repeats``, ``dedupe_tokens``, ``max_run``) of a task under
+    a repeat rule (see above)."""
+    if repeats not in REPEAT_RULES:
+        raise ValueError(f"repeats must be one of {', '.join(REPEAT_RULES)}, got {repeats!r}")
+    if task == HASHTAG:
+        return {"block_repeats": repeats == BLOCK, "dedupe_tokens": True, "max_run": None}
+    return {"block_repeats": False, "dedupe_tokens": False,
+            "max_run": POST_MAX_RUN if repeats == BLOCK else None}

@@ -48,7 +48,7 @@ from csmn.config import config_from_args, config_parser
 from csmn.core.tokens import BLOCK, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
-from csmn.data.layout import BY_POSTS_TASK, HASHTAG, LAYERS, POST, SPLIT_FAMILIES, canonical_task
+from csmn.data.layout import BY_POSTS_TASK, LAYERS, POST, SPLIT_FAMILIES, canonical_task
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,9 @@ class AblationConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per training worker"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per decoding actor"})
     use_gpu: bool = False
-    hashtag_repeats: str = field(default=BLOCK, metadata={
-        "help": "a tag emitted twice: block (forbidden while decoding) | dedupe (removed after, "
-                "the paper's 4.2)"})
+    repeats: str = field(default=BLOCK, metadata={
+        "help": "repeated words: block (no hashtag twice, no word 3 times in a row, while "
+                "decoding) | paper (duplicate hashtags removed after, 4.2)"})
     experiment: str = field(default="", metadata={
         "help": "MLflow experiment (default csmn-<task>-ablation)"})
     out: str = field(default="", metadata={
@@ -159,7 +159,7 @@ class AblationConfig:
             raise ValueError("epochs must be >= 1")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
-        task_rules(self.task, self.hashtag_repeats)  # refuses an unknown rule now
+        task_rules(self.task, self.repeats)  # refuses an unknown rule now
 
     @property
     def split_families(self) -> list[str]:
@@ -277,7 +277,7 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     layer = ModelConfig.for_variant(variant.removeprefix("CSMN-"), vocab_size=10).image_layer
     fields = {"kind": "variant", "method": variant, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
-              **({"hashtag_repeats": config.hashtag_repeats} if config.task == HASHTAG else {}),
+              "repeats": config.repeats,
               "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY},
               "data_digest": data_digest,
               "features": (features or {}).get(layer) or features_identity(config.data, layer)}
@@ -343,7 +343,7 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
     report = evaluate(EvaluateConfig(
         data=config.data, model=trained["model_uri"], task=config.task,
         split=SPLIT_FAMILIES[family][2], baselines="none",
-        hashtag_repeats=config.hashtag_repeats,
+        repeats=config.repeats,
         out=storage.join(out, "reports", name), cpus_per_actor=config.cpus_per_actor,
         use_gpu=config.use_gpu, seed=seed, report_examples=4))
     return {**trained, "results": report["results"]["csmn"], "counts": report["counts"],

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn.config import config_from_args, config_parser, config_to_dict, redact_text
-from csmn.core.tokens import BLOCK, HASHTAG_REPEATS
+from csmn.core.tokens import BLOCK, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import (
@@ -80,9 +80,9 @@ class EvaluateConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per decoding actor"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per decoding actor"})
     beam_width: int = field(default=1, metadata={"help": "1 = greedy, the paper's decoding"})
-    hashtag_repeats: str = field(default=BLOCK, metadata={
-        "help": "a tag emitted twice: block (forbidden while decoding) | dedupe (removed after, "
-                "the paper's 4.2)"})
+    repeats: str = field(default=BLOCK, metadata={
+        "help": "repeated words: block (no hashtag twice, no word 3 times in a row, while "
+                "decoding) | paper (duplicate hashtags removed after, 4.2)"})
     seed: int = field(default=0, metadata={"help": "seed of 1NN-Usr's random post"})
     report_examples: int = field(default=8, metadata={"help": "example predictions shown"})
     report_users: int = field(default=10, metadata={"help": "users shown in the markdown"})
@@ -97,9 +97,7 @@ class EvaluateConfig:
                              f"got {self.split!r}")
         if is_by_posts(self.split) and self.task != BY_POSTS_TASK:
             raise ValueError("the split by posts exists for the hashtag task only")
-        if self.hashtag_repeats not in HASHTAG_REPEATS:
-            raise ValueError(f"hashtag_repeats must be one of {', '.join(HASHTAG_REPEATS)}, "
-                             f"got {self.hashtag_repeats!r}")
+        task_rules(self.task, self.repeats)  # refuses an unknown rule now
 
     @property
     def baseline_names(self) -> list[str]:
@@ -135,7 +133,7 @@ class Decoder:
         beam_width: int,
         gpu: bool,
         batch_size: int = 256,
-        hashtag_repeats: str = BLOCK,
+        repeats: str = BLOCK,
     ):
         import ray
         import torch
@@ -148,7 +146,7 @@ class Decoder:
             self.predictor = Predictor.from_checkpoint(
                 _checkpoint_dir(model_uri, tracking_uri, work_dir),
                 device=device, batch_size=batch_size, beam_width=beam_width,
-                hashtag_repeats=hashtag_repeats)
+                repeats=repeats)
         self.examples: pa.Table = ray.get(examples_ref)
 
     def _join(self, features: pa.Table) -> pa.Table:
@@ -222,7 +220,7 @@ def decode_split(
             config.beam_width,
             config.use_gpu,
             config.batch_size,
-            config.hashtag_repeats,
+            config.repeats,
         ),
         batch_format="pyarrow",
         batch_size=config.batch_size,

@@ -79,13 +79,21 @@ def test_special_tokens_never_become_words_and_hashtags_hold_each_tag_once(tmp_p
     model = rigged({PAD_ID: 9.0, GO_ID: 8.0, UNK_ID: 7.0, ID["#x"]: 5.0, ID["#y"]: 4.0,
                     EOS_ID: -9.0})
     blocked = Predictor.from_checkpoint(_save(str(tmp_path / "h"), model))
-    deduped = Predictor.from_checkpoint(str(tmp_path / "h"), hashtag_repeats="dedupe")
-    posts = Predictor.from_checkpoint(_save(str(tmp_path / "p"), model, task="post"))
+    deduped = Predictor.from_checkpoint(str(tmp_path / "h"), repeats="paper")
+    posts = Predictor.from_checkpoint(_save(str(tmp_path / "p"), model, task="post"),
+                                      repeats="paper")
+    post_runs = Predictor.from_checkpoint(str(tmp_path / "p"))
     for beam_width in (1, 3):
-        blocked.beam_width = deduped.beam_width = posts.beam_width = beam_width
+        for predictor in (blocked, deduped, posts, post_runs):
+            predictor.beam_width = beam_width
         # the paper's rule: 8 steps of #x, one hashtag once; the post keeps every word
         assert deduped.predict(_features(2), [None, ["#a"]]).words == [["#x"], ["#x"]]
         assert posts.predict(_features(1), [None]).words == [["#x"] * 8]
+        # the default for posts: a word at most twice in a row
+        words = post_runs.predict(_features(1), [None]).words[0]
+        assert len(words) == 8 and words[:2] == ["#x", "#x"]
+        assert all(len({a, b, c}) > 1 for a, b, c in zip(words, words[1:], words[2:], strict=False))
+        assert beam_width > 1 or words == ["#x", "#x", "#y"] * 2 + ["#x", "#x"]
         # the default: a repeat is forbidden while decoding, so the 8 steps give 8 tags, the
         # two best first (greedy in order; a beam may find the other order scores higher)
         for words in blocked.predict(_features(2), [None, ["#a"]]).words:
@@ -94,8 +102,8 @@ def test_special_tokens_never_become_words_and_hashtags_hold_each_tag_once(tmp_p
             assert not set(SPECIAL_TOKENS) & set(words)
     assert not set(SPECIAL_TOKENS) & {w for ws in deduped.predict(_features(3), [None] * 3)
                                       .words for w in ws}
-    with pytest.raises(ValueError, match="hashtag_repeats must be one of block, dedupe"):
-        Predictor.from_checkpoint(str(tmp_path / "h"), hashtag_repeats="keep")
+    with pytest.raises(ValueError, match="repeats must be one of block, paper"):
+        Predictor.from_checkpoint(str(tmp_path / "h"), repeats="keep")
 
 
 def test_batches_attention_and_res5c_rows(tmp_path, checkpoint):

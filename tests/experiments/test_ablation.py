@@ -224,7 +224,7 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     digest = layout.data_digest(data_root)
     key = variant_key(config, "CSMN-P5", "by_users", 0, digest)[0]
     for changed in (dict(epochs=15), dict(learning_rate=0.002), dict(model={"max_length": 12}),
-                    dict(workers=2), dict(hashtag_repeats="dedupe")):
+                    dict(workers=2), dict(repeats="paper")):
         other = AblationConfig(**{**config.__dict__, **changed})
         assert variant_key(other, "CSMN-P5", "by_users", 0, digest)[0] != key, changed
     assert variant_key(config, "CSMN-P5", "by_users", 1, digest)[0] != key
