@@ -311,6 +311,17 @@ def context_hits(
     return hits, totals
 
 
+def triple_repeat_share(predictions: Sequence[str | Sequence[str]]) -> float:
+    """Share of predictions holding a word three times in a row (``so so so``): the failure
+    of an undertrained language model that issue-level goals bound (below 5%)."""
+    if not predictions:
+        return 0.0
+    tokens = [prediction_tokens(p) for p in predictions]
+    runs = sum(any(a == b == c for a, b, c in zip(t, t[1:], t[2:], strict=False))
+               for t in tokens)
+    return runs / len(tokens)
+
+
 def context_share(
     predictions: Sequence[str | Sequence[str]], contexts: Sequence[Sequence[str]]
 ) -> float:

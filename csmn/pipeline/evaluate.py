@@ -355,7 +355,8 @@ def _score(task: str, truths: list[str], predictions: list[list[str]], contexts,
         hashtags = metrics.score_hashtags(truths, predictions)
         return {**hashtags.summary(), "context_share": share}, hashtags, None
     posts = metrics.score_posts(truths, [" ".join(p) for p in predictions], scorer=scorer)
-    return {**posts.summary(), "context_share": share}, None, posts
+    return ({**posts.summary(), "context_share": share,
+             "triple_repeats": metrics.triple_repeat_share(predictions)}, None, posts)
 
 
 def score(task: str, scored: Scored) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:

@@ -16,6 +16,7 @@ from csmn.eval.metrics import (
     per_user_metrics,
     score_hashtags,
     score_posts,
+    triple_repeat_share,
 )
 
 REFERENCES = [
@@ -177,3 +178,11 @@ def test_context_share_and_per_user_breakdown(scorer):
     assert 0 < by_id["u2"].bleu_1 < 1
     assert by_id["u1"].context_share == pytest.approx(2 / 5)
     assert not hasattr(by_id["u1"], "cider")
+
+
+def test_triple_repeat_share_counts_posts_with_a_word_three_times_in_a_row():
+    predictions = ["so so so good", ["so", "so", "good", "so"], "a b a b a", "", "x x _EOS x"]
+    # the last: markers are not words, so "x x x" is a run once _EOS is gone
+    assert triple_repeat_share(predictions) == pytest.approx(2 / 5)
+    assert triple_repeat_share([]) == 0.0
+

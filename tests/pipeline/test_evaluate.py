@@ -252,6 +252,7 @@ def test_caption_baselines_only(data_root, tmp_path):
     assert sorted(results) == ["1nn-im", "1nn-usr"]
     assert {"bleu_1", "bleu_4", "meteor", "cider", "rouge_l"} <= set(results["1nn-im"])
     assert 0 < results["1nn-im"]["bleu_1"] <= 1
+    assert 0 <= results["1nn-im"]["triple_repeats"] <= 1
     # per-user breakdowns carry BLEU-1 but never CIDEr
     assert all("cider" not in u and u["bleu_1"] is not None for u in report["per_user"]["1nn-im"])
     with pytest.raises(ValueError, match="unknown baselines"):
