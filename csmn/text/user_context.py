@@ -14,6 +14,7 @@ token that occurs only in that post can never be in its context.
 from __future__ import annotations
 
 import math
+from bisect import insort
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,38 +55,52 @@ class UserContext:
         self.size = size
         self._default_idf = smoothed_idf(0, n_docs)
         self._words = {t for t in self.counts if vocab.is_word(t)}
-        scored = [(self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        self._ranked = scored
+        # Entries are (-score, token): plain tuple order is the ranking (score descending,
+        # ties by token), so sorts and insertions need no key function. Tokens are distinct,
+        # so the order is total and every way of sorting gives the same list.
+        ranked = [(-self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
+        ranked.sort()
+        self._ranked = ranked
+        self._full = [t for _, t in ranked[:size]]
 
     def _score(self, token: str, count: int) -> float:
         return count * self.idf.get(token, self._default_idf)
 
     def full(self) -> list[str]:
         """The context from all of the user's posts (for posts the user has not written yet)."""
-        return [t for _, t in self._ranked[: self.size]]
+        return list(self._full)
 
     def without(self, post_tokens: Sequence[str]) -> list[str]:
         """The context from the user's posts other than the one with ``post_tokens``.
 
         Removing a post only lowers the scores of its own tokens, so the answer lies in the
         first D + k entries of the full ranking (k = the post's distinct words): rescore
-        those k, re-sort that head, cut at D.
+        those k, re-sort that head, cut at D. The head minus the post's words is still in
+        order, so the re-sort is k insertions into it.
         """
-        own = Counter(t for t in post_tokens if t in self._words)
+        words = self._words
+        own: dict[str, int] = {}
+        for t in post_tokens:
+            if t in words:
+                own[t] = own.get(t, 0) + 1
+        if not own:
+            return list(self._full)
         head = self._ranked[: self.size + len(own)]
+        kept = []
         rescored = []
-        for score, token in head:
+        for entry in head:
+            token = entry[1]
             if token in own:
                 remaining = self.counts[token] - own[token]
                 if remaining < 0:
                     raise ValueError(f"post token {token!r} is not counted in the user's counts")
-                if remaining == 0:
-                    continue
-                score = self._score(token, remaining)
-            rescored.append((score, token))
-        rescored.sort(key=lambda item: (-item[0], item[1]))
-        return [t for _, t in rescored[: self.size]]
+                if remaining:
+                    rescored.append((-self._score(token, remaining), token))
+            else:
+                kept.append(entry)
+        for entry in rescored:
+            insort(kept, entry)
+        return [t for _, t in kept[: self.size]]
 
 
 def top_context(
