@@ -14,7 +14,7 @@ token that occurs only in that post can never be in its context.
 from __future__ import annotations
 
 import math
-from bisect import insort
+from bisect import bisect
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +61,9 @@ class UserContext:
         ranked = [(-self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
         ranked.sort()
         self._ranked = ranked
-        self._full = [t for _, t in ranked[:size]]
+        self._tokens = [t for _, t in ranked]
+        self._rank = {t: i for i, t in enumerate(self._tokens)}
+        self._full = self._tokens[:size]
 
     def _score(self, token: str, count: int) -> float:
         return count * self.idf.get(token, self._default_idf)
@@ -76,31 +78,36 @@ class UserContext:
         Removing a post only lowers the scores of its own tokens, so the answer lies in the
         first D + k entries of the full ranking (k = the post's distinct words): rescore
         those k, re-sort that head, cut at D. The head minus the post's words is still in
-        order, so the re-sort is k insertions into it.
+        order, so the re-sort is: take them out by rank, put them back by bisection (work in
+        k, not in D: 60 context words per post, some 8 words per post).
         """
-        words = self._words
+        rank = self._rank
         own: dict[str, int] = {}
         for t in post_tokens:
-            if t in words:
+            if t in rank:  # a vocabulary word the user has: the others cannot be in the head
                 own[t] = own.get(t, 0) + 1
         if not own:
             return list(self._full)
-        head = self._ranked[: self.size + len(own)]
-        kept = []
-        rescored = []
-        for entry in head:
-            token = entry[1]
-            if token in own:
-                remaining = self.counts[token] - own[token]
-                if remaining < 0:
-                    raise ValueError(f"post token {token!r} is not counted in the user's counts")
-                if remaining:
-                    rescored.append((-self._score(token, remaining), token))
-            else:
-                kept.append(entry)
-        for entry in rescored:
-            insort(kept, entry)
-        return [t for _, t in kept[: self.size]]
+        n = self.size + len(own)
+        hits = sorted(i for i in map(rank.__getitem__, own) if i < n)
+        if not hits:
+            return list(self._full)
+        keys = self._ranked[:n]
+        tokens = self._tokens[:n]
+        for i in reversed(hits):
+            del keys[i], tokens[i]
+        for i in hits:
+            token = self._tokens[i]
+            remaining = self.counts[token] - own[token]
+            if remaining < 0:
+                raise ValueError(f"post token {token!r} is not counted in the user's counts")
+            if remaining:
+                key = (-self._score(token, remaining), token)
+                at = bisect(keys, key)
+                keys.insert(at, key)
+                tokens.insert(at, token)
+        del tokens[self.size:]
+        return tokens
 
 
 def top_context(
