@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import logging
 import statistics
 import sys
@@ -44,6 +45,7 @@ import pyarrow as pa
 import yaml
 
 from csmn.config import add_config_arguments, config_from_args, config_to_dict
+from csmn.core.tokens import SPECIAL_TOKENS
 from csmn.data import layout, storage
 from csmn.data.layout import (
     BY_POSTS_SPLITS,
@@ -435,6 +437,37 @@ def token_statistics(users: pa.Table, plan: Any) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TOKEN_STATS_SCHEMA)
 
 
+def vocab_candidates(stats: pa.Table, sizes: dict[str, int]) -> pa.Table:
+    """Of token statistics summed over all users (one row per vocabulary and token), the
+    rows that can enter a vocabulary: per vocabulary the ``size`` - 4 best by count, ties by
+    token, as :meth:`Vocabulary.from_counts` ranks them.
+
+    A batch of such rows can be cut on its own: each token's total is in one row, so a token
+    among the best of all is among the best of its batch. The driver then receives at most
+    (batches x vocabulary size) rows, whatever the number of distinct tokens; and the IDF
+    needs document frequencies of vocabulary words only, which those rows carry.
+    """
+    data = stats.to_pydict()
+    by_vocab: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+    for name, token, count, df in zip(data["vocab"], data["token"], data["count"], data["df"],
+                                      strict=True):
+        if count > 0 and token not in SPECIAL_TOKENS:
+            by_vocab[name].append((-count, token, df))
+    rows = [
+        {"vocab": name, "token": token, "count": -negative, "df": df}
+        for name, entries in sorted(by_vocab.items())
+        for negative, token, df in heapq.nsmallest(
+            max(0, sizes[name] - len(SPECIAL_TOKENS)), entries)
+    ]
+    return pa.Table.from_pylist(rows, schema=TOKEN_STATS_SCHEMA)
+
+
+def _summed_stats(stats: pa.Table) -> pa.Table:
+    """Ray Data's sum columns under the names of TOKEN_STATS_SCHEMA."""
+    return stats.select(["vocab", "token", "sum(count)", "sum(df)"]).rename_columns(
+        TOKEN_STATS_SCHEMA.names).cast(TOKEN_STATS_SCHEMA)
+
+
 # --------------------------------------------------------------------------- stage 5
 def _example(user_id: str, post: dict[str, Any], vocab: Vocabulary, words: list[str]) -> dict:
     return {
@@ -570,10 +603,24 @@ class RayEngine:
         return max(1, min(len(sources), 2 * cpus))
 
     def token_statistics(self, plan: Plan) -> Iterator[dict]:
-        return self.users.map_batches(
+        """The vocabularies' candidate rows; the partial sums of the batches of users are
+        added up by a groupby on the cluster, not on the driver (their rows grow with users
+        x distinct tokens, the candidates with the vocabulary sizes)."""
+        partial = self.users.map_batches(
             token_statistics, batch_size=self.config.users_per_batch, batch_format="pyarrow",
             fn_kwargs={"plan": self.ray.put(plan)},
-        ).iter_rows()
+        )
+        summed = partial.groupby(["vocab", "token"], num_partitions=self._stats_partitions())
+        totals = summed.sum(["count", "df"])
+        candidates = totals.map_batches(_summed_stats, batch_format="pyarrow").map_batches(
+            vocab_candidates, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"sizes": vocab_sizes(self.config)})
+        for batch in candidates.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield from batch.to_pylist()
+
+    def _stats_partitions(self) -> int:
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        return max(1, min(self.users.num_blocks(), 2 * cpus))
 
     def write_examples(self, plan: Plan, root: str) -> list[dict]:
         return self.users.map_batches(
@@ -621,8 +668,17 @@ class LocalEngine:
         return self._records_in
 
     def token_statistics(self, plan: Plan) -> Iterator[dict]:
-        for batch in self._user_batches():
-            yield from token_statistics(batch, plan).to_pylist()
+        partial = [token_statistics(batch, plan) for batch in self._user_batches()]
+        counts: Counter[tuple[str, str]] = Counter()
+        doc_freq: Counter[tuple[str, str]] = Counter()
+        for table in partial:
+            for name, token, count, df in zip(*table.to_pydict().values(), strict=True):
+                counts[name, token] += count
+                doc_freq[name, token] += df
+        totals = pa.Table.from_pylist(
+            [{"vocab": n, "token": t, "count": c, "df": doc_freq[n, t]}
+             for (n, t), c in counts.items()], schema=TOKEN_STATS_SCHEMA)
+        yield from vocab_candidates(totals, vocab_sizes(self.config)).to_pylist()
 
     def write_examples(self, plan: Plan, root: str) -> list[dict]:
         return [r for b in self._user_batches() for r in write_examples(b, plan, root).to_pylist()]
@@ -692,8 +748,13 @@ def vocab_names(config: PreprocessConfig) -> list[str]:
     return names
 
 
+def vocab_sizes(config: PreprocessConfig) -> dict[str, int]:
+    return {name: config.vocab_size(name.split("_", 1)[0]) for name in vocab_names(config)}
+
+
 def add_vocabularies(plan: Plan, token_stats: Iterable[dict], config: PreprocessConfig) -> None:
-    """Vocabularies and IDF from the partial token statistics of the batches of users."""
+    """Vocabularies and IDF from token statistics: partial sums, or (from the engines) the
+    candidates of :func:`vocab_candidates`, which give the same vocabularies and IDF."""
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     doc_freq: dict[str, Counter[str]] = defaultdict(Counter)
     for row in token_stats:

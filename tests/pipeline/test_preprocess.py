@@ -358,3 +358,33 @@ def test_records_a_reader_lets_through_are_rejected_with_a_reason():
         ("preprocess", "p2", "empty_field"), ("preprocess", "p3", "bad_record"),
         ("preprocess", "4", "bad_record")]
     assert all(r["source"] == "src.jsonl" and r["payload"] for r in rejects)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vocabulary_candidates_cut_in_any_batches_give_the_same_vocabularies(seed):
+    """The engines cut each batch of summed statistics to each vocabulary's best rows: the
+    vocabularies and the document frequencies of their words are those of all rows."""
+    import random
+
+    from csmn.pipeline.preprocess import TOKEN_STATS_SCHEMA, vocab_candidates
+    from csmn.text.vocab import Vocabulary
+
+    rng = random.Random(seed)
+    rows = [{"vocab": name, "token": f"t{i}", "count": rng.choice((0, 1, 2, 2, 3, 7)),
+             "df": rng.randint(1, 5)} for name in ("post", "hashtag") for i in range(300)]
+    rows += [{"vocab": "post", "token": "_UNK", "count": 99, "df": 9}]
+    rng.shuffle(rows)
+    sizes = {"post": 40, "hashtag": 130}
+    cut_at = sorted(rng.sample(range(1, len(rows)), 4))
+    batches = [rows[a:b] for a, b in zip([0, *cut_at], [*cut_at, len(rows)], strict=True)]
+    kept = [r for b in batches
+            for r in vocab_candidates(pa.Table.from_pylist(b, schema=TOKEN_STATS_SCHEMA),
+                                      sizes).to_pylist()]
+    for name, size in sizes.items():
+        everything = {r["token"]: r for r in rows if r["vocab"] == name}
+        candidates = {r["token"]: r for r in kept if r["vocab"] == name}
+        expected = Vocabulary.from_counts({t: r["count"] for t, r in everything.items()}, size)
+        got = Vocabulary.from_counts({t: r["count"] for t, r in candidates.items()}, size)
+        assert got.tokens == expected.tokens and len(got) == size
+        assert all(candidates[t] == everything[t] for t in got.tokens[4:])
+    assert vocab_candidates(TOKEN_STATS_SCHEMA.empty_table(), sizes).num_rows == 0
