@@ -107,7 +107,15 @@ def _local_under(path: str, root: str) -> bool:
 def _local_root(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
+    if uri.startswith("/"):  # absolute: neither the working folder nor HOME change it
+        return _normalized(uri)
     return os.path.normpath(os.path.abspath(os.path.expanduser(uri)))
+
+
+@lru_cache(maxsize=256)
+def _normalized(path: str) -> str:
+    # The roots are checked for every record of an archive and are the operator's, not data.
+    return os.path.normpath(path)
 
 
 def _check_local(path: str, roots: Sequence[str], raw: str) -> str:
