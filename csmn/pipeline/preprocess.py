@@ -35,6 +35,7 @@ import logging
 import statistics
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -462,10 +463,25 @@ def vocab_candidates(stats: pa.Table, sizes: dict[str, int]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TOKEN_STATS_SCHEMA)
 
 
-def _summed_stats(stats: pa.Table) -> pa.Table:
-    """Ray Data's sum columns under the names of TOKEN_STATS_SCHEMA."""
-    return stats.select(["vocab", "token", "sum(count)", "sum(df)"]).rename_columns(
+def sum_token_stats(stats: pa.Table) -> pa.Table:
+    """Partial token statistics -> one row per vocabulary and token (vectorized)."""
+    summed = stats.group_by(["vocab", "token"]).aggregate([("count", "sum"), ("df", "sum")])
+    return summed.select(["vocab", "token", "count_sum", "df_sum"]).rename_columns(
         TOKEN_STATS_SCHEMA.names).cast(TOKEN_STATS_SCHEMA)
+
+
+def with_stats_partition(stats: pa.Table, partitions: int) -> pa.Table:
+    """A ``partition`` column: a hash of the token, the same in every process (Python's
+    ``hash`` of a str is not), so that all partial rows of a token meet in one group."""
+    keys = [zlib.crc32(token.encode("utf-8", "surrogatepass")) % partitions
+            for token in stats.column("token").to_pylist()]
+    return stats.append_column("partition", pa.array(keys, pa.int64()))
+
+
+def partition_candidates(stats: pa.Table, sizes: dict[str, int]) -> pa.Table:
+    """Ray Data group function: the partial rows of one partition of the tokens -> the
+    vocabulary candidates among them."""
+    return vocab_candidates(sum_token_stats(stats.drop_columns(["partition"])), sizes)
 
 
 # --------------------------------------------------------------------------- stage 5
@@ -610,10 +626,15 @@ class RayEngine:
             token_statistics, batch_size=self.config.users_per_batch, batch_format="pyarrow",
             fn_kwargs={"plan": self.ray.put(plan)},
         )
-        summed = partial.groupby(["vocab", "token"], num_partitions=self._stats_partitions())
-        totals = summed.sum(["count", "df"])
-        candidates = totals.map_batches(_summed_stats, batch_format="pyarrow").map_batches(
-            vocab_candidates, batch_size=None, batch_format="pyarrow",
+        # Grouped by a hash of the token into a few partitions, not by token: the shuffle
+        # then sorts small integers and each group is summed by Arrow, where a groupby on
+        # (vocabulary, token) aggregates group after group in Python (4x slower end to end
+        # on 100K posts).
+        partitions = self._stats_partitions()
+        candidates = partial.map_batches(
+            with_stats_partition, batch_format="pyarrow", fn_kwargs={"partitions": partitions},
+        ).groupby("partition", num_partitions=partitions).map_groups(
+            partition_candidates, batch_format="pyarrow",
             fn_kwargs={"sizes": vocab_sizes(self.config)})
         for batch in candidates.iter_batches(batch_format="pyarrow", batch_size=None):
             yield from batch.to_pylist()
@@ -669,15 +690,7 @@ class LocalEngine:
 
     def token_statistics(self, plan: Plan) -> Iterator[dict]:
         partial = [token_statistics(batch, plan) for batch in self._user_batches()]
-        counts: Counter[tuple[str, str]] = Counter()
-        doc_freq: Counter[tuple[str, str]] = Counter()
-        for table in partial:
-            for name, token, count, df in zip(*table.to_pydict().values(), strict=True):
-                counts[name, token] += count
-                doc_freq[name, token] += df
-        totals = pa.Table.from_pylist(
-            [{"vocab": n, "token": t, "count": c, "df": doc_freq[n, t]}
-             for (n, t), c in counts.items()], schema=TOKEN_STATS_SCHEMA)
+        totals = sum_token_stats(pa.concat_tables([TOKEN_STATS_SCHEMA.empty_table(), *partial]))
         yield from vocab_candidates(totals, vocab_sizes(self.config)).to_pylist()
 
     def write_examples(self, plan: Plan, root: str) -> list[dict]:
