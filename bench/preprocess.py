@@ -5,9 +5,11 @@ them) the job runs twice in fresh processes: on Ray Data (in-process Ray, this n
 and as the same stage functions in a plain single-process loop (``--engine local``). Ray runs
 the job twice in its process: cold (workers import and load the dictionary) and warm.
 
-Printed per run: raw records/s, peak RSS of the driver and of its whole process tree (Ray's
-raylet, GCS and workers are its children; shared object-store pages count once per process,
-so the tree figure is an upper bound), and the ratio Ray / plain loop.
+Printed per run: raw records/s; CPU seconds of the whole process tree and raw records per CPU
+second (on a shared machine the figure that does not depend on the neighbours' load; records/s
+on N free cores is at most N times it); peak RSS of the driver and of its whole process tree
+(Ray's raylet, GCS and workers are its children; shared object-store pages count once per
+process, so the tree figure is an upper bound); and the ratio Ray / plain loop.
 
     python bench/preprocess.py                  # ~5K and ~20K raw posts
     python bench/preprocess.py --sizes 2000 100000
@@ -69,6 +71,29 @@ def _tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
+def _tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and its live descendants (and the children
+    they reaped): on a shared machine, work done is what CPU time measures, not wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    tree, grew = {root_pid}, True
+    while grew:
+        grew = False
+        for pid, fields in stats.items():
+            if int(fields[1]) in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    # fields after the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
+    return sum(sum(int(x) for x in stats[pid][11:15]) for pid in tree if pid in stats) / tick
+
+
 class TreeRssSampler:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
@@ -108,13 +133,16 @@ def child(args: argparse.Namespace) -> None:
             init_ray()
             ray_init_s = round(time.perf_counter() - started, 2)
         for i in range(args.repeat):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), _tree_cpu_seconds(os.getpid())
             manifest = preprocess(args.archive, args.out, config, engine=args.engine)
             seconds = time.perf_counter() - started
+            cpu_seconds = _tree_cpu_seconds(os.getpid()) - cpu_started
             runs.append({
                 "run": "cold" if i == 0 else "warm",
                 "seconds": round(seconds, 2),
                 "records_per_s": round(manifest["records"]["in"] / seconds, 1),
+                "cpu_seconds": round(cpu_seconds, 2),
+                "records_per_cpu_s": round(manifest["records"]["in"] / max(cpu_seconds, 1e-9), 1),
             })
     print(json.dumps({
         "engine": args.engine,
@@ -270,14 +298,16 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\nraw posts | engine        | s      | records/s | driver RSS MiB | tree RSS MiB")
+    print("\nraw posts | engine        | s      | records/s | CPU s  | records/CPU s "
+          "| driver RSS MiB | tree RSS MiB")
     for row in results:
         for engine, run in (("local", row["local"]["runs"][0]),
                             ("ray cold", row["ray"]["runs"][0]),
                             ("ray warm", row["ray"]["runs"][-1])):
             stats = row["local" if engine == "local" else "ray"]
             print(f"{row['raw_posts']:>9} | {engine:<13} | {run['seconds']:>6} | "
-                  f"{run['records_per_s']:>9} | {stats['driver_peak_rss_mib']:>14} | "
+                  f"{run['records_per_s']:>9} | {run['cpu_seconds']:>6} | "
+                  f"{run['records_per_cpu_s']:>13} | {stats['driver_peak_rss_mib']:>14} | "
                   f"{stats['tree_peak_rss_mib']:>12}")
         print(f"{'':>9} | ratio Ray/loop: cold {row['ratio_ray_cold_to_local']}, "
               f"warm {row['ratio_ray_warm_to_local']}")

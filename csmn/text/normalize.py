@@ -208,6 +208,9 @@ def language_words(text: str | None) -> list[str]:
     for piece in text.split():
         if piece.startswith(("#", "@")):
             continue
+        if piece.isalpha():  # most words: letters only, nothing to split, strip or test
+            words.append(piece)
+            continue
         for part in _WORD_SPLIT.split(piece):
             word = part.strip(_EDGE_PUNCT)
             if word and not _DIGIT.search(word):

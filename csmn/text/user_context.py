@@ -14,6 +14,7 @@ token that occurs only in that post can never be in its context.
 from __future__ import annotations
 
 import math
+from bisect import bisect
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,38 +55,59 @@ class UserContext:
         self.size = size
         self._default_idf = smoothed_idf(0, n_docs)
         self._words = {t for t in self.counts if vocab.is_word(t)}
-        scored = [(self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        self._ranked = scored
+        # Entries are (-score, token): plain tuple order is the ranking (score descending,
+        # ties by token), so sorts and insertions need no key function. Tokens are distinct,
+        # so the order is total and every way of sorting gives the same list.
+        ranked = [(-self._score(t, self.counts[t]), t) for t in self._words if self.counts[t] > 0]
+        ranked.sort()
+        self._ranked = ranked
+        self._tokens = [t for _, t in ranked]
+        self._rank = {t: i for i, t in enumerate(self._tokens)}
+        self._full = self._tokens[:size]
 
     def _score(self, token: str, count: int) -> float:
         return count * self.idf.get(token, self._default_idf)
 
     def full(self) -> list[str]:
         """The context from all of the user's posts (for posts the user has not written yet)."""
-        return [t for _, t in self._ranked[: self.size]]
+        return list(self._full)
 
     def without(self, post_tokens: Sequence[str]) -> list[str]:
         """The context from the user's posts other than the one with ``post_tokens``.
 
         Removing a post only lowers the scores of its own tokens, so the answer lies in the
         first D + k entries of the full ranking (k = the post's distinct words): rescore
-        those k, re-sort that head, cut at D.
+        those k, re-sort that head, cut at D. The head minus the post's words is still in
+        order, so the re-sort is: take them out by rank, put them back by bisection (work in
+        k, not in D: 60 context words per post, some 8 words per post).
         """
-        own = Counter(t for t in post_tokens if t in self._words)
-        head = self._ranked[: self.size + len(own)]
-        rescored = []
-        for score, token in head:
-            if token in own:
-                remaining = self.counts[token] - own[token]
-                if remaining < 0:
-                    raise ValueError(f"post token {token!r} is not counted in the user's counts")
-                if remaining == 0:
-                    continue
-                score = self._score(token, remaining)
-            rescored.append((score, token))
-        rescored.sort(key=lambda item: (-item[0], item[1]))
-        return [t for _, t in rescored[: self.size]]
+        rank = self._rank
+        own: dict[str, int] = {}
+        for t in post_tokens:
+            if t in rank:  # a vocabulary word the user has: the others cannot be in the head
+                own[t] = own.get(t, 0) + 1
+        if not own:
+            return list(self._full)
+        n = self.size + len(own)
+        hits = sorted(i for i in map(rank.__getitem__, own) if i < n)
+        if not hits:
+            return list(self._full)
+        keys = self._ranked[:n]
+        tokens = self._tokens[:n]
+        for i in reversed(hits):
+            del keys[i], tokens[i]
+        for i in hits:
+            token = self._tokens[i]
+            remaining = self.counts[token] - own[token]
+            if remaining < 0:
+                raise ValueError(f"post token {token!r} is not counted in the user's counts")
+            if remaining:
+                key = (-self._score(token, remaining), token)
+                at = bisect(keys, key)
+                keys.insert(at, key)
+                tokens.insert(at, token)
+        del tokens[self.size:]
+        return tokens
 
 
 def top_context(

@@ -15,6 +15,7 @@ task (``caption``, ``hashtag``) or ``hashtag_by_posts`` for the hashtag task's s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID, SPECIAL_TOKENS, UNK, UNK_ID
@@ -69,8 +70,7 @@ class Vocabulary:
     def ids(self, tokens: Iterable[str]) -> list[int]:
         """``[id_of(t) for t in tokens]``, without a method call per token (preprocessing
         looks up 60 context words per example)."""
-        get = self.index.get
-        return [get(t, UNK_ID) for t in tokens]
+        return list(map(self.index.get, tokens, repeat(UNK_ID)))
 
     def encode(self, tokens: Iterable[str], add_eos: bool = True) -> list[int]:
         ids = self.ids(tokens)

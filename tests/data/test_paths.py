@@ -66,3 +66,26 @@ def test_a_symlink_inside_the_archive_cannot_point_out(tmp_path):
         reasons.append(caught.value.detail.replace(name, "X"))
     # An existing and a missing target read the same: the reject tells nothing about either.
     assert reasons[0] == reasons[1]
+
+
+def test_real_path_with_cached_folders_is_realpath(tmp_path):
+    from csmn.data.paths import _real_folder, _real_path
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "file.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "dir", tmp_path / "dirlink")
+    os.symlink("file.jpg", tmp_path / "dir" / "rel.jpg")
+    os.symlink("../dir/file.jpg", tmp_path / "dir" / "up.jpg")
+    os.symlink("/etc/no-such-target", tmp_path / "dir" / "dangling.jpg")
+    os.symlink(tmp_path / "dir" / "dangling.jpg", tmp_path / "dir" / "chain.jpg")
+    os.symlink(tmp_path / "loop1", tmp_path / "loop2")
+    os.symlink(tmp_path / "loop2", tmp_path / "loop1")
+    os.symlink(tmp_path / "nowhere", tmp_path / "gone")
+    names = ["file.jpg", "rel.jpg", "up.jpg", "dangling.jpg", "chain.jpg", "missing.jpg"]
+    folders = ["dir", "dirlink", "loop1", "gone", "nofolder", "dirlink/../dir"]
+    paths = [os.path.normpath(str(tmp_path / f / n)) for f in folders for n in names]
+    paths += ["/", "/etc", str(tmp_path / "loop1"), str(tmp_path / "dirlink")]
+    _real_folder.cache_clear()
+    for _ in range(2):  # cold and cached
+        for path in paths:
+            assert _real_path(path) == os.path.realpath(path), path

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from helpers import T0, TAGS, WORDS
 
@@ -358,3 +359,53 @@ def test_records_a_reader_lets_through_are_rejected_with_a_reason():
         ("preprocess", "p2", "empty_field"), ("preprocess", "p3", "bad_record"),
         ("preprocess", "4", "bad_record")]
     assert all(r["source"] == "src.jsonl" and r["payload"] for r in rejects)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vocabulary_candidates_cut_in_any_batches_give_the_same_vocabularies(seed):
+    """The engines sum the partial statistics of the batches of users (Ray: per partition of
+    a hash of the token) and cut each batch of sums to each vocabulary's best rows: the
+    vocabularies and the document frequencies of their words are those of all rows."""
+    import random
+
+    from csmn.pipeline.preprocess import (
+        TOKEN_STATS_SCHEMA,
+        partition_candidates,
+        sum_token_stats,
+        vocab_candidates,
+        with_stats_partition,
+    )
+    from csmn.text.vocab import Vocabulary
+
+    rng = random.Random(seed)
+    partial = [{"vocab": name, "token": f"t{rng.randrange(400)}",
+                "count": rng.choice((0, 1, 1, 2, 5)), "df": rng.randint(0, 2)}
+               for name in ("post", "hashtag") for _ in range(900)]
+    partial += [{"vocab": "post", "token": "_UNK", "count": 99, "df": 9}]
+    rng.shuffle(partial)
+    totals = sum_token_stats(pa.Table.from_pylist(partial, schema=TOKEN_STATS_SCHEMA))
+    rows = totals.to_pylist()
+    assert len({(r["vocab"], r["token"]) for r in rows}) == len(rows)
+    sizes = {"post": 40, "hashtag": 130}
+    cut_at = sorted(rng.sample(range(1, len(rows)), 4))
+    batches = [rows[a:b] for a, b in zip([0, *cut_at], [*cut_at, len(rows)], strict=True)]
+    by_batches = [r for b in batches
+                  for r in vocab_candidates(pa.Table.from_pylist(b, schema=TOKEN_STATS_SCHEMA),
+                                            sizes).to_pylist()]
+    keyed = with_stats_partition(pa.Table.from_pylist(partial, schema=TOKEN_STATS_SCHEMA), 3)
+    by_partitions = [
+        r for k in range(3) for r in partition_candidates(
+            keyed.filter(pc.equal(keyed.column("partition"), k)), sizes).to_pylist()]
+    for name, size in sizes.items():
+        everything = Counter(), Counter()
+        for r in partial:
+            if r["vocab"] == name:
+                everything[0][r["token"]] += r["count"]
+                everything[1][r["token"]] += r["df"]
+        expected = Vocabulary.from_counts(everything[0], size)
+        for kept in (by_batches, by_partitions):
+            candidates = {r["token"]: r for r in kept if r["vocab"] == name}
+            got = Vocabulary.from_counts({t: r["count"] for t, r in candidates.items()}, size)
+            assert got.tokens == expected.tokens and len(got) == size
+            assert all(candidates[t]["df"] == everything[1][t] for t in got.tokens[4:])
+    assert vocab_candidates(TOKEN_STATS_SCHEMA.empty_table(), sizes).num_rows == 0

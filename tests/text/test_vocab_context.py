@@ -83,3 +83,30 @@ def test_fast_leave_one_out_equals_recomputing():
     for post in posts:
         slow = top_context(counts - Counter(post), idf, vocab, size=8, n_docs=25)
         assert context.without(post) == slow
+
+
+def _brute_force_context(counts, idf, vocab, size, n_docs):
+    """The definition, scored and sorted from scratch (no shortcut of UserContext)."""
+    default = smoothed_idf(0, n_docs)
+    scored = [(c * idf.get(t, default), t) for t, c in counts.items()
+              if c > 0 and vocab.is_word(t)]
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    return [t for _, t in scored[:size]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_leave_one_out_equals_the_definition_with_many_ties(seed):
+    import random
+
+    # Few distinct counts and IDFs: many equal scores, so the tie order by token decides.
+    rng = random.Random(seed)
+    words = [f"w{i:02d}" for i in range(90)]
+    vocab = _vocab(*words[:70])
+    posts = [[rng.choice(words) for _ in range(rng.randint(1, 14))] for _ in range(80)]
+    idf = fit_idf({w: rng.choice((1, 3)) for w in words[::2]}, 9)
+    counts = count_tokens(posts)
+    context = UserContext(counts, idf, vocab, size=20, n_docs=9)
+    assert context.full() == _brute_force_context(counts, idf, vocab, 20, 9)
+    for post in [*posts, [], ["not-a-word"]]:
+        assert context.without(post) == _brute_force_context(
+            counts - Counter(post), idf, vocab, 20, 9)
