@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import uuid
@@ -67,17 +66,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract_features"
 OK = "ok"
-# Where the store is, which the storage layer reads. Workers of an already running Ray were
-# started before the driver set them, so the job hands them on. Credentials are not handed
-# on: a runtime env is shown by the dashboard and the job API, and workers find their own
-# through the AWS chain (instance role, profile, their environment).
-_STORAGE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-)
 
 
 @dataclass
@@ -98,7 +86,16 @@ class ExtractConfig:
     actors: int = field(
         default=0, metadata={"help": "model actors; 0 = one per GPU, or 1 without GPUs"}
     )
-    device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (GPU actors when the cluster has GPUs now, else CPU) | cuda "
+                          "(wait up to --gpu-wait-s for GPUs to join, then fail) | cpu"},
+    )
+    gpu_wait_s: float = field(
+        default=300.0,
+        metadata={"help": "with --device cuda: seconds to wait for the GPUs the actors need "
+                          "(--actors, at least 1) to join an autoscaling cluster"},
+    )
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16/fp16 autocast on GPU, fp32 on CPU) | ..."}
     )
@@ -137,6 +134,8 @@ class ExtractConfig:
             raise ValueError(f"layer must be pool5, res5c or both, got {self.layer!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.gpu_wait_s < 0:
+            raise ValueError("gpu_wait_s must be >= 0")
         for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -350,14 +349,7 @@ def write_part(
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_runtime_env() -> dict[str, Any] | None:
-    env = {key: os.environ[key] for key in _STORAGE_ENV if os.environ.get(key)}
-    return {"env_vars": env} if env else None
-
-
-def _read_image_columns(
-    groups: dict[str, list[str]], runtime_env: dict[str, Any] | None
-) -> dict[str, list[str | None]]:
+def _read_image_columns(groups: dict[str, list[str]]) -> dict[str, list[str | None]]:
     """The ``image`` column of every file of every group (examples, each layer's finished
     parts) in one Ray Data read, gathered on the driver by group."""
     import ray
@@ -369,7 +361,7 @@ def _read_image_columns(
     filesystem, _ = storage.resolve(uris[0])
     group_of = {storage.resolve(uri)[1]: name for name, files in groups.items() for uri in files}
     dataset = ray.data.read_parquet(
-        list(group_of), filesystem=filesystem, include_paths=True, runtime_env=runtime_env
+        list(group_of), filesystem=filesystem, include_paths=True
     ).select_columns(["image", "path"])
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         paths = batch.column("path").to_pylist()
@@ -452,7 +444,7 @@ def _write_meta(
     storage.write_json(layout.features_meta_uri(root, layer), meta)
 
 
-def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] | None) -> str:
+def _precision_name(requested: str, use_gpu: bool) -> str:
     """The autocast the actors will use, resolved where they run (the driver may have no GPU)."""
     import ray
     import torch
@@ -465,7 +457,7 @@ def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] |
     if requested != "auto" or torch.cuda.is_available():
         return name(resolve_precision(requested, torch.device("cuda")))
 
-    @ray.remote(num_gpus=1, num_cpus=0, runtime_env=runtime_env)
+    @ray.remote(num_gpus=1, num_cpus=0)
     def probe() -> str:
         import torch
 
@@ -474,15 +466,73 @@ def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] |
     return ray.get(probe.remote())
 
 
+class GpuUnavailable(RuntimeError):
+    """``--device cuda`` and the GPUs the actors need did not join the cluster in time."""
+
+
+# How often a wait for GPUs says where it stands.
+_GPU_WAIT_LOG_S = 30.0
+
+
+def _wait_for_gpus(needed: int, timeout_s: float) -> int:
+    """Wait until the cluster has ``needed`` GPUs; returns how many it has then.
+
+    A placement group of ``needed`` one-GPU bundles is what asks for them: a pending one is
+    resource demand the autoscaler scales up for (as the actor pool's pending actors would
+    be), it concerns this job only, and removing it frees the GPUs for the actors."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"GPU": 1}] * needed, strategy="PACK")
+    ready_ref = group.ready()
+    started = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - started
+            left = timeout_s - waited
+            if left <= 0:
+                break
+            ready, _ = ray.wait([ready_ref], timeout=min(_GPU_WAIT_LOG_S, left))
+            if ready:
+                gpus = int(ray.cluster_resources().get("GPU", 0))
+                log.info("--device cuda: %d GPU(s) in the cluster after %.0f s", gpus,
+                         time.monotonic() - started)
+                return gpus
+            log.info("--device cuda: waiting for %d GPU(s) to join the cluster, %d there "
+                     "now, %.0f s of --gpu-wait-s %.0f", needed,
+                     int(ray.cluster_resources().get("GPU", 0)),
+                     time.monotonic() - started, timeout_s)
+    finally:
+        remove_placement_group(group)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    raise GpuUnavailable(
+        f"--device cuda: the Ray cluster has {gpus} GPU(s) after {timeout_s:g} s of waiting "
+        f"for the {needed} the model actors need. Check that the cluster has a GPU worker "
+        f"group the autoscaler can start (and its quota), raise --gpu-wait-s for a slow "
+        f"start, or pass --device auto to run on CPUs."
+    )
+
+
 def _cluster_plan(config: ExtractConfig) -> tuple[bool, int, int, int]:
     """(use_gpu, actors, torch_threads, cpus) for the connected Ray cluster."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    if config.device == "cuda":
+        needed = config.actors or 1
+        if gpus < needed:
+            gpus = _wait_for_gpus(needed, config.gpu_wait_s)
+            resources = ray.cluster_resources()
+    elif config.device == "auto":
+        # An autoscaling cluster whose GPU group is still at zero runs on CPUs here, which
+        # is the behaviour asked for only if the user knew: say so.
+        if gpus:
+            log.info("--device auto: %d GPU(s) in the cluster: model actors on GPUs", gpus)
+        else:
+            log.info("--device auto: no GPU in the cluster now: model actors on CPUs "
+                     "(--device cuda waits up to --gpu-wait-s for GPUs to join)")
     cpus = max(1, int(resources.get("CPU", 1)))
-    if config.device == "cuda" and not gpus:
-        raise ValueError("--device cuda but the Ray cluster has no GPU")
     use_gpu = gpus > 0 and config.device != "cpu"
     actors = config.actors or (gpus if use_gpu else 1)
     if use_gpu and actors > gpus:
@@ -552,12 +602,12 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
 
 
 def _plan_images(root: str, layers: tuple[str, ...], files: list[str],
-                 runtime_env: dict[str, Any] | None, rejected_before: set[str]) -> ImagePlan:
+                 rejected_before: set[str]) -> ImagePlan:
     """Read the image columns of the examples and of the finished feature parts."""
     groups = {"examples": files}
     for layer in layers:
         groups[layer] = storage.list_files(layout.features_dir(root, layer), suffix=".parquet")
-    columns = _read_image_columns(groups, runtime_env)
+    columns = _read_image_columns(groups)
     references = columns["examples"]
     unique = sorted({uri for uri in references if uri})
     without_image = sum(1 for uri in references if not uri)
@@ -584,8 +634,7 @@ class Resources:
 
 
 def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
-                     preprocess: PreprocessConfig, resources: Resources,
-                     runtime_env: dict[str, Any] | None) -> Any:
+                     preprocess: PreprocessConfig, resources: Resources) -> Any:
     """decode (CPU tasks) -> ResNet-101 (actor pool) -> write parts (CPU tasks)."""
     import ray
 
@@ -598,7 +647,6 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
         batch_format="numpy",
         fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
         num_cpus=config.decode_cpus,
-        runtime_env=runtime_env,
     )
     dataset = dataset.map_batches(
         FeatureActor,
@@ -621,7 +669,6 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
         # Also keeps Ray Data from fusing the decode tasks into the actor on CPU nodes
         # (it fuses maps whose resource requests are identical).
         memory=int(config.actor_memory_gb * 1024**3),
-        runtime_env=runtime_env,
     )
     return dataset.map_batches(
         write_part,
@@ -630,7 +677,6 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
         fn_kwargs={"root": config.data, "layers": layers, "run_id": run_id,
                    "slots": preprocess.grid**2},
         num_cpus=0.25,
-        runtime_env=runtime_env,
     )
 
 
@@ -696,7 +742,6 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     started = time.time()
     root, layers = config.data, config.layers
     preprocess = config.preprocess()
-    runtime_env = _worker_runtime_env()
     info = _load_weights(config)
     files = example_files(root)
     if not files:
@@ -704,10 +749,11 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     rejected_before = _prepare_outputs(config, info, preprocess)
 
     init_ray()
-    plan = _plan_images(root, layers, files, runtime_env, rejected_before)
+    # Before the scan: a missing GPU fails (or is waited for) first.
     use_gpu, actors, threads, cpus = _cluster_plan(config)
+    plan = _plan_images(root, layers, files, rejected_before)
     resources = Resources(use_gpu, actors, threads, cpus,
-                          _precision_name(config.precision, use_gpu, runtime_env))
+                          _precision_name(config.precision, use_gpu))
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "running")
     log.info(
@@ -720,7 +766,7 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
     if plan.todo:
-        dataset = _feature_dataset(config, plan, info, preprocess, resources, runtime_env)
+        dataset = _feature_dataset(config, plan, info, preprocess, resources)
         outcomes, seen = _run_dataset(dataset, stats)
     summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started)
     for layer in layers:
@@ -772,7 +818,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         config = config_from_args(ExtractConfig, args, args.config, section=args.config_section)
         summary = run_extract(config)
-    except (WeightsUnavailable, ValueError) as err:
+    except (WeightsUnavailable, GpuUnavailable, ValueError) as err:
         print(f"csmn extract-features: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))
