@@ -10,6 +10,12 @@ has no Ray in it)::
       --> map_batches(write one Parquet part per layer + a rejects part, CPU tasks)
       --> per-image outcomes back to the driver for the summary
 
+On GPUs (``--decode auto``; ``--decode actor`` anywhere) the first two maps are instead::
+
+      map_batches(read the bytes, check the size limits, CPU tasks)           encoded bytes
+      --> map_batches(actor: JPEGs decoded, resized and cropped on its GPU (nvJPEG), other
+                      formats and what nvJPEG refuses by PIL on its CPU; then ResNet-101)
+
 Output, for each layer in {pool5, res5c}: ``<root>/features/<layer>/part-<run>-<hash>.parquet``
 (schema ``features_<layer>``: image, feature) and ``<root>/features/<layer>/_meta.json``
 (weights, preprocessing, slots, the last run's counts; ``random_weights: true`` and a warning
@@ -48,12 +54,14 @@ from csmn.core.image_features import (
     FEATURE_DIM,
     LAYERS,
     RANDOM_WEIGHTS_WARNING,
+    DeviceDecoded,
     FeatureExtractor,
     ImageRejected,
     PreprocessConfig,
     WeightsInfo,
     WeightsUnavailable,
     decode_image,
+    decode_images_on_device,
     load_trunk,
     read_image_bytes,
     resolve_precision,
@@ -106,7 +114,13 @@ class ExtractConfig:
         default=2.0, metadata={"help": "memory reserved per model actor (weights, activations)"}
     )
     decode_batch_size: int = field(default=32, metadata={"help": "images per decode batch"})
-    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
+    decode: str = field(
+        default="auto",
+        metadata={"help": "where images are decoded: auto (JPEGs in the model actors with "
+                          "nvJPEG when they have GPUs, else in CPU tasks) | tasks (CPU tasks) "
+                          "| actor (in the model actors, on their device, even a CPU)"},
+    )
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode (or read) task"})
     io_threads: int = field(default=8, metadata={"help": "concurrent image reads per task"})
     rows_per_part: int = field(default=256, metadata={"help": "images per output part"})
     resize_size: int = field(default=0, metadata={"help": "short side; 0 = the weights' (256)"})
@@ -134,6 +148,8 @@ class ExtractConfig:
             raise ValueError(f"layer must be pool5, res5c or both, got {self.layer!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.decode not in ("auto", "tasks", "actor"):
+            raise ValueError(f"decode must be auto, tasks or actor, got {self.decode!r}")
         if self.gpu_wait_s < 0:
             raise ValueError("gpu_wait_s must be >= 0")
         for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
@@ -217,6 +233,21 @@ def example_files(root: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_all(
+    images: list[str], max_bytes: int, io_threads: int
+) -> list[bytes | ImageRejected]:
+    """Every image's bytes, read by threads (they wait on storage), or why not."""
+
+    def read(uri: str) -> bytes | ImageRejected:
+        try:
+            return read_image_bytes(uri, max_bytes)
+        except ImageRejected as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(images)))) as pool:
+        return list(pool.map(read, images))
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], preprocess: PreprocessConfig, io_threads: int
 ) -> dict[str, np.ndarray]:
@@ -228,16 +259,7 @@ def decode_batch(
     crop = preprocess.crop_size
     pixels = np.zeros((len(images), crop, crop, 3), np.uint8)
     errors = [""] * len(images)
-
-    def read(uri: str) -> bytes | ImageRejected:
-        try:
-            return read_image_bytes(uri, preprocess.max_bytes)
-        except ImageRejected as err:
-            return err
-
-    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(images)))) as pool:
-        contents = list(pool.map(read, images))
-    for i, data in enumerate(contents):
+    for i, data in enumerate(_read_all(images, preprocess.max_bytes, io_threads)):
         try:
             if isinstance(data, ImageRejected):
                 raise data
@@ -255,8 +277,30 @@ def decode_batch(
     return out
 
 
+def read_batch(
+    batch: dict[str, np.ndarray], max_bytes: int, io_threads: int
+) -> dict[str, np.ndarray]:
+    """CPU stage when the actors decode: the encoded bytes only (size limits checked while
+    reading), which are also several times smaller than the pixels of a large photo."""
+    images = [str(uri) for uri in batch["image"]]
+    contents = _read_all(images, max_bytes, io_threads)
+    out = {key: value for key, value in batch.items() if key != "image"}
+    out.update(
+        image=np.array(images, dtype=object),
+        data=np.array([b"" if isinstance(c, ImageRejected) else c for c in contents],
+                      dtype=object),
+        error=np.array([c.reason if isinstance(c, ImageRejected) else "" for c in contents],
+                       dtype=object),
+    )
+    return out
+
+
 class FeatureActor:
-    """Model stage: one ResNet-101 per actor (per GPU), loaded once, applied batch by batch."""
+    """Model stage: one ResNet-101 per actor (per GPU), loaded once, applied batch by batch.
+
+    Batches come with ``pixels`` (decoded by :func:`decode_batch`) or, with
+    ``decode_on_device``, with the encoded ``data`` of :func:`read_batch`, which the actor
+    decodes on its device (:func:`decode_images_on_device`, per ``preprocess``)."""
 
     def __init__(
         self,
@@ -269,9 +313,13 @@ class FeatureActor:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         torch_threads: int,
+        preprocess: PreprocessConfig | None = None,
+        decode_on_device: bool = False,
     ) -> None:
         import torch
 
+        if decode_on_device and preprocess is None:
+            raise ValueError("decoding on the device needs the preprocessing config")
         if not use_gpu and torch_threads > 0:
             # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); on a CPU node the model
             # dominates the work, so it gets the cores while decode tasks interleave.
@@ -285,22 +333,64 @@ class FeatureActor:
             trunk, layers, "cuda" if use_gpu else "cpu", precision, mean, std, info
         )
         self.layers = layers
+        self.preprocess = preprocess
+        self.decode_on_device = decode_on_device
+
+    def _decode(self, batch: dict[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
+        """(pixels, errors, where each image was decoded) of a batch of encoded images."""
+        assert self.preprocess is not None
+        errors = [str(e) for e in batch["error"]]
+        readable = [i for i, e in enumerate(errors) if not e]
+        decoded: DeviceDecoded = decode_images_on_device(
+            [batch["data"][i] for i in readable], self.preprocess, self.extractor.device)
+        decoder = [""] * len(errors)
+        for j, i in enumerate(readable):
+            errors[i] = decoded.errors[j]
+            if not errors[i]:
+                decoder[i] = (f"torchvision-{self.extractor.device.type}"
+                              if decoded.on_device[j] else "pil")
+        import torch
+
+        crop = self.preprocess.crop_size
+        pixels = torch.zeros((len(errors), crop, crop, 3), dtype=torch.uint8,
+                             device=self.extractor.device)
+        if readable:
+            pixels[torch.as_tensor(readable, device=pixels.device)] = decoded.pixels
+        return pixels, errors, decoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        errors = batch["error"]
+        if self.decode_on_device:
+            pixels, error_list, decoder = self._decode(batch)
+            errors = np.array(error_list, dtype=object)
+            slots = self.preprocess.grid**2 if self.preprocess else 1
+        else:
+            pixels, errors = batch["pixels"], batch["error"]
+            decoder = ["" if e else "pil" for e in errors]
+            slots = _slots(pixels)
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
-        out = {key: value for key, value in batch.items() if key != "pixels"}
-        computed = self.extractor(batch["pixels"][ok]) if ok.any() else {}
+        out = {key: value for key, value in batch.items() if key not in ("pixels", "data")}
+        out["error"] = errors
+        out["decoded_on"] = np.array(decoder, dtype=object)
+        computed = self.extractor(pixels[_index(ok, pixels)]) if ok.any() else {}
         for layer in self.layers:
             if layer in computed:
                 values = np.zeros((n, computed[layer].shape[1]), np.float32)
                 values[ok] = computed[layer]
             else:
-                width = FEATURE_DIM * (1 if layer == "pool5" else _slots(batch["pixels"]))
-                values = np.zeros((n, width), np.float32)
+                values = np.zeros((n, FEATURE_DIM * (1 if layer == "pool5" else slots)),
+                                  np.float32)
             out[layer] = values
         return out
+
+
+def _index(mask: np.ndarray, pixels: Any) -> Any:
+    """A boolean row mask that indexes numpy pixels or a tensor on any device."""
+    if isinstance(pixels, np.ndarray):
+        return mask
+    import torch
+
+    return torch.as_tensor(mask, device=pixels.device)
 
 
 def _slots(pixels: np.ndarray) -> int:
@@ -341,7 +431,10 @@ def write_part(
         table = _features_table(layer, [images[i] for i in keep], batch[layer][keep], slots)
         storage.write_parquet(storage.join(layout.features_dir(root, layer), name), table)
     outcomes = [OK if not e else e.split(":", 1)[0].strip() for e in errors]
-    return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object)}
+    decoded_on = batch.get("decoded_on", np.array([""] * len(images), dtype=object))
+    return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object),
+            "decoded_on": np.array([d if o == OK else "" for d, o in
+                                    zip(decoded_on, outcomes, strict=True)], dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +724,14 @@ class Resources:
     threads: int
     cpus: int
     precision: str
+    # JPEGs decoded in the model actors, on their device, rather than in CPU tasks.
+    decode_in_actor: bool = False
+
+    @property
+    def decode(self) -> str:
+        device = "cuda" if self.use_gpu else "cpu"
+        return f"actor ({device}; other formats on its CPU)" if self.decode_in_actor \
+            else "tasks (cpu)"
 
 
 def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
@@ -641,13 +742,22 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
     layers = config.layers
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
     dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
-    dataset = dataset.map_batches(
-        decode_batch,
-        batch_size=config.decode_batch_size,
-        batch_format="numpy",
-        fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
-        num_cpus=config.decode_cpus,
-    )
+    if resources.decode_in_actor:
+        dataset = dataset.map_batches(
+            read_batch,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"max_bytes": preprocess.max_bytes, "io_threads": config.io_threads},
+            num_cpus=config.decode_cpus,
+        )
+    else:
+        dataset = dataset.map_batches(
+            decode_batch,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
+            num_cpus=config.decode_cpus,
+        )
     dataset = dataset.map_batches(
         FeatureActor,
         batch_size=config.batch_size,
@@ -663,6 +773,8 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
             "mean": preprocess.mean,
             "std": preprocess.std,
             "torch_threads": resources.threads,
+            "preprocess": preprocess,
+            "decode_on_device": resources.decode_in_actor,
         },
         num_cpus=1,
         num_gpus=1 if resources.use_gpu else 0,
@@ -680,22 +792,28 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
     )
 
 
-def _run_dataset(dataset: Any, stats: list[str] | None) -> tuple[Counter[str], set[str]]:
-    """(outcome counts, images seen) of the pipeline's per-image outcomes."""
+def _run_dataset(
+    dataset: Any, stats: list[str] | None
+) -> tuple[Counter[str], set[str], Counter[str]]:
+    """(outcome counts, images seen, written images by where they were decoded) of the
+    pipeline's per-image outcomes."""
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
+    decoded_on: Counter[str] = Counter()
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         outcomes.update(batch.column("outcome").to_pylist())
         seen.update(batch.column("image").to_pylist())
+        decoded_on.update(d for d in batch.column("decoded_on").to_pylist() if d)
     operator_stats = dataset.stats()
     log.debug("Ray Data stats:\n%s", operator_stats)
     if stats is not None:
         stats.append(operator_stats)
-    return outcomes, seen
+    return outcomes, seen, decoded_on
 
 
 def _summary(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo, resources: Resources,
-             outcomes: Counter[str], seen: set[str], seconds: float) -> dict[str, Any]:
+             outcomes: Counter[str], seen: set[str], seconds: float,
+             decoded_on: Counter[str] | None = None) -> dict[str, Any]:
     written = outcomes.pop(OK, 0)
     rejected_now = sum(outcomes.values())
     summary: dict[str, Any] = {
@@ -715,6 +833,11 @@ def _summary(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo, resource
         "random_weights": info.random,
         "device": "cuda" if resources.use_gpu else "cpu",
         "precision": resources.precision,
+        "decode": resources.decode,
+        # Written images by the decoder that made their pixels: torchvision's on the actor's
+        # device (torchvision-cuda: nvJPEG) or PIL's (the decode tasks, or the actor's
+        # fallback for PNG & co.).
+        "decoded_on": dict(sorted((decoded_on or Counter()).items())),
         "actors": resources.actors,
         "batch_size": config.batch_size,
         "seconds": round(seconds, 2),
@@ -752,23 +875,26 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     # Before the scan: a missing GPU fails (or is waited for) first.
     use_gpu, actors, threads, cpus = _cluster_plan(config)
     plan = _plan_images(root, layers, files, rejected_before)
+    decode_in_actor = config.decode == "actor" or (config.decode == "auto" and use_gpu)
     resources = Resources(use_gpu, actors, threads, cpus,
-                          _precision_name(config.precision, use_gpu))
+                          _precision_name(config.precision, use_gpu), decode_in_actor)
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "running")
     log.info(
         "%d example rows, %d unique images: %d already have features, %d rejected before, "
-        "%d to compute on %d %s actor(s), batch %d",
+        "%d to compute on %d %s actor(s), batch %d, decoded in %s",
         len(plan.references), len(plan.unique), len(plan.already_done),
         len(plan.previously_rejected), len(plan.todo), actors,
-        "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size,
+        "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size, resources.decode,
     )
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
+    decoded_on: Counter[str] = Counter()
     if plan.todo:
         dataset = _feature_dataset(config, plan, info, preprocess, resources)
-        outcomes, seen = _run_dataset(dataset, stats)
-    summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started)
+        outcomes, seen, decoded_on = _run_dataset(dataset, stats)
+    summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started,
+                       decoded_on)
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "complete",
                     summary)
@@ -791,6 +917,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  already had features: {summary['already_done']}, "
         f"rejected by an earlier run: {summary['previously_rejected']}",
         f"  computed now: {summary['written']}, rejected now: {summary['rejected']} ({codes})",
+        f"  decoded in {summary['decode']}: "
+        + (", ".join(f"{k} {v}" for k, v in summary["decoded_on"].items()) or "nothing"),
         f"  images in = done before + rejected before + written + rejected: "
         f"{summary['images']} = {summary['already_done']} + {summary['previously_rejected']} + "
         f"{summary['written']} + {summary['rejected']}",
