@@ -447,6 +447,9 @@ def decode_images_on_device(
     check) goes through :func:`decode_image`, and a bad one gets its reject reason. One bad
     image never fails the batch."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # nvJPEG's decoder is set up per device: name the one this process uses.
+        device = torch.device("cuda", torch.cuda.current_device())
     crop = config.crop_size
     count = len(contents)
     pixels = torch.zeros((count, crop, crop, 3), dtype=torch.uint8, device=device)
