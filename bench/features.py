@@ -398,30 +398,38 @@ def device_decode_compare(
     from csmn.core.image_features import decode_images_on_device
 
     encoded = [load_bytes(p) for p in paths]
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One thread, like PIL: on a loaded shared machine torch's intra-op threads spin on
+        # each small copy and resize (measured several times slower with 2 than with 1).
+        torch.set_num_threads(1)
     batches = [[encoded[i % len(encoded)] for i in range(start, min(count, start + batch))]
                for start in range(0, count, batch)]
     decode_images_on_device(batches[0], preprocess, device)  # warm-up (nvJPEG handles)
     _sync(device)
-    start = time.perf_counter()
-    for chunk in batches:
-        for data in chunk:
-            decode_image(data, preprocess)
-    pil = count / (time.perf_counter() - start)
-    start = time.perf_counter()
+    # Batch by batch, the two in turn: a shared machine's load moves within seconds.
+    pil_s = ours_s = 0.0
     fell_back = 0
     for chunk in batches:
+        start = time.perf_counter()
+        for data in chunk:
+            decode_image(data, preprocess)
+        middle = time.perf_counter()
         out = decode_images_on_device(chunk, preprocess, device)
+        _sync(device)
+        pil_s += middle - start
+        ours_s += time.perf_counter() - middle
         fell_back += out.on_device.count(False)
-    _sync(device)
-    ours = count / (time.perf_counter() - start)
+    pil, ours = count / pil_s, count / ours_s
     sample = encoded[: min(len(encoded), 32)]
     got = decode_images_on_device(sample, preprocess, device).pixels.cpu().numpy().astype(int)
     want = np.stack([decode_image(d, preprocess) for d in sample]).astype(int)
     diff = np.abs(got - want)
+    torch.set_num_threads(threads)
     result = {"pil_images_per_s": round(pil, 1), "device_images_per_s": round(ours, 1),
               "ratio": round(ours / pil, 2), "fell_back_to_pil": fell_back,
               "pixel_diff_max": int(diff.max()), "pixel_diff_mean": round(float(diff.mean()), 3)}
-    print(f"decode+resize+crop, 1 process, {count} images: PIL {pil:.0f} img/s, "
+    print(f"decode+resize+crop, 1 process (1 thread), {count} images: PIL {pil:.0f} img/s, "
           f"decode_images_on_device({device.type}) {ours:.0f} img/s: ratio {ours / pil:.2f}x "
           f"(pixels vs PIL: max {diff.max()} levels, mean {diff.mean():.3f}; "
           f"{fell_back} fell back to PIL)", flush=True)

@@ -338,10 +338,11 @@ _JPEG_FORMATS = ("JPEG", "MPO")
 
 @dataclass
 class DeviceDecoded:
-    """What :func:`decode_images_on_device` gives: ``pixels`` uint8 ``[N, crop, crop, 3]``
-    on the device (zeros where rejected), ``errors`` (``"code: detail"``, empty when the
-    image is good) and ``on_device`` (True where the device decoder did the work; False for
-    the CPU fallback and for rejects)."""
+    """What :func:`decode_images_on_device` gives: ``pixels`` uint8 ``[N, crop, crop, 3]`` on
+    the device (zeros where rejected), a view of planar ``[N, 3, crop, crop]`` memory, the
+    layout the model's input is made from (no interleaving copy); ``errors`` (``"code:
+    detail"``, empty when the image is good) and ``on_device`` (True where the device
+    decoder did the work; False for the CPU fallback and for rejects)."""
 
     pixels: torch.Tensor
     errors: list[str]
@@ -398,22 +399,31 @@ def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize_and_crop_tensor(image: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` -> uint8 ``[crop, crop, 3]`` on the image's device, as
+    """uint8 ``[3, H, W]`` -> uint8 ``[3, crop, crop]`` on the image's device, as
     :func:`decode_image` does it: short side to ``resize_size`` (torchvision's truncation),
     bilinear with antialiasing, then torchvision's center-crop offsets. PIL resamples in
-    fixed point and torch in float32, so a few values differ by one level."""
+    fixed point, torch in its own fixed point on a CPU and in float32 on a GPU: a few
+    values differ by one level."""
     height, width = image.shape[-2:]
     new_w, new_h = _resized_size(width, height, config.resize_size)
     if (new_w, new_h) != (width, height):
-        resized = torch.nn.functional.interpolate(
-            image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
-            align_corners=False,
-        )[0]
-        image = resized.round_().clamp_(0, 255).to(torch.uint8)
+        if image.device.type == "cpu":
+            # torch's uint8 kernel (channels_last, the one torchvision's resize uses): about
+            # 25x faster on a CPU than the float one, which CUDA has instead.
+            image = torch.nn.functional.interpolate(
+                image[None].contiguous(memory_format=torch.channels_last), size=(new_h, new_w),
+                mode="bilinear", antialias=True, align_corners=False,
+            )[0]
+        else:
+            resized = torch.nn.functional.interpolate(
+                image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                align_corners=False,
+            )[0]
+            image = resized.round_().clamp_(0, 255).to(torch.uint8)
     crop = config.crop_size
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
-    return image[:, top:top + crop, left:left + crop].permute(1, 2, 0)
+    return image[:, top:top + crop, left:left + crop]
 
 
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
@@ -452,7 +462,7 @@ def decode_images_on_device(
         device = torch.device("cuda", torch.cuda.current_device())
     crop = config.crop_size
     count = len(contents)
-    pixels = torch.zeros((count, crop, crop, 3), dtype=torch.uint8, device=device)
+    planes = torch.zeros((count, 3, crop, crop), dtype=torch.uint8, device=device)
     errors = [""] * count
     on_device = [False] * count
     fallback: list[int] = []
@@ -479,16 +489,16 @@ def decode_images_on_device(
             if image is None or tuple(image.shape) != (3, height, width):
                 fallback.append(i)
                 continue
-            pixels[i] = resize_and_crop_tensor(exif_orient(image, orientation), config)
+            planes[i] = resize_and_crop_tensor(exif_orient(image, orientation), config)
             on_device[i] = True
     for i in sorted(fallback):
         try:
-            pixels[i] = torch.from_numpy(decode_image(contents[i], config)).to(device)
+            planes[i] = torch.from_numpy(decode_image(contents[i], config)).permute(2, 0, 1)
         except ImageRejected as err:
             errors[i] = err.reason
         except Exception as err:  # one image never stops the job: anything else is a reject
             errors[i] = f"decode_error: {type(err).__name__}: {err}"
-    return DeviceDecoded(pixels, errors, on_device)
+    return DeviceDecoded(planes.permute(0, 2, 3, 1), errors, on_device)
 
 
 # ---------------------------------------------------------------------------------------------

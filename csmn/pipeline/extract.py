@@ -337,7 +337,8 @@ class FeatureActor:
         self.decode_on_device = decode_on_device
 
     def _decode(self, batch: dict[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
-        """(pixels, errors, where each image was decoded) of a batch of encoded images."""
+        """(planar pixels ``[N, 3, crop, crop]``, errors, where each image was decoded) of a
+        batch of encoded images."""
         assert self.preprocess is not None
         errors = [str(e) for e in batch["error"]]
         readable = [i for i, e in enumerate(errors) if not e]
@@ -352,27 +353,38 @@ class FeatureActor:
         import torch
 
         crop = self.preprocess.crop_size
-        pixels = torch.zeros((len(errors), crop, crop, 3), dtype=torch.uint8,
+        # planar, as decode_images_on_device makes them: the model's input is made from that
+        planes = torch.zeros((len(errors), 3, crop, crop), dtype=torch.uint8,
                              device=self.extractor.device)
         if readable:
-            pixels[torch.as_tensor(readable, device=pixels.device)] = decoded.pixels
-        return pixels, errors, decoder
+            planes[torch.as_tensor(readable, device=planes.device)] = \
+                decoded.pixels.permute(0, 3, 1, 2)
+        return planes, errors, decoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_on_device:
-            pixels, error_list, decoder = self._decode(batch)
+            planes, error_list, decoder = self._decode(batch)
             errors = np.array(error_list, dtype=object)
             slots = self.preprocess.grid**2 if self.preprocess else 1
         else:
-            pixels, errors = batch["pixels"], batch["error"]
+            errors = batch["error"]
             decoder = ["" if e else "pil" for e in errors]
-            slots = _slots(pixels)
+            slots = _slots(batch["pixels"])
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
         out = {key: value for key, value in batch.items() if key not in ("pixels", "data")}
         out["error"] = errors
         out["decoded_on"] = np.array(decoder, dtype=object)
-        computed = self.extractor(pixels[_index(ok, pixels)]) if ok.any() else {}
+        if not ok.any():
+            computed = {}
+        elif self.decode_on_device:
+            # rows picked from the planar memory, then seen as NHWC: no interleaving copy
+            import torch
+
+            rows = torch.as_tensor(ok, device=planes.device)
+            computed = self.extractor(planes[rows].permute(0, 2, 3, 1))
+        else:
+            computed = self.extractor(batch["pixels"][ok])
         for layer in self.layers:
             if layer in computed:
                 values = np.zeros((n, computed[layer].shape[1]), np.float32)
@@ -382,15 +394,6 @@ class FeatureActor:
                                   np.float32)
             out[layer] = values
         return out
-
-
-def _index(mask: np.ndarray, pixels: Any) -> Any:
-    """A boolean row mask that indexes numpy pixels or a tensor on any device."""
-    if isinstance(pixels, np.ndarray):
-        return mask
-    import torch
-
-    return torch.as_tensor(mask, device=pixels.device)
 
 
 def _slots(pixels: np.ndarray) -> int:

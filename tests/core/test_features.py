@@ -163,10 +163,12 @@ def test_device_decode_matches_the_cpu_decode() -> None:
     """The same crops as decode_image, to one grey level. Why that tolerance: on the CPU
     torchvision's decode_jpeg and PIL both run libjpeg-turbo with the same settings, so the
     decoded pixels are equal (the images below that need no resize come out identical);
-    what differs is the resize: PIL's antialiased bilinear works in fixed point on uint8,
-    torch's (interpolate, antialias=True) the same triangle filter in float32 rounded once,
-    so a value can land one level off. nvJPEG on a GPU has its own IDCT and chroma
-    upsampling, a few levels more; that is checked on a GPU (bench/features.py)."""
+    what differs is the resize: PIL's antialiased bilinear and torch's uint8 kernel
+    (interpolate, antialias=True, the one torchvision's resize uses) apply the same
+    triangle filter in fixed point with their own rounding, so a value can land one level
+    off (measured: about 0.5% of values). On a GPU torch resizes in float32 and nvJPEG has
+    its own IDCT and chroma upsampling: a few levels more, measured by
+    ``bench/features.py --decode-compare --device cuda``."""
     config = PreprocessConfig()
     sizes = [(640, 480), (480, 640), (1000, 750), (300, 300), (257, 256), (256, 400),
              (2000, 1500), (256, 256)]
@@ -179,7 +181,7 @@ def test_device_decode_matches_the_cpu_decode() -> None:
     for i, data in enumerate(contents):
         reference = decode_image(data, config).astype(np.int16)
         diff = np.abs(out.pixels[i].numpy().astype(np.int16) - reference)
-        assert diff.max() <= 1 and diff.mean() < 0.3, (i, diff.max(), diff.mean())
+        assert diff.max() <= 1 and diff.mean() < 0.05, (i, diff.max(), diff.mean())
     for index in (4, 7):  # short side already 256, long side unchanged: no resize at all
         np.testing.assert_array_equal(out.pixels[index].numpy(),
                                       decode_image(contents[index], config))
