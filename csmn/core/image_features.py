@@ -429,6 +429,22 @@ def resize_and_crop_tensor(image: torch.Tensor, config: PreprocessConfig) -> tor
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """torchvision's batched decode; a batch it refuses is decoded image by image, and an
     image it refuses on its own is None (for the CPU path to decode or reject)."""
+    if device.type == "cuda":
+        # The nvJPEG decoder works on a stream of its own, not ordered with this process's:
+        # a block freed here while queued kernels still read it could be handed to it, and
+        # its output read before it is written. A device sync before and after each batch
+        # orders both ways (two syncs per batch).
+        torch.cuda.synchronize(device)
+        try:
+            return _decode_jpegs_unordered(encoded, device)
+        finally:
+            torch.cuda.synchronize(device)
+    return _decode_jpegs_unordered(encoded, device)
+
+
+def _decode_jpegs_unordered(
+    encoded: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():

@@ -160,13 +160,15 @@ def _photo(width: int, height: int, seed: int = 0, mode: str = "RGB", **save) ->
 
 
 def test_device_decode_matches_the_cpu_decode() -> None:
-    """The same crops as decode_image, to one grey level. Why that tolerance: on the CPU
+    """The same crops as decode_image, to a grey level or two. Why that tolerance: on the CPU
     torchvision's decode_jpeg and PIL both run libjpeg-turbo with the same settings, so the
     decoded pixels are equal (the images below that need no resize come out identical);
     what differs is the resize: PIL's antialiased bilinear and torch's uint8 kernel
     (interpolate, antialias=True, the one torchvision's resize uses) apply the same
-    triangle filter in fixed point with their own rounding, so a value can land one level
-    off (measured: about 0.5% of values). On a GPU torch resizes in float32 and nvJPEG has
+    triangle filter in fixed point with their own weights' precision and rounding, in two
+    passes (rows, columns), so a value can land one level off (measured: 0.3-3% of values
+    at 640x480 -> 256, 120x80 -> 64), rarely two where both passes round apart (one value
+    in 10^4 at 120x80). On a GPU torch resizes in float32 and nvJPEG has
     its own IDCT and chroma upsampling: a few levels more, measured by
     ``bench/features.py --decode-compare --device cuda``."""
     config = PreprocessConfig()
@@ -181,7 +183,8 @@ def test_device_decode_matches_the_cpu_decode() -> None:
     for i, data in enumerate(contents):
         reference = decode_image(data, config).astype(np.int16)
         diff = np.abs(out.pixels[i].numpy().astype(np.int16) - reference)
-        assert diff.max() <= 1 and diff.mean() < 0.05, (i, diff.max(), diff.mean())
+        assert diff.max() <= 2 and diff.mean() < 0.05, (i, diff.max(), diff.mean())
+        assert (diff > 1).mean() < 1e-3
     for index in (4, 7):  # short side already 256, long side unchanged: no resize at all
         np.testing.assert_array_equal(out.pixels[index].numpy(),
                                       decode_image(contents[index], config))
@@ -198,7 +201,7 @@ def test_device_decode_turns_exif_orientations_upright(orientation: int) -> None
     out = decode_images_on_device([data], TINY, "cpu")
     assert out.errors == [""] and out.on_device == [True]
     diff = np.abs(out.pixels[0].numpy().astype(int) - decode_image(data, TINY).astype(int))
-    assert diff.max() <= 1
+    assert diff.max() <= 2 and diff.mean() < 0.05 and (diff > 1).mean() < 1e-3
     # each of the eight as PIL's transpose of the same array (exact, no resize involved)
     pixels = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3) * 5
     expected = np.asarray(ImageOps.exif_transpose(_with_orientation(pixels, orientation)))
