@@ -8,6 +8,11 @@ rate (the model operator's span from Ray Data's stats, i.e. without Ray's fixed 
 and its end-to-end rate, their ratios to the plain loop (goal: steady >= 0.9 on one node),
 where the time goes, and the fp32 matmul peak measured in the same run.
 
+``--decode-compare`` times only decode + resize + crop, PIL (the CPU decode tasks) against
+``decode_images_on_device`` (the GPU actors' path) on ``--device``, one line with the ratio::
+
+    python bench/features.py --decode-compare --device cuda --images 256 --decode-images 2048
+
 ``--plain-only`` needs no Ray and no pyarrow (a GPU box with only torch/torchvision):
 
     python bench/features.py --plain-only --device cuda --images 512 --batch-sizes 128,256 \
@@ -381,36 +386,54 @@ def precision_error(
     return errors
 
 
-def gpu_decode_rate(
-    paths: list[str], preprocess: PreprocessConfig, args: argparse.Namespace, batch: int = 128
-) -> float | None:
-    """Images/s of torchvision's batched nvJPEG decode, then resize + center crop on the GPU
-    (bilinear with antialias: close to, not bit-equal with, PIL's resize)."""
-    import torchvision
-    from torchvision.transforms.v2 import functional as tvf
+def device_decode_compare(
+    paths: list[str], preprocess: PreprocessConfig, device: torch.device, count: int,
+    batch: int = 64,
+) -> dict[str, float]:
+    """Decode + resize + center crop, one process, the same bytes both ways: PIL
+    (``decode_image``, the CPU decode tasks' path) against ``decode_images_on_device`` (the
+    GPU actors' path: torchvision's batched decode_jpeg, resize and crop on ``device``; on a
+    CPU it runs libjpeg-turbo like PIL, so the ratio there is the resize and the batching,
+    not nvJPEG). Also how far apart their pixels are."""
+    from csmn.core.image_features import decode_images_on_device
 
-    encoded = [torchvision.io.read_file(p) for p in paths]
-    try:
-        torchvision.io.decode_jpeg(encoded[:2], device="cuda")
-    except Exception as err:  # no nvJPEG in this build
-        print(f"GPU decode unavailable: {err}")
-        return None
-
-    def run(count: int) -> None:
-        for start in range(0, count, batch):
-            chunk = [encoded[i % len(encoded)] for i in range(start, min(count, start + batch))]
-            images = torchvision.io.decode_jpeg(chunk, device="cuda")
-            resized = tvf.resize(torch.stack(images), preprocess.resize_size, antialias=True)
-            tvf.center_crop(resized, preprocess.crop_size)
-
-    run(batch)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(args.decode_images)
-    torch.cuda.synchronize()
-    rate = args.decode_images / (time.perf_counter() - start)
-    print(f"nvJPEG decode + resize + crop on the GPU: {rate:.0f} images/s", flush=True)
-    return rate
+    encoded = [load_bytes(p) for p in paths]
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One thread, like PIL: on a loaded shared machine torch's intra-op threads spin on
+        # each small copy and resize (measured several times slower with 2 than with 1).
+        torch.set_num_threads(1)
+    batches = [[encoded[i % len(encoded)] for i in range(start, min(count, start + batch))]
+               for start in range(0, count, batch)]
+    decode_images_on_device(batches[0], preprocess, device)  # warm-up (nvJPEG handles)
+    _sync(device)
+    # Batch by batch, the two in turn: a shared machine's load moves within seconds.
+    pil_s = ours_s = 0.0
+    fell_back = 0
+    for chunk in batches:
+        start = time.perf_counter()
+        for data in chunk:
+            decode_image(data, preprocess)
+        middle = time.perf_counter()
+        out = decode_images_on_device(chunk, preprocess, device)
+        _sync(device)
+        pil_s += middle - start
+        ours_s += time.perf_counter() - middle
+        fell_back += out.on_device.count(False)
+    pil, ours = count / pil_s, count / ours_s
+    sample = encoded[: min(len(encoded), 32)]
+    got = decode_images_on_device(sample, preprocess, device).pixels.cpu().numpy().astype(int)
+    want = np.stack([decode_image(d, preprocess) for d in sample]).astype(int)
+    diff = np.abs(got - want)
+    torch.set_num_threads(threads)
+    result = {"pil_images_per_s": round(pil, 1), "device_images_per_s": round(ours, 1),
+              "ratio": round(ours / pil, 2), "fell_back_to_pil": fell_back,
+              "pixel_diff_max": int(diff.max()), "pixel_diff_mean": round(float(diff.mean()), 3)}
+    print(f"decode+resize+crop, 1 process (1 thread), {count} images: PIL {pil:.0f} img/s, "
+          f"decode_images_on_device({device.type}) {ours:.0f} img/s: ratio {ours / pil:.2f}x "
+          f"(pixels vs PIL: max {diff.max()} levels, mean {diff.mean():.3f}; "
+          f"{fell_back} fell back to PIL)", flush=True)
+    return result
 
 
 def run_plain_only(args: argparse.Namespace) -> None:
@@ -478,9 +501,9 @@ def run_plain_only(args: argparse.Namespace) -> None:
     full_decode = [row for row in decode_rows if not row[0]]
     draft_workers, best_decode = max(((w, r) for d, w, r in full_decode), key=lambda x: x[1])
 
-    # 2b. the alternative: nvJPEG decode + resize + crop on the GPU itself
-    if device.type == "cuda":
-        results["gpu_decode_images_per_s"] = gpu_decode_rate(paths, preprocess, args)
+    # 2b. the alternative the GPU actors use: nvJPEG decode + resize + crop on the GPU itself
+    results["device_decode"] = device_decode_compare(paths, preprocess, device,
+                                                     args.decode_images)
 
     # 3. both together: DataLoader workers feeding the model
     extractor = FeatureExtractor(trunk, ("pool5",), device, best_precision,
@@ -512,6 +535,8 @@ def run_plain_only(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plain-only", action="store_true", help="no Ray: model + DataLoader")
+    parser.add_argument("--decode-compare", action="store_true",
+                        help="no Ray, no model: PIL decode vs the device decode path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--image-size", default="640x480", help="WxH of the generated JPEGs")
@@ -528,7 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-images", type=int, default=1024,
                         help="plain-only: decodes per measurement, cycling over --images files")
     args = parser.parse_args(argv)
-    if args.plain_only:
+    if args.decode_compare:
+        width, height = (int(v) for v in args.image_size.split("x"))
+        workdir = Path(tempfile.mkdtemp(prefix="csmn-bench-decode-"))
+        paths = write_images(workdir, args.images, width, height)
+        print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPU cores, "
+              f"{len(paths)} JPEGs of {width}x{height}")
+        result = device_decode_compare(paths, PreprocessConfig.for_weights(args.weights),
+                                       torch.device(args.device), args.decode_images)
+        print(json.dumps(result))
+    elif args.plain_only:
         run_plain_only(args)
     else:
         run_default(args)

@@ -20,6 +20,9 @@ seeded random initialisation that every caller reports loudly.
 Preprocessing is done on the CPU in two halves so that only uint8 pixels travel between
 processes: :func:`load_image` decodes, validates, resizes and center-crops to a uint8
 ``crop x crop x 3`` array; :class:`FeatureExtractor` normalises on the model's device.
+Where the model has a GPU, :func:`decode_images_on_device` instead decodes JPEGs on it
+(nvJPEG), resizes and crops there, and leaves other formats to :func:`decode_image`; only
+the encoded bytes then travel.
 """
 
 from __future__ import annotations
@@ -320,6 +323,201 @@ def load_image(uri: str, config: PreprocessConfig) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoding on the model's device (nvJPEG on a GPU)
+# ---------------------------------------------------------------------------------------------
+
+# Decoded pixels held at once by one batched device decode: 128 MP is 384 MB of uint8, so a
+# batch of 48 MP phone photos never takes a GPU's memory in one go.
+DEVICE_DECODE_PIXELS = 128_000_000
+_JPEG_SOI = b"\xff\xd8\xff"
+_JPEG_EOI = b"\xff\xd9"
+# PIL's names for a JPEG file: MPO is what phones write (a JPEG with extra frames after it,
+# the first of which both decoders return).
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+
+@dataclass
+class DeviceDecoded:
+    """What :func:`decode_images_on_device` gives: ``pixels`` uint8 ``[N, crop, crop, 3]`` on
+    the device (zeros where rejected), a view of planar ``[N, 3, crop, crop]`` memory, the
+    layout the model's input is made from (no interleaving copy); ``errors`` (``"code:
+    detail"``, empty when the image is good) and ``on_device`` (True where the device
+    decoder did the work; False for the CPU fallback and for rejects)."""
+
+    pixels: torch.Tensor
+    errors: list[str]
+    on_device: list[bool]
+
+
+def _device_jpeg(data: bytes, config: PreprocessConfig) -> tuple[int, int, int] | None:
+    """``(width, height, EXIF orientation)`` of a JPEG the device decoder may take, from its
+    header alone; None sends the image to :func:`decode_image`, which decodes what it can
+    and rejects the rest with the same reasons as the CPU path. A JPEG without its end
+    marker is sent there too: nvJPEG may return a truncated file's missing rows as grey
+    instead of failing, where the CPU path rejects it as ``truncated_image``."""
+    if not data.startswith(_JPEG_SOI) or len(data) > config.max_bytes:
+        return None
+    if not data.rstrip(b"\x00").endswith(_JPEG_EOI):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_JPEG_FORMATS) as image:
+                # CMYK and YCCK: the decoders convert them differently; PIL's way is kept.
+                if image.mode not in ("RGB", "L"):
+                    return None
+                width, height = image.size
+                orientation = image.getexif().get(0x0112, 1) if config.exif_transpose else 1
+    except Exception:  # anything PIL refuses here, decode_image names
+        return None
+    if width <= 0 or height <= 0 or width * height > config.max_pixels:
+        return None
+    new_w, new_h = _resized_size(width, height, config.resize_size)
+    if new_w * new_h > config.max_pixels:
+        return None
+    return width, height, orientation if orientation in range(1, 9) else 1
+
+
+def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``[C, H, W]`` as ``PIL.ImageOps.exif_transpose`` turns an image of that EXIF
+    orientation (1-8) upright."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1).flip(-2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
+
+
+def resize_and_crop_tensor(image: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` -> uint8 ``[3, crop, crop]`` on the image's device, as
+    :func:`decode_image` does it: short side to ``resize_size`` (torchvision's truncation),
+    bilinear with antialiasing, then torchvision's center-crop offsets. PIL resamples in
+    fixed point, torch in its own fixed point on a CPU and in float32 on a GPU: a few
+    values differ by one level."""
+    height, width = image.shape[-2:]
+    new_w, new_h = _resized_size(width, height, config.resize_size)
+    if (new_w, new_h) != (width, height):
+        if image.device.type == "cpu":
+            # torch's uint8 kernel (channels_last, the one torchvision's resize uses): about
+            # 25x faster on a CPU than the float one, which CUDA has instead.
+            image = torch.nn.functional.interpolate(
+                image[None].contiguous(memory_format=torch.channels_last), size=(new_h, new_w),
+                mode="bilinear", antialias=True, align_corners=False,
+            )[0]
+        else:
+            resized = torch.nn.functional.interpolate(
+                image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                align_corners=False,
+            )[0]
+            image = resized.round_().clamp_(0, 255).to(torch.uint8)
+    crop = config.crop_size
+    left = int(round((new_w - crop) / 2.0))
+    top = int(round((new_h - crop) / 2.0))
+    return image[:, top:top + crop, left:left + crop]
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """torchvision's batched decode; a batch it refuses is decoded image by image, and an
+    image it refuses on its own is None (for the CPU path to decode or reject)."""
+    if device.type == "cuda":
+        # The nvJPEG decoder works on a stream of its own, not ordered with this process's:
+        # a block freed here while queued kernels still read it could be handed to it, and
+        # its output read before it is written. A device sync before and after each batch
+        # orders both ways (two syncs per batch).
+        torch.cuda.synchronize(device)
+        try:
+            return _decode_jpegs_unordered(encoded, device)
+        finally:
+            torch.cuda.synchronize(device)
+    return _decode_jpegs_unordered(encoded, device)
+
+
+def _decode_jpegs_unordered(
+    encoded: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor | None]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders in favour of TorchCodec.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except Exception:
+            pass
+        out: list[torch.Tensor | None] = []
+        for one in encoded:
+            try:
+                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except Exception:
+                out.append(None)
+        return out
+
+
+def decode_images_on_device(
+    contents: Sequence[bytes], config: PreprocessConfig, device: str | torch.device,
+    max_pixels_at_once: int = DEVICE_DECODE_PIXELS,
+) -> DeviceDecoded:
+    """JPEGs decoded on ``device`` (nvJPEG on a GPU, libjpeg-turbo on the CPU), resized and
+    center-cropped there, as :func:`decode_image` does it on the CPU; every other image
+    (PNG, WebP, CMYK JPEGs, anything the device decoder refuses or whose header fails a
+    check) goes through :func:`decode_image`, and a bad one gets its reject reason. One bad
+    image never fails the batch."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # nvJPEG's decoder is set up per device: name the one this process uses.
+        device = torch.device("cuda", torch.cuda.current_device())
+    crop = config.crop_size
+    count = len(contents)
+    planes = torch.zeros((count, 3, crop, crop), dtype=torch.uint8, device=device)
+    errors = [""] * count
+    on_device = [False] * count
+    fallback: list[int] = []
+    headers: dict[int, tuple[int, int, int]] = {}
+    for i, data in enumerate(contents):
+        header = _device_jpeg(data, config)
+        if header is None:
+            fallback.append(i)
+        else:
+            headers[i] = header
+    chunks: list[list[int]] = []
+    held = 0
+    for i, (width, height, _) in headers.items():
+        if not chunks or held + width * height > max_pixels_at_once:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(i)
+        held += width * height
+    for chunk in chunks:
+        # A writable copy: torch warns on (and must not alias) the immutable bytes.
+        encoded = [torch.frombuffer(bytearray(contents[i]), dtype=torch.uint8) for i in chunk]
+        for i, image in zip(chunk, _decode_jpegs(encoded, device), strict=True):
+            width, height, orientation = headers[i]
+            if image is None or tuple(image.shape) != (3, height, width):
+                fallback.append(i)
+                continue
+            planes[i] = resize_and_crop_tensor(exif_orient(image, orientation), config)
+            on_device[i] = True
+    for i in sorted(fallback):
+        try:
+            planes[i] = torch.from_numpy(decode_image(contents[i], config)).permute(2, 0, 1)
+        except ImageRejected as err:
+            errors[i] = err.reason
+        except Exception as err:  # one image never stops the job: anything else is a reject
+            errors[i] = f"decode_error: {type(err).__name__}: {err}"
+    return DeviceDecoded(planes.permute(0, 2, 3, 1), errors, on_device)
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
 
@@ -563,8 +761,10 @@ class FeatureExtractor:
         batch = torch.as_tensor(pixels)
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected uint8 [B, H, W, 3], got {batch.dtype} {tuple(batch.shape)}")
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:  # on the device already (decoded there), or a CPU model
+            batch = batch.to(self.device)
         x = batch.permute(0, 3, 1, 2).float()
         x = (x - self._offset) * self._scale
         return x.contiguous(memory_format=torch.channels_last)

@@ -132,6 +132,20 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
         connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S, **kwargs)
 
 
+# Where the store is, which this module reads from the environment. Workers of an already
+# running cluster were started before a job's driver set them, so a job hands them on, once
+# for the whole job (csmn.pipeline.runtime.init_ray). Credentials never are: a runtime env is
+# shown by the dashboard and the job API, and workers find their own through the AWS chain
+# (instance role, profile, their environment).
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     return _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), region)

@@ -10,6 +10,12 @@ has no Ray in it)::
       --> map_batches(write one Parquet part per layer + a rejects part, CPU tasks)
       --> per-image outcomes back to the driver for the summary
 
+On GPUs (``--decode auto``; ``--decode actor`` anywhere) the first two maps are instead::
+
+      map_batches(read the bytes, check the size limits, CPU tasks)           encoded bytes
+      --> map_batches(actor: JPEGs decoded, resized and cropped on its GPU (nvJPEG), other
+                      formats and what nvJPEG refuses by PIL on its CPU; then ResNet-101)
+
 Output, for each layer in {pool5, res5c}: ``<root>/features/<layer>/part-<run>-<hash>.parquet``
 (schema ``features_<layer>``: image, feature) and ``<root>/features/<layer>/_meta.json``
 (weights, preprocessing, slots, the last run's counts; ``random_weights: true`` and a warning
@@ -30,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import uuid
@@ -49,12 +54,14 @@ from csmn.core.image_features import (
     FEATURE_DIM,
     LAYERS,
     RANDOM_WEIGHTS_WARNING,
+    DeviceDecoded,
     FeatureExtractor,
     ImageRejected,
     PreprocessConfig,
     WeightsInfo,
     WeightsUnavailable,
     decode_image,
+    decode_images_on_device,
     load_trunk,
     read_image_bytes,
     resolve_precision,
@@ -67,17 +74,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "extract_features"
 OK = "ok"
-# Where the store is, which the storage layer reads. Workers of an already running Ray were
-# started before the driver set them, so the job hands them on. Credentials are not handed
-# on: a runtime env is shown by the dashboard and the job API, and workers find their own
-# through the AWS chain (instance role, profile, their environment).
-_STORAGE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-)
 
 
 @dataclass
@@ -98,7 +94,16 @@ class ExtractConfig:
     actors: int = field(
         default=0, metadata={"help": "model actors; 0 = one per GPU, or 1 without GPUs"}
     )
-    device: str = field(default="auto", metadata={"help": "auto | cuda | cpu"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (GPU actors when the cluster has GPUs now, else CPU) | cuda "
+                          "(wait up to --gpu-wait-s for GPUs to join, then fail) | cpu"},
+    )
+    gpu_wait_s: float = field(
+        default=300.0,
+        metadata={"help": "with --device cuda: seconds to wait for the GPUs the actors need "
+                          "(--actors, at least 1) to join an autoscaling cluster"},
+    )
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16/fp16 autocast on GPU, fp32 on CPU) | ..."}
     )
@@ -109,7 +114,13 @@ class ExtractConfig:
         default=2.0, metadata={"help": "memory reserved per model actor (weights, activations)"}
     )
     decode_batch_size: int = field(default=32, metadata={"help": "images per decode batch"})
-    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode task"})
+    decode: str = field(
+        default="auto",
+        metadata={"help": "where images are decoded: auto (JPEGs in the model actors with "
+                          "nvJPEG when they have GPUs, else in CPU tasks) | tasks (CPU tasks) "
+                          "| actor (in the model actors, on their device, even a CPU)"},
+    )
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode (or read) task"})
     io_threads: int = field(default=8, metadata={"help": "concurrent image reads per task"})
     rows_per_part: int = field(default=256, metadata={"help": "images per output part"})
     resize_size: int = field(default=0, metadata={"help": "short side; 0 = the weights' (256)"})
@@ -137,6 +148,10 @@ class ExtractConfig:
             raise ValueError(f"layer must be pool5, res5c or both, got {self.layer!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.decode not in ("auto", "tasks", "actor"):
+            raise ValueError(f"decode must be auto, tasks or actor, got {self.decode!r}")
+        if self.gpu_wait_s < 0:
+            raise ValueError("gpu_wait_s must be >= 0")
         for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -218,6 +233,21 @@ def example_files(root: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_all(
+    images: list[str], max_bytes: int, io_threads: int
+) -> list[bytes | ImageRejected]:
+    """Every image's bytes, read by threads (they wait on storage), or why not."""
+
+    def read(uri: str) -> bytes | ImageRejected:
+        try:
+            return read_image_bytes(uri, max_bytes)
+        except ImageRejected as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(images)))) as pool:
+        return list(pool.map(read, images))
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], preprocess: PreprocessConfig, io_threads: int
 ) -> dict[str, np.ndarray]:
@@ -229,16 +259,7 @@ def decode_batch(
     crop = preprocess.crop_size
     pixels = np.zeros((len(images), crop, crop, 3), np.uint8)
     errors = [""] * len(images)
-
-    def read(uri: str) -> bytes | ImageRejected:
-        try:
-            return read_image_bytes(uri, preprocess.max_bytes)
-        except ImageRejected as err:
-            return err
-
-    with ThreadPoolExecutor(max_workers=min(io_threads, max(1, len(images)))) as pool:
-        contents = list(pool.map(read, images))
-    for i, data in enumerate(contents):
+    for i, data in enumerate(_read_all(images, preprocess.max_bytes, io_threads)):
         try:
             if isinstance(data, ImageRejected):
                 raise data
@@ -256,8 +277,30 @@ def decode_batch(
     return out
 
 
+def read_batch(
+    batch: dict[str, np.ndarray], max_bytes: int, io_threads: int
+) -> dict[str, np.ndarray]:
+    """CPU stage when the actors decode: the encoded bytes only (size limits checked while
+    reading), which are also several times smaller than the pixels of a large photo."""
+    images = [str(uri) for uri in batch["image"]]
+    contents = _read_all(images, max_bytes, io_threads)
+    out = {key: value for key, value in batch.items() if key != "image"}
+    out.update(
+        image=np.array(images, dtype=object),
+        data=np.array([b"" if isinstance(c, ImageRejected) else c for c in contents],
+                      dtype=object),
+        error=np.array([c.reason if isinstance(c, ImageRejected) else "" for c in contents],
+                       dtype=object),
+    )
+    return out
+
+
 class FeatureActor:
-    """Model stage: one ResNet-101 per actor (per GPU), loaded once, applied batch by batch."""
+    """Model stage: one ResNet-101 per actor (per GPU), loaded once, applied batch by batch.
+
+    Batches come with ``pixels`` (decoded by :func:`decode_batch`) or, with
+    ``decode_on_device``, with the encoded ``data`` of :func:`read_batch`, which the actor
+    decodes on its device (:func:`decode_images_on_device`, per ``preprocess``)."""
 
     def __init__(
         self,
@@ -270,9 +313,13 @@ class FeatureActor:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         torch_threads: int,
+        preprocess: PreprocessConfig | None = None,
+        decode_on_device: bool = False,
     ) -> None:
         import torch
 
+        if decode_on_device and preprocess is None:
+            raise ValueError("decoding on the device needs the preprocessing config")
         if not use_gpu and torch_threads > 0:
             # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1); on a CPU node the model
             # dominates the work, so it gets the cores while decode tasks interleave.
@@ -286,20 +333,65 @@ class FeatureActor:
             trunk, layers, "cuda" if use_gpu else "cpu", precision, mean, std, info
         )
         self.layers = layers
+        self.preprocess = preprocess
+        self.decode_on_device = decode_on_device
+
+    def _decode(self, batch: dict[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
+        """(planar pixels ``[N, 3, crop, crop]``, errors, where each image was decoded) of a
+        batch of encoded images."""
+        assert self.preprocess is not None
+        errors = [str(e) for e in batch["error"]]
+        readable = [i for i, e in enumerate(errors) if not e]
+        decoded: DeviceDecoded = decode_images_on_device(
+            [batch["data"][i] for i in readable], self.preprocess, self.extractor.device)
+        decoder = [""] * len(errors)
+        for j, i in enumerate(readable):
+            errors[i] = decoded.errors[j]
+            if not errors[i]:
+                decoder[i] = (f"torchvision-{self.extractor.device.type}"
+                              if decoded.on_device[j] else "pil")
+        import torch
+
+        crop = self.preprocess.crop_size
+        # planar, as decode_images_on_device makes them: the model's input is made from that
+        planes = torch.zeros((len(errors), 3, crop, crop), dtype=torch.uint8,
+                             device=self.extractor.device)
+        if readable:
+            planes[torch.as_tensor(readable, device=planes.device)] = \
+                decoded.pixels.permute(0, 3, 1, 2)
+        return planes, errors, decoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        errors = batch["error"]
+        if self.decode_on_device:
+            planes, error_list, decoder = self._decode(batch)
+            errors = np.array(error_list, dtype=object)
+            slots = self.preprocess.grid**2 if self.preprocess else 1
+        else:
+            errors = batch["error"]
+            decoder = ["" if e else "pil" for e in errors]
+            slots = _slots(batch["pixels"])
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
-        out = {key: value for key, value in batch.items() if key != "pixels"}
-        computed = self.extractor(batch["pixels"][ok]) if ok.any() else {}
+        out = {key: value for key, value in batch.items() if key not in ("pixels", "data")}
+        out["error"] = errors
+        out["decoded_on"] = np.array(decoder, dtype=object)
+        if not ok.any():
+            computed = {}
+        elif self.decode_on_device:
+            # rows picked from the planar memory, then seen as NHWC: no interleaving copy
+            import torch
+
+            rows = torch.as_tensor(ok, device=planes.device)
+            computed = self.extractor(planes[rows].permute(0, 2, 3, 1))
+        else:
+            computed = self.extractor(batch["pixels"][ok])
         for layer in self.layers:
             if layer in computed:
                 values = np.zeros((n, computed[layer].shape[1]), np.float32)
                 values[ok] = computed[layer]
             else:
-                width = FEATURE_DIM * (1 if layer == "pool5" else _slots(batch["pixels"]))
-                values = np.zeros((n, width), np.float32)
+                values = np.zeros((n, FEATURE_DIM * (1 if layer == "pool5" else slots)),
+                                  np.float32)
             out[layer] = values
         return out
 
@@ -342,7 +434,10 @@ def write_part(
         table = _features_table(layer, [images[i] for i in keep], batch[layer][keep], slots)
         storage.write_parquet(storage.join(layout.features_dir(root, layer), name), table)
     outcomes = [OK if not e else e.split(":", 1)[0].strip() for e in errors]
-    return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object)}
+    decoded_on = batch.get("decoded_on", np.array([""] * len(images), dtype=object))
+    return {"image": np.array(images, dtype=object), "outcome": np.array(outcomes, dtype=object),
+            "decoded_on": np.array([d if o == OK else "" for d, o in
+                                    zip(decoded_on, outcomes, strict=True)], dtype=object)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +445,7 @@ def write_part(
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_runtime_env() -> dict[str, Any] | None:
-    env = {key: os.environ[key] for key in _STORAGE_ENV if os.environ.get(key)}
-    return {"env_vars": env} if env else None
-
-
-def _read_image_columns(
-    groups: dict[str, list[str]], runtime_env: dict[str, Any] | None
-) -> dict[str, list[str | None]]:
+def _read_image_columns(groups: dict[str, list[str]]) -> dict[str, list[str | None]]:
     """The ``image`` column of every file of every group (examples, each layer's finished
     parts) in one Ray Data read, gathered on the driver by group."""
     import ray
@@ -369,7 +457,7 @@ def _read_image_columns(
     filesystem, _ = storage.resolve(uris[0])
     group_of = {storage.resolve(uri)[1]: name for name, files in groups.items() for uri in files}
     dataset = ray.data.read_parquet(
-        list(group_of), filesystem=filesystem, include_paths=True, runtime_env=runtime_env
+        list(group_of), filesystem=filesystem, include_paths=True
     ).select_columns(["image", "path"])
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         paths = batch.column("path").to_pylist()
@@ -452,7 +540,7 @@ def _write_meta(
     storage.write_json(layout.features_meta_uri(root, layer), meta)
 
 
-def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] | None) -> str:
+def _precision_name(requested: str, use_gpu: bool) -> str:
     """The autocast the actors will use, resolved where they run (the driver may have no GPU)."""
     import ray
     import torch
@@ -465,7 +553,7 @@ def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] |
     if requested != "auto" or torch.cuda.is_available():
         return name(resolve_precision(requested, torch.device("cuda")))
 
-    @ray.remote(num_gpus=1, num_cpus=0, runtime_env=runtime_env)
+    @ray.remote(num_gpus=1, num_cpus=0)
     def probe() -> str:
         import torch
 
@@ -474,15 +562,73 @@ def _precision_name(requested: str, use_gpu: bool, runtime_env: dict[str, Any] |
     return ray.get(probe.remote())
 
 
+class GpuUnavailable(RuntimeError):
+    """``--device cuda`` and the GPUs the actors need did not join the cluster in time."""
+
+
+# How often a wait for GPUs says where it stands.
+_GPU_WAIT_LOG_S = 30.0
+
+
+def _wait_for_gpus(needed: int, timeout_s: float) -> int:
+    """Wait until the cluster has ``needed`` GPUs; returns how many it has then.
+
+    A placement group of ``needed`` one-GPU bundles is what asks for them: a pending one is
+    resource demand the autoscaler scales up for (as the actor pool's pending actors would
+    be), it concerns this job only, and removing it frees the GPUs for the actors."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"GPU": 1}] * needed, strategy="PACK")
+    ready_ref = group.ready()
+    started = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - started
+            left = timeout_s - waited
+            if left <= 0:
+                break
+            ready, _ = ray.wait([ready_ref], timeout=min(_GPU_WAIT_LOG_S, left))
+            if ready:
+                gpus = int(ray.cluster_resources().get("GPU", 0))
+                log.info("--device cuda: %d GPU(s) in the cluster after %.0f s", gpus,
+                         time.monotonic() - started)
+                return gpus
+            log.info("--device cuda: waiting for %d GPU(s) to join the cluster, %d there "
+                     "now, %.0f s of --gpu-wait-s %.0f", needed,
+                     int(ray.cluster_resources().get("GPU", 0)),
+                     time.monotonic() - started, timeout_s)
+    finally:
+        remove_placement_group(group)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    raise GpuUnavailable(
+        f"--device cuda: the Ray cluster has {gpus} GPU(s) after {timeout_s:g} s of waiting "
+        f"for the {needed} the model actors need. Check that the cluster has a GPU worker "
+        f"group the autoscaler can start (and its quota), raise --gpu-wait-s for a slow "
+        f"start, or pass --device auto to run on CPUs."
+    )
+
+
 def _cluster_plan(config: ExtractConfig) -> tuple[bool, int, int, int]:
     """(use_gpu, actors, torch_threads, cpus) for the connected Ray cluster."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    if config.device == "cuda":
+        needed = config.actors or 1
+        if gpus < needed:
+            gpus = _wait_for_gpus(needed, config.gpu_wait_s)
+            resources = ray.cluster_resources()
+    elif config.device == "auto":
+        # An autoscaling cluster whose GPU group is still at zero runs on CPUs here, which
+        # is the behaviour asked for only if the user knew: say so.
+        if gpus:
+            log.info("--device auto: %d GPU(s) in the cluster: model actors on GPUs", gpus)
+        else:
+            log.info("--device auto: no GPU in the cluster now: model actors on CPUs "
+                     "(--device cuda waits up to --gpu-wait-s for GPUs to join)")
     cpus = max(1, int(resources.get("CPU", 1)))
-    if config.device == "cuda" and not gpus:
-        raise ValueError("--device cuda but the Ray cluster has no GPU")
     use_gpu = gpus > 0 and config.device != "cpu"
     actors = config.actors or (gpus if use_gpu else 1)
     if use_gpu and actors > gpus:
@@ -552,12 +698,12 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
 
 
 def _plan_images(root: str, layers: tuple[str, ...], files: list[str],
-                 runtime_env: dict[str, Any] | None, rejected_before: set[str]) -> ImagePlan:
+                 rejected_before: set[str]) -> ImagePlan:
     """Read the image columns of the examples and of the finished feature parts."""
     groups = {"examples": files}
     for layer in layers:
         groups[layer] = storage.list_files(layout.features_dir(root, layer), suffix=".parquet")
-    columns = _read_image_columns(groups, runtime_env)
+    columns = _read_image_columns(groups)
     references = columns["examples"]
     unique = sorted({uri for uri in references if uri})
     without_image = sum(1 for uri in references if not uri)
@@ -581,25 +727,40 @@ class Resources:
     threads: int
     cpus: int
     precision: str
+    # JPEGs decoded in the model actors, on their device, rather than in CPU tasks.
+    decode_in_actor: bool = False
+
+    @property
+    def decode(self) -> str:
+        device = "cuda" if self.use_gpu else "cpu"
+        return f"actor ({device}; other formats on its CPU)" if self.decode_in_actor \
+            else "tasks (cpu)"
 
 
 def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
-                     preprocess: PreprocessConfig, resources: Resources,
-                     runtime_env: dict[str, Any] | None) -> Any:
+                     preprocess: PreprocessConfig, resources: Resources) -> Any:
     """decode (CPU tasks) -> ResNet-101 (actor pool) -> write parts (CPU tasks)."""
     import ray
 
     layers = config.layers
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
     dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
-    dataset = dataset.map_batches(
-        decode_batch,
-        batch_size=config.decode_batch_size,
-        batch_format="numpy",
-        fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
-        num_cpus=config.decode_cpus,
-        runtime_env=runtime_env,
-    )
+    if resources.decode_in_actor:
+        dataset = dataset.map_batches(
+            read_batch,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"max_bytes": preprocess.max_bytes, "io_threads": config.io_threads},
+            num_cpus=config.decode_cpus,
+        )
+    else:
+        dataset = dataset.map_batches(
+            decode_batch,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
+            num_cpus=config.decode_cpus,
+        )
     dataset = dataset.map_batches(
         FeatureActor,
         batch_size=config.batch_size,
@@ -615,13 +776,14 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
             "mean": preprocess.mean,
             "std": preprocess.std,
             "torch_threads": resources.threads,
+            "preprocess": preprocess,
+            "decode_on_device": resources.decode_in_actor,
         },
         num_cpus=1,
         num_gpus=1 if resources.use_gpu else 0,
         # Also keeps Ray Data from fusing the decode tasks into the actor on CPU nodes
         # (it fuses maps whose resource requests are identical).
         memory=int(config.actor_memory_gb * 1024**3),
-        runtime_env=runtime_env,
     )
     return dataset.map_batches(
         write_part,
@@ -630,26 +792,31 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
         fn_kwargs={"root": config.data, "layers": layers, "run_id": run_id,
                    "slots": preprocess.grid**2},
         num_cpus=0.25,
-        runtime_env=runtime_env,
     )
 
 
-def _run_dataset(dataset: Any, stats: list[str] | None) -> tuple[Counter[str], set[str]]:
-    """(outcome counts, images seen) of the pipeline's per-image outcomes."""
+def _run_dataset(
+    dataset: Any, stats: list[str] | None
+) -> tuple[Counter[str], set[str], Counter[str]]:
+    """(outcome counts, images seen, written images by where they were decoded) of the
+    pipeline's per-image outcomes."""
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
+    decoded_on: Counter[str] = Counter()
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         outcomes.update(batch.column("outcome").to_pylist())
         seen.update(batch.column("image").to_pylist())
+        decoded_on.update(d for d in batch.column("decoded_on").to_pylist() if d)
     operator_stats = dataset.stats()
     log.debug("Ray Data stats:\n%s", operator_stats)
     if stats is not None:
         stats.append(operator_stats)
-    return outcomes, seen
+    return outcomes, seen, decoded_on
 
 
 def _summary(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo, resources: Resources,
-             outcomes: Counter[str], seen: set[str], seconds: float) -> dict[str, Any]:
+             outcomes: Counter[str], seen: set[str], seconds: float,
+             decoded_on: Counter[str] | None = None) -> dict[str, Any]:
     written = outcomes.pop(OK, 0)
     rejected_now = sum(outcomes.values())
     summary: dict[str, Any] = {
@@ -669,6 +836,11 @@ def _summary(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo, resource
         "random_weights": info.random,
         "device": "cuda" if resources.use_gpu else "cpu",
         "precision": resources.precision,
+        "decode": resources.decode,
+        # Written images by the decoder that made their pixels: torchvision's on the actor's
+        # device (torchvision-cuda: nvJPEG) or PIL's (the decode tasks, or the actor's
+        # fallback for PNG & co.).
+        "decoded_on": dict(sorted((decoded_on or Counter()).items())),
         "actors": resources.actors,
         "batch_size": config.batch_size,
         "seconds": round(seconds, 2),
@@ -696,7 +868,6 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     started = time.time()
     root, layers = config.data, config.layers
     preprocess = config.preprocess()
-    runtime_env = _worker_runtime_env()
     info = _load_weights(config)
     files = example_files(root)
     if not files:
@@ -704,25 +875,29 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     rejected_before = _prepare_outputs(config, info, preprocess)
 
     init_ray()
-    plan = _plan_images(root, layers, files, runtime_env, rejected_before)
+    # Before the scan: a missing GPU fails (or is waited for) first.
     use_gpu, actors, threads, cpus = _cluster_plan(config)
+    plan = _plan_images(root, layers, files, rejected_before)
+    decode_in_actor = config.decode == "actor" or (config.decode == "auto" and use_gpu)
     resources = Resources(use_gpu, actors, threads, cpus,
-                          _precision_name(config.precision, use_gpu, runtime_env))
+                          _precision_name(config.precision, use_gpu), decode_in_actor)
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "running")
     log.info(
         "%d example rows, %d unique images: %d already have features, %d rejected before, "
-        "%d to compute on %d %s actor(s), batch %d",
+        "%d to compute on %d %s actor(s), batch %d, decoded in %s",
         len(plan.references), len(plan.unique), len(plan.already_done),
         len(plan.previously_rejected), len(plan.todo), actors,
-        "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size,
+        "GPU" if use_gpu else f"CPU ({threads} threads)", config.batch_size, resources.decode,
     )
     outcomes: Counter[str] = Counter()
     seen: set[str] = set()
+    decoded_on: Counter[str] = Counter()
     if plan.todo:
-        dataset = _feature_dataset(config, plan, info, preprocess, resources, runtime_env)
-        outcomes, seen = _run_dataset(dataset, stats)
-    summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started)
+        dataset = _feature_dataset(config, plan, info, preprocess, resources)
+        outcomes, seen, decoded_on = _run_dataset(dataset, stats)
+    summary = _summary(config, plan, info, resources, outcomes, seen, time.time() - started,
+                       decoded_on)
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "complete",
                     summary)
@@ -745,6 +920,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  already had features: {summary['already_done']}, "
         f"rejected by an earlier run: {summary['previously_rejected']}",
         f"  computed now: {summary['written']}, rejected now: {summary['rejected']} ({codes})",
+        f"  decoded in {summary['decode']}: "
+        + (", ".join(f"{k} {v}" for k, v in summary["decoded_on"].items()) or "nothing"),
         f"  images in = done before + rejected before + written + rejected: "
         f"{summary['images']} = {summary['already_done']} + {summary['previously_rejected']} + "
         f"{summary['written']} + {summary['rejected']}",
@@ -772,7 +949,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         config = config_from_args(ExtractConfig, args, args.config, section=args.config_section)
         summary = run_extract(config)
-    except (WeightsUnavailable, ValueError) as err:
+    except (WeightsUnavailable, GpuUnavailable, ValueError) as err:
         print(f"csmn extract-features: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -6,13 +6,16 @@ on a laptop and on a cluster unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from csmn.data.storage import TransientStorageError
+from csmn.data.storage import STORAGE_ENV_VARS, TransientStorageError
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +58,49 @@ def ensure_private_token() -> Path | None:
     return path
 
 
+# Set by `ray job submit` for the driver: the job's config, its runtime env included.
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The runtime env this driver adds for every worker of its job: the storage variables
+    it has (:data:`csmn.data.storage.STORAGE_ENV_VARS`), once for the whole job. A runtime
+    env given per task or per read instead makes Ray start a separate worker pool for it.
+
+    Under ``ray job submit`` the job's own runtime env already reaches every worker, and Ray
+    refuses a ``ray.init`` env that names one of its variables again: those are left out.
+    None when nothing is left to add."""
+    environ = os.environ if environ is None else environ
+    submitted: dict[str, Any] = {}
+    if environ.get(_JOB_CONFIG_ENV):
+        try:
+            config = json.loads(environ[_JOB_CONFIG_ENV])
+            submitted = (config.get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            log.warning("unreadable %s; handing no storage variables on", _JOB_CONFIG_ENV)
+            return None
+    env = {key: environ[key] for key in STORAGE_ENV_VARS
+           if environ.get(key) and key not in submitted}
+    return {"env_vars": env} if env else None
+
+
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start Ray in this process (once)."""
+    """Connect to ``RAY_ADDRESS`` if set, else start Ray in this process (once).
+
+    On a cluster the storage variables go to every worker of the job through the job's
+    runtime env (:func:`job_runtime_env`). An in-process Ray needs none: its workers are
+    children of this process's raylet and inherit this environment."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        runtime_env = job_runtime_env()
+        log.info("connecting to the Ray cluster at %s%s", address,
+                 f" (storage settings for the job's workers: "
+                 f"{', '.join(sorted(runtime_env['env_vars']))})" if runtime_env else "")
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return
     log.info("starting an in-process Ray (set RAY_ADDRESS to use a cluster)")
     ensure_private_token()

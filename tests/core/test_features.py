@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 from csmn.core.image_features import (
     FEATURE_DIM,
@@ -25,6 +25,8 @@ from csmn.core.image_features import (
     WeightsUnavailable,
     build_resnet101_trunk,
     decode_image,
+    decode_images_on_device,
+    exif_orient,
     load_image,
     load_state_dict,
     load_trunk,
@@ -135,6 +137,119 @@ def test_each_kind_of_bad_image_is_rejected_with_its_code(tmp_path) -> None:
     path = tmp_path / "ok.jpg"
     path.write_bytes(jpeg)
     assert load_image(str(path), TINY).shape == (56, 56, 3)
+
+
+# --- decoding on the model's device (run here with device="cpu") ----------------------------
+
+
+def _photo(width: int, height: int, seed: int = 0, mode: str = "RGB", **save) -> bytes:
+    """A smooth image with edges (gradients and a bright square), closer to a photo than
+    noise, as JPEG."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
+                       ((x + y) * 3) % 256], axis=-1).astype(np.uint8)
+    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    pixels[top:top + height // 3, left:left + width // 3] = (250, 240, 10)
+    image = Image.fromarray(pixels)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def test_device_decode_matches_the_cpu_decode() -> None:
+    """The same crops as decode_image, to a grey level or two. Why that tolerance: on the CPU
+    torchvision's decode_jpeg and PIL both run libjpeg-turbo with the same settings, so the
+    decoded pixels are equal (the images below that need no resize come out identical);
+    what differs is the resize: PIL's antialiased bilinear and torch's uint8 kernel
+    (interpolate, antialias=True, the one torchvision's resize uses) apply the same
+    triangle filter in fixed point with their own weights' precision and rounding, in two
+    passes (rows, columns), so a value can land one level off (measured: 0.3-3% of values
+    at 640x480 -> 256, 120x80 -> 64), rarely two where both passes round apart (one value
+    in 10^4 at 120x80). On a GPU torch resizes in float32 and nvJPEG has
+    its own IDCT and chroma upsampling: a few levels more, measured by
+    ``bench/features.py --decode-compare --device cuda``."""
+    config = PreprocessConfig()
+    sizes = [(640, 480), (480, 640), (1000, 750), (300, 300), (257, 256), (256, 400),
+             (2000, 1500), (256, 256)]
+    contents = [_photo(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    contents.append(_photo(400, 300, seed=9, mode="L"))  # grey JPEGs come out as RGB
+    contents.append(_image_bytes(400, 300, seed=3))  # noise: the resize's worst case
+    out = decode_images_on_device(contents, config, "cpu")
+    assert out.errors == [""] * len(contents) and all(out.on_device)
+    assert out.pixels.shape == (len(contents), 224, 224, 3) and out.pixels.dtype == torch.uint8
+    for i, data in enumerate(contents):
+        reference = decode_image(data, config).astype(np.int16)
+        diff = np.abs(out.pixels[i].numpy().astype(np.int16) - reference)
+        assert diff.max() <= 2 and diff.mean() < 0.05, (i, diff.max(), diff.mean())
+        assert (diff > 1).mean() < 1e-3
+    for index in (4, 7):  # short side already 256, long side unchanged: no resize at all
+        np.testing.assert_array_equal(out.pixels[index].numpy(),
+                                      decode_image(contents[index], config))
+    # chunks of a few images give the same pixels
+    chunked = decode_images_on_device(contents, config, "cpu", max_pixels_at_once=600_000)
+    assert torch.equal(chunked.pixels, out.pixels)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decode_turns_exif_orientations_upright(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _photo(120, 80, seed=orientation, exif=exif.tobytes())
+    out = decode_images_on_device([data], TINY, "cpu")
+    assert out.errors == [""] and out.on_device == [True]
+    diff = np.abs(out.pixels[0].numpy().astype(int) - decode_image(data, TINY).astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05 and (diff > 1).mean() < 1e-3
+    # each of the eight as PIL's transpose of the same array (exact, no resize involved)
+    pixels = np.arange(5 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3) * 5
+    expected = np.asarray(ImageOps.exif_transpose(_with_orientation(pixels, orientation)))
+    got = exif_orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int) -> Image.Image:
+    image = Image.fromarray(pixels)
+    image.getexif()[0x0112] = orientation
+    return image
+
+
+def test_device_decode_falls_back_to_the_cpu_and_rejects_like_it() -> None:
+    """PNGs, CMYK JPEGs and JPEGs with bytes after their end go through decode_image (and
+    come out exactly as it makes them); each bad image gets decode_image's reject code; the
+    good images of the same batch are unharmed."""
+    jpeg = _photo(120, 100)
+    buffer = io.BytesIO()
+    Image.new("CMYK", (90, 70), (10, 200, 30, 5)).save(buffer, format="JPEG")
+    good_fallback = [_image_bytes(90, 70, fmt="PNG"), buffer.getvalue(), jpeg + b"trailing"]
+    bad = {
+        "empty_file": b"",
+        "not_an_image": b"<html>not an image</html>",
+        "truncated_image": jpeg[: len(jpeg) // 2],
+        "image_too_large": _png_header_only(30_000, 30_000),
+    }
+    # a JPEG header claiming more pixels than allowed is refused before any decode
+    huge = PreprocessConfig(64, 56, max_pixels=100 * 100)
+    too_many = decode_images_on_device([_photo(120, 100)], huge, "cpu")
+    assert too_many.errors[0].startswith("image_too_large: ") and not too_many.on_device[0]
+    # a JPEG whose scan is garbage between an intact header and its end marker
+    scrambled = jpeg[:600] + bytes(range(256)) * 8 + jpeg[-2:]
+    contents = [jpeg, *good_fallback, *bad.values(), scrambled, jpeg]
+    out = decode_images_on_device(contents, TINY, "cpu")
+    assert out.on_device[0] and out.on_device[-1] and out.errors[0] == out.errors[-1] == ""
+    for i in range(1, 1 + len(good_fallback)):
+        assert out.errors[i] == "" and not out.on_device[i]
+        np.testing.assert_array_equal(out.pixels[i].numpy(), decode_image(contents[i], TINY))
+    for offset, code in enumerate(bad):
+        i = 1 + len(good_fallback) + offset
+        assert out.errors[i].startswith(f"{code}: ") and not out.on_device[i], out.errors[i]
+        assert not out.pixels[i].any()
+    # torchvision refuses the scrambled one too, and decode_image names why
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(scrambled, TINY)
+    assert out.errors[-2].startswith(f"{caught.value.code}: ") and not out.on_device[-2]
+    assert decode_images_on_device([], TINY, "cpu").pixels.shape == (0, 56, 56, 3)
 
 
 # --- model -----------------------------------------------------------------------------------

@@ -217,3 +217,102 @@ def test_clear_errors_before_any_work(tmp_path, capsys) -> None:
     assert main(["--data", root, "--layer", "fc7", "--weights", "random"]) == 2
     assert "layer must be" in capsys.readouterr().err
     assert not storage.exists(storage.join(root, "features"))
+
+
+def test_device_cuda_waits_for_gpus_then_says_so(ray_session, tmp_path, capsys, caplog) -> None:
+    """The test cluster has no GPU and never will: --device cuda waits --gpu-wait-s for one
+    to join (an autoscaling cluster's GPU group starts from zero), then fails clearly,
+    before any image is read, and gives back what it asked for."""
+    import logging
+    import time
+
+    root = str(tmp_path / "data")
+    _write_archive(root, good=1, bad=False)
+    argv = ["--data", root, "--weights", "random", "--device", "cuda", "--gpu-wait-s", "1.5"]
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="csmn.pipeline.extract"):
+        assert main(argv) == 2
+    assert 1.5 <= time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "0 GPU(s) after 1.5 s" in err and "--gpu-wait-s" in err
+    assert "waiting for 1 GPU(s)" in caplog.text
+    assert not storage.exists(storage.join(root, "features"))
+    # the placement group that asked for the GPU is gone, not left pending
+    from ray.util import placement_group_table
+
+    assert all(group["state"] == "REMOVED" for group in placement_group_table().values())
+    with pytest.raises(ValueError, match="gpu_wait_s"):
+        _config(root, gpu_wait_s=-1)
+
+
+def test_device_auto_on_cpus_says_which_it_chose(ray_session, tmp_path, caplog) -> None:
+    import logging
+
+    from csmn.pipeline.extract import _cluster_plan
+
+    with caplog.at_level(logging.INFO, logger="csmn.pipeline.extract"):
+        use_gpu, actors, _, _ = _cluster_plan(_config(str(tmp_path)))
+    assert (use_gpu, actors) == (False, 1)
+    assert "--device auto: no GPU in the cluster now: model actors on CPUs" in caplog.text
+
+
+def test_storage_settings_go_to_the_job_once_not_to_each_task() -> None:
+    """What init_ray gives ray.init for the whole job: the store's location, never its
+    credentials, and nothing that `ray job submit`'s own runtime env already sets (Ray
+    refuses a ray.init env that repeats one of the job's variables)."""
+    from csmn.pipeline.runtime import job_runtime_env
+
+    environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+               "AWS_SECRET_ACCESS_KEY": "secret", "AWS_ACCESS_KEY_ID": "key", "HOME": "/x"}
+    assert job_runtime_env(environ) == {
+        "env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}}
+    submitted = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"},
+                                 "working_dir": "gcs://x.zip"}}
+    environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(submitted)
+    assert job_runtime_env(environ) == {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}
+    assert job_runtime_env({"HOME": "/x"}) is None
+    # and no stage of the job carries a runtime env of its own any more
+    source = open(os.path.join(os.path.dirname(__file__), "..", "..", "csmn", "pipeline",
+                               "extract.py")).read()
+    assert "runtime_env" not in source
+
+
+def test_actors_decode_jpegs_on_their_device_and_the_rest_on_their_cpu(
+    ray_session, tmp_path
+) -> None:
+    """--decode actor: the read tasks ship bytes, the model actor decodes the JPEGs with
+    torchvision on its device (here a CPU: the same code that runs nvJPEG on a GPU) and the
+    PNG with PIL; the bad images are the same rejects as with CPU decode tasks, and the
+    features are those of the CPU decode within what one grey level of resize rounding
+    moves them (tests/core/test_features.py)."""
+    roots = {mode: str(tmp_path / mode) for mode in ("actor", "tasks")}
+    summaries, features = {}, {}
+    for mode, root in roots.items():
+        good, bad = _write_archive(root, good=4)
+        png = storage.join(root, "images", "good-png.png")
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((60, 75, 3), (20, 140, 220), np.uint8)).save(buffer, "PNG")
+        storage.write_bytes(png, buffer.getvalue())
+        table = pa.table({"user_id": ["u9"], "post_id": ["png-0"], "image": [png]})
+        storage.write_parquet(storage.join(root, "examples", "post", "train", "part-1.parquet"),
+                              table)
+        summaries[mode] = run_extract(_config(root, decode=mode, rows_per_part=3))
+        features[mode] = dict(zip(*read_features(root, "pool5"), strict=True))
+        assert summaries[mode]["written"] == len(good) + 1 and summaries[mode]["balanced"]
+        assert summaries[mode]["rejects_by_code"] == {code: 1 for code in bad.values()}
+        rejects = read_rejects(root, "extract_features")
+        assert {row["record_id"]: row["reason"].split(":")[0] for row in rejects} == bad
+    assert summaries["actor"]["decoded_on"] == {"pil": 1, "torchvision-cpu": 4}
+    assert summaries["actor"]["decode"].startswith("actor (cpu")
+    assert summaries["tasks"]["decoded_on"] == {"pil": 5}
+    assert summaries["tasks"]["decode"] == "tasks (cpu)"
+    relative = lambda path: path.split("/images/", 1)[1]  # noqa: E731
+    actor = {relative(k): v for k, v in features["actor"].items()}
+    tasks = {relative(k): v for k, v in features["tasks"].items()}
+    assert sorted(actor) == sorted(tasks)
+    for name, vector in tasks.items():
+        scale = np.abs(vector).max()
+        # measured: 0.5% of the largest value apart (seeded random weights, 56 crop)
+        np.testing.assert_allclose(actor[name] / scale, vector / scale, atol=0.02)
+        if name.endswith(".png"):  # the same decoder: the same features
+            np.testing.assert_allclose(actor[name], vector, rtol=1e-5, atol=1e-5)

@@ -102,3 +102,19 @@ def load_bytes(data: bytes) -> np.ndarray:
 def test_allowed_formats_decode(fmt):
     pixels = load_bytes(_encoded(RGB.convert("P") if fmt == "GIF" else RGB, fmt))
     assert pixels.shape == (32, 32, 3) and abs(int(pixels[..., 0].mean()) - 200) < 20
+
+
+def test_the_device_decoder_rejects_each_with_the_same_code():
+    """The GPU actors' decode path (here on the CPU: the same torchvision code) gives every
+    hostile file decode_image's reject code, all of them in one batch with a good JPEG that
+    stays good."""
+    from csmn.core.image_features import decode_images_on_device
+
+    kinds = sorted(BAD_IMAGES)
+    out = decode_images_on_device([JPEG] + [BAD_IMAGES[k][0] for k in kinds], CONFIG, "cpu")
+    assert out.errors[0] == "" and out.on_device[0]
+    assert abs(int(out.pixels[0, ..., 0].float().mean()) - 200) < 20
+    got = {kind: error.split(":")[0] for kind, error in zip(kinds, out.errors[1:], strict=True)}
+    assert got == {kind: BAD_IMAGES[kind][1] for kind in kinds}
+    assert not any(out.on_device[1:]) and not out.pixels[1:].any()
+    reliability_tally.balance(len(kinds) + 1, 1, len(kinds))
