@@ -12,7 +12,8 @@ preprocessing drops duplicates), so a repeated tag is a step the model wastes; f
 gives the step's probability to the other tags, the model's distribution conditioned on what
 every real list satisfies. Measured on the niche archive split by users (README), the model
 repeats its first tags (9 steps, 3 distinct tags on average), and blocking raises CSMN-P5's
-F1 from 0.125 to 0.175 on the same checkpoint.
+F1 from 0.125 to 0.175 on the same checkpoint. ``max_run=k`` forbids a word a (k+1)-th
+time in a row (post texts: ``so so so``).
 
 ``_PAD``, ``_GO`` and ``_UNK`` are never emitted (``NEVER_EMITTED_IDS``): padding and the start
 symbol are not words, and ``_UNK`` is a guess that is always wrong, so the step takes the most

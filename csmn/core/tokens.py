@@ -21,10 +21,11 @@ NEVER_EMITTED_IDS = (PAD_ID, GO_ID, UNK_ID)
 # Markers that never belong to a scored prediction (``_UNK`` stays: it is a wrong guess).
 MARKERS = frozenset({PAD, GO, EOS})
 
-# What decoding does about repeated words (csmn.core.decoding). ``block``: a hashtag list
-# never holds a tag twice and a post text never a word three times in a row, as no list or
-# caption preprocessing keeps does; ``paper``: duplicate hashtags removed after decoding (4.2),
-# post texts as decoded.
+# What decoding does about repeated words (csmn.core.decoding). ``block`` forbids, while
+# decoding, a hashtag a list already holds and a word a third time in a row in a post text:
+# no tag list preprocessing keeps holds a tag twice, and a real caption hardly ever a word
+# three times in a row (none of the synthetic archive's). ``paper``: duplicate hashtags
+# removed after decoding (4.2), post texts as decoded.
 BLOCK, PAPER = "block", "paper"
 REPEAT_RULES = (BLOCK, PAPER)
 # The longest run of one word a post text may hold under ``block``.
