@@ -378,6 +378,18 @@ def _device_jpeg(data: bytes, config: PreprocessConfig) -> tuple[int, int, int] 
     return width, height, orientation if orientation in range(1, 9) else 1
 
 
+def decode_image_or_reason(data: bytes, config: PreprocessConfig
+                           ) -> tuple[np.ndarray | None, str]:
+    """(pixels, "") of :func:`decode_image`, or (None, the reject reason): one image never
+    stops a job, so anything it raises is a reject too."""
+    try:
+        return decode_image(data, config), ""
+    except ImageRejected as err:
+        return None, err.reason
+    except Exception as err:
+        return None, f"decode_error: {type(err).__name__}: {err}"
+
+
 def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """``[C, H, W]`` as ``PIL.ImageOps.exif_transpose`` turns an image of that EXIF
     orientation (1-8) upright."""
@@ -508,12 +520,9 @@ def decode_images_on_device(
             planes[i] = resize_and_crop_tensor(exif_orient(image, orientation), config)
             on_device[i] = True
     for i in sorted(fallback):
-        try:
-            planes[i] = torch.from_numpy(decode_image(contents[i], config)).permute(2, 0, 1)
-        except ImageRejected as err:
-            errors[i] = err.reason
-        except Exception as err:  # one image never stops the job: anything else is a reject
-            errors[i] = f"decode_error: {type(err).__name__}: {err}"
+        pixels, errors[i] = decode_image_or_reason(contents[i], config)
+        if pixels is not None:
+            planes[i] = torch.from_numpy(pixels).permute(2, 0, 1)
     return DeviceDecoded(planes.permute(0, 2, 3, 1), errors, on_device)
 
 

@@ -60,7 +60,7 @@ from csmn.core.image_features import (
     PreprocessConfig,
     WeightsInfo,
     WeightsUnavailable,
-    decode_image,
+    decode_image_or_reason,
     decode_images_on_device,
     load_trunk,
     read_image_bytes,
@@ -260,14 +260,12 @@ def decode_batch(
     pixels = np.zeros((len(images), crop, crop, 3), np.uint8)
     errors = [""] * len(images)
     for i, data in enumerate(_read_all(images, preprocess.max_bytes, io_threads)):
-        try:
-            if isinstance(data, ImageRejected):
-                raise data
-            pixels[i] = decode_image(data, preprocess)
-        except ImageRejected as err:
-            errors[i] = err.reason
-        except Exception as err:  # one image never stops the job: anything else is a reject
-            errors[i] = f"decode_error: {type(err).__name__}: {err}"
+        if isinstance(data, ImageRejected):
+            errors[i] = data.reason
+            continue
+        decoded, errors[i] = decode_image_or_reason(data, preprocess)
+        if decoded is not None:
+            pixels[i] = decoded
     out = {key: value for key, value in batch.items() if key != "image"}
     out.update(
         image=np.array(images, dtype=object),
