@@ -743,22 +743,16 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
     layers = config.layers
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
     dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
-    if resources.decode_in_actor:
-        dataset = dataset.map_batches(
-            read_batch,
-            batch_size=config.decode_batch_size,
-            batch_format="numpy",
-            fn_kwargs={"max_bytes": preprocess.max_bytes, "io_threads": config.io_threads},
-            num_cpus=config.decode_cpus,
-        )
-    else:
-        dataset = dataset.map_batches(
-            decode_batch,
-            batch_size=config.decode_batch_size,
-            batch_format="numpy",
-            fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads},
-            num_cpus=config.decode_cpus,
-        )
+    # The CPU stage reads the bytes; it also decodes unless the actors do.
+    stage, options = ((read_batch, {"max_bytes": preprocess.max_bytes})
+                      if resources.decode_in_actor else (decode_batch, {"preprocess": preprocess}))
+    dataset = dataset.map_batches(
+        stage,
+        batch_size=config.decode_batch_size,
+        batch_format="numpy",
+        fn_kwargs={**options, "io_threads": config.io_threads},
+        num_cpus=config.decode_cpus,
+    )
     dataset = dataset.map_batches(
         FeatureActor,
         batch_size=config.batch_size,
