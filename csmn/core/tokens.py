@@ -28,6 +28,8 @@ MARKERS = frozenset({PAD, GO, EOS})
 # removed after decoding (4.2), post texts as decoded.
 BLOCK, PAPER = "block", "paper"
 REPEAT_RULES = (BLOCK, PAPER)
+REPEATS_HELP = ("repeated words: block (no hashtag twice, no word 3 times in a row, while "
+                "decoding) | paper (duplicate hashtags removed after, 4.2)")
 # The longest run of one word a post text may hold under ``block``.
 POST_MAX_RUN = 2
 

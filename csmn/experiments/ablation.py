@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from csmn.config import config_from_args, config_parser
-from csmn.core.tokens import BLOCK, task_rules
+from csmn.core.tokens import BLOCK, REPEATS_HELP, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import BY_POSTS_TASK, LAYERS, POST, SPLIT_FAMILIES, canonical_task
@@ -133,9 +133,7 @@ class AblationConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per training worker"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per decoding actor"})
     use_gpu: bool = False
-    repeats: str = field(default=BLOCK, metadata={
-        "help": "repeated words: block (no hashtag twice, no word 3 times in a row, while "
-                "decoding) | paper (duplicate hashtags removed after, 4.2)"})
+    repeats: str = field(default=BLOCK, metadata={"help": REPEATS_HELP})
     experiment: str = field(default="", metadata={
         "help": "MLflow experiment (default csmn-<task>-ablation)"})
     out: str = field(default="", metadata={

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn.config import config_from_args, config_parser, config_to_dict, redact_text
-from csmn.core.tokens import BLOCK, task_rules
+from csmn.core.tokens import BLOCK, REPEATS_HELP, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import (
@@ -80,9 +80,7 @@ class EvaluateConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per decoding actor"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per decoding actor"})
     beam_width: int = field(default=1, metadata={"help": "1 = greedy, the paper's decoding"})
-    repeats: str = field(default=BLOCK, metadata={
-        "help": "repeated words: block (no hashtag twice, no word 3 times in a row, while "
-                "decoding) | paper (duplicate hashtags removed after, 4.2)"})
+    repeats: str = field(default=BLOCK, metadata={"help": REPEATS_HELP})
     seed: int = field(default=0, metadata={"help": "seed of 1NN-Usr's random post"})
     report_examples: int = field(default=8, metadata={"help": "example predictions shown"})
     report_users: int = field(default=10, metadata={"help": "users shown in the markdown"})
