@@ -306,10 +306,13 @@ def rig_logits(model, preferences: dict[int, float]):
 
 
 def train_tiny_model(root: str, task: str, out: str, steps: int, seed: int = 0,
-                     max_length: int | None = None, inputs: dict[str, Any] | None = None) -> str:
+                     max_length: int | None = None, inputs: dict[str, Any] | None = None,
+                     unpaired: bool = False) -> str:
     """A tiny model trained by a plain full-batch loop on the root's pool5 training split
     (steps=0: untrained), saved as a checkpoint at ``out`` (with ``inputs``, as the trainer
-    records them)."""
+    records them). ``unpaired``: each post's image and context come with another post's
+    words, so the model learns which words are frequent and how long posts are, not what
+    an image or a user says."""
     import dataclasses
 
     import torch
@@ -332,6 +335,10 @@ def train_tiny_model(root: str, task: str, out: str, steps: int, seed: int = 0,
                            "context_ids": [r["context_ids"] for r in rows],
                            "feature": [features[r["image"]] for r in rows]},
                           config.context_size, config.max_length)
+    if unpaired:
+        others = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        for key in ("input_ids", "targets"):
+            batch[key] = batch[key][others]
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(steps):
         optimizer.zero_grad()

@@ -15,6 +15,11 @@ repeats its first tags (9 steps, 3 distinct tags on average), and blocking raise
 F1 from 0.125 to 0.175 on the same checkpoint. ``max_run=k`` forbids a word a (k+1)-th
 time in a row (post texts: ``so so so``).
 
+The paper ends a sequence when ``_EOS`` is the most probable token (4.2). ``eos_threshold=p``
+ends it once P(_EOS) >= p and otherwise takes the most probable word: with many plausible
+words the paper's rule ends a list when _EOS beats each of them alone, though the model puts
+most of the step's probability on going on (csmn.core.tokens, the stop rules).
+
 ``_PAD``, ``_GO`` and ``_UNK`` are never emitted (``NEVER_EMITTED_IDS``): padding and the start
 symbol are not words, and ``_UNK`` is a guess that is always wrong, so the step takes the most
 probable real word instead. ``banned_ids`` adds to them, it never lifts them.
@@ -22,6 +27,7 @@ probable real word instead. ``banned_ids`` adds to them, it never lifts them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,7 +67,8 @@ def dedupe(token_ids: Sequence[int]) -> list[int]:
 
 
 def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int],
-               block_repeats: bool, max_run: int | None = None) -> Tensor:
+               block_repeats: bool, max_run: int | None = None,
+               eos_threshold: float | None = None) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs[:, sorted(set(NEVER_EMITTED_IDS) | set(banned_ids))] = float("-inf")
     if block_repeats and history is not None and history.shape[1] > 0:
@@ -72,6 +79,16 @@ def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int]
         run = (last == last[:, :1]).all(dim=1)
         rows = run.nonzero().squeeze(1)
         log_probs[rows, last[rows, 0]] = float("-inf")
+    if eos_threshold is not None:
+        # P(_EOS) among the tokens still allowed: the bans condition the distribution. A row
+        # with no word left allowed ends.
+        eos = log_probs[:, EOS_ID].clone()
+        log_probs[:, EOS_ID] = float("-inf")
+        no_word = log_probs.amax(dim=-1) == float("-inf")
+        allowed = torch.logaddexp(torch.logsumexp(log_probs, dim=-1), eos)
+        ending = ((eos - allowed) >= math.log(eos_threshold)) | no_word
+        log_probs[ending] = float("-inf")
+        log_probs[:, EOS_ID] = torch.where(ending, eos, float("-inf"))
     return log_probs
 
 
@@ -88,9 +105,12 @@ def _finish(history: Tensor, scores: Tensor, lengths: Tensor,
 def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                   max_length: int | None = None, *, block_repeats: bool = False,
                   dedupe_tokens: bool = False, max_run: int | None = None,
+                  eos_threshold: float | None = None,
                   banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
     """The paper's inference: the most probable word at every step, for a batch of posts
-    (``max_run``: a word never more than that many times in a row; None: no limit).
+    (``max_run``: a word never more than that many times in a row; None: no limit;
+    ``eos_threshold``: end a post once P(_EOS) reaches it, else take the best word; None:
+    once _EOS is the most probable token, as the paper).
     Posts that have emitted ``_EOS`` leave the batch once half of it is done, so the last
     steps cost only what the unfinished posts need."""
     max_length = _check_length(model, max_length)
@@ -107,7 +127,7 @@ def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | Non
     for step in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
         log_probs = _log_probs(logits, history[rows, :step], banned_ids, block_repeats,
-                               max_run)
+                               max_run, eos_threshold)
         best, token = log_probs.max(dim=-1)
         live = alive.nonzero().squeeze(1)
         posts = rows[live]
@@ -134,8 +154,11 @@ def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                 beam_width: int = 5, max_length: int | None = None, *,
                 block_repeats: bool = False, dedupe_tokens: bool = False,
                 length_penalty: float = 0.0, max_run: int | None = None,
+                eos_threshold: float | None = None,
                 banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
     """Beam search over a batch of posts (beam_width hypotheses each, all in one batch).
+    ``eos_threshold`` as in greedy decoding, per hypothesis: one whose P(_EOS) reaches it can
+    only end, any other can only go on.
     A finished hypothesis keeps its score and competes with the open ones; the answer is the
     best of the final beams by ``score / length ** length_penalty`` (0: plain log-probability,
     so beam width 1 is greedy decoding)."""
@@ -161,7 +184,8 @@ def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
     base = (torch.arange(batch, device=device) * width).unsqueeze(1)
     for _ in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
-        log_probs = _log_probs(logits, history, banned_ids, block_repeats, max_run)
+        log_probs = _log_probs(logits, history, banned_ids, block_repeats, max_run,
+                               eos_threshold)
         # A finished hypothesis extends only by padding, at no cost.
         log_probs[finished] = float("-inf")
         log_probs[finished, PAD_ID] = 0.0

@@ -12,7 +12,9 @@ back into words exist once:
   that is a special token never becomes a word;
 - a hashtag list holds each tag once and a post text no word three times in a row: such
   repeats are forbidden while decoding (``repeats="block"``), or, as the paper's 4.2 does,
-  duplicate hashtags are removed afterwards (``repeats="paper"``; csmn.core.tokens).
+  duplicate hashtags are removed afterwards (``repeats="paper"``; csmn.core.tokens);
+- a sequence ends once P(_EOS) >= 1/2 (``stop="likely"``), or when _EOS is the most probable
+  token, as the paper's 4.2 (``stop="paper"``; csmn.core.tokens).
 
 Only torch and numpy: the predictor runs in a Ray actor, an MLflow model server or a plain
 process alike.
@@ -29,7 +31,7 @@ import torch
 
 from csmn.core.checkpoint import LoadedCheckpoint, load_checkpoint
 from csmn.core.decoding import decode, dedupe
-from csmn.core.tokens import BLOCK, FIRST_WORD_ID, task_rules
+from csmn.core.tokens import BLOCK, FIRST_WORD_ID, LIKELY, task_rules
 
 
 @dataclass
@@ -50,10 +52,11 @@ class Predictor:
 
     ``device``: ``cpu`` or ``cuda``; ``batch_size``: posts per decoding batch (a larger input
     is decoded in several); ``beam_width``: 1 is greedy decoding, the paper's;
-    ``repeats``: ``block`` or ``paper`` (csmn.core.tokens.task_rules)."""
+    ``repeats``: ``block`` or ``paper``; ``stop``: ``likely`` or ``paper``
+    (csmn.core.tokens.task_rules)."""
 
     def __init__(self, loaded: LoadedCheckpoint, *, device: str = "cpu", batch_size: int = 256,
-                 beam_width: int = 1, repeats: str = BLOCK):
+                 beam_width: int = 1, repeats: str = BLOCK, stop: str = LIKELY):
         _check_device(device)
         if batch_size < 1 or beam_width < 1:
             raise ValueError(f"batch_size and beam_width must be >= 1, got {batch_size}, "
@@ -63,7 +66,7 @@ class Predictor:
         self.vocab = list(loaded.vocab)
         self.task = loaded.task
         self.device, self.batch_size, self.beam_width = device, batch_size, beam_width
-        self.rules = task_rules(self.task, repeats)
+        self.rules = task_rules(self.task, repeats, stop)
         self._word_ids = {word: i for i, word in enumerate(self.vocab) if i >= FIRST_WORD_ID}
 
     @classmethod
@@ -133,7 +136,8 @@ class Predictor:
         decoded = decode(self.model, image.to(self.device),
                          torch.from_numpy(context).to(self.device),
                          beam_width=self.beam_width, block_repeats=self.rules["block_repeats"],
-                         max_run=self.rules["max_run"])
+                         max_run=self.rules["max_run"],
+                         eos_threshold=self.rules["eos_threshold"])
         result.words.extend(self.words_of(ids) for ids in decoded.token_ids)
         if result.attention is not None:
             lengths = decoded.lengths.tolist()

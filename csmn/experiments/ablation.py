@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from csmn.config import config_from_args, config_parser
-from csmn.core.tokens import BLOCK, REPEATS_HELP, task_rules
+from csmn.core.tokens import BLOCK, LIKELY, REPEATS_HELP, STOP_HELP, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import BY_POSTS_TASK, LAYERS, POST, SPLIT_FAMILIES, canonical_task
@@ -134,6 +134,7 @@ class AblationConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per decoding actor"})
     use_gpu: bool = False
     repeats: str = field(default=BLOCK, metadata={"help": REPEATS_HELP})
+    stop: str = field(default=LIKELY, metadata={"help": STOP_HELP})
     experiment: str = field(default="", metadata={
         "help": "MLflow experiment (default csmn-<task>-ablation)"})
     out: str = field(default="", metadata={
@@ -157,7 +158,7 @@ class AblationConfig:
             raise ValueError("epochs must be >= 1")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
-        task_rules(self.task, self.repeats)  # refuses an unknown rule now
+        task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
 
     @property
     def split_families(self) -> list[str]:
@@ -275,7 +276,7 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     layer = ModelConfig.for_variant(variant.removeprefix("CSMN-"), vocab_size=10).image_layer
     fields = {"kind": "variant", "method": variant, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
-              "repeats": config.repeats,
+              "repeats": config.repeats, "stop": config.stop,
               "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY},
               "data_digest": data_digest,
               "features": (features or {}).get(layer) or features_identity(config.data, layer)}
@@ -341,7 +342,7 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
     report = evaluate(EvaluateConfig(
         data=config.data, model=trained["model_uri"], task=config.task,
         split=SPLIT_FAMILIES[family][2], baselines="none",
-        repeats=config.repeats,
+        repeats=config.repeats, stop=config.stop,
         out=storage.join(out, "reports", name), cpus_per_actor=config.cpus_per_actor,
         use_gpu=config.use_gpu, seed=seed, report_examples=4))
     return {**trained, "results": report["results"]["csmn"], "counts": report["counts"],

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn.config import config_from_args, config_parser, config_to_dict, redact_text
-from csmn.core.tokens import BLOCK, REPEATS_HELP, task_rules
+from csmn.core.tokens import BLOCK, LIKELY, REPEATS_HELP, STOP_HELP, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import (
@@ -81,6 +81,7 @@ class EvaluateConfig:
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per decoding actor"})
     beam_width: int = field(default=1, metadata={"help": "1 = greedy, the paper's decoding"})
     repeats: str = field(default=BLOCK, metadata={"help": REPEATS_HELP})
+    stop: str = field(default=LIKELY, metadata={"help": STOP_HELP})
     seed: int = field(default=0, metadata={"help": "seed of 1NN-Usr's random post"})
     report_examples: int = field(default=8, metadata={"help": "example predictions shown"})
     report_users: int = field(default=10, metadata={"help": "users shown in the markdown"})
@@ -95,7 +96,13 @@ class EvaluateConfig:
                              f"got {self.split!r}")
         if is_by_posts(self.split) and self.task != BY_POSTS_TASK:
             raise ValueError("the split by posts exists for the hashtag task only")
-        task_rules(self.task, self.repeats)  # refuses an unknown rule now
+        task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
+
+    @property
+    def decoding(self) -> str:
+        """How the model's words were decoded: an evaluation's predictions are reused (the
+        promotion gate) only under the same rules."""
+        return f"beam_width={self.beam_width} repeats={self.repeats} stop={self.stop}"
 
     @property
     def baseline_names(self) -> list[str]:
@@ -132,6 +139,7 @@ class Decoder:
         gpu: bool,
         batch_size: int = 256,
         repeats: str = BLOCK,
+        stop: str = LIKELY,
     ):
         import ray
         import torch
@@ -144,7 +152,7 @@ class Decoder:
             self.predictor = Predictor.from_checkpoint(
                 _checkpoint_dir(model_uri, tracking_uri, work_dir),
                 device=device, batch_size=batch_size, beam_width=beam_width,
-                repeats=repeats)
+                repeats=repeats, stop=stop)
         self.examples: pa.Table = ray.get(examples_ref)
 
     def _join(self, features: pa.Table) -> pa.Table:
@@ -219,6 +227,7 @@ def decode_split(
             config.use_gpu,
             config.batch_size,
             config.repeats,
+            config.stop,
         ),
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -414,7 +423,7 @@ def write_and_log(config: EvaluateConfig, built: dict[str, Any], scored: Scored)
 
     with tracking.evaluation_run(
         tracking.resolve_tracking_uri(config.data), model_uri=config.model, task=config.task,
-        split=config.split, data_root=config.data, out=built["out"],
+        split=config.split, data_root=config.data, out=built["out"], decoding=config.decoding,
     ) as run:
         # The report is an artifact: the store's address without its credentials.
         built["mlflow"] = {"run_id": run.run_id, "tracking_uri": redact_text(run.tracking_uri)}

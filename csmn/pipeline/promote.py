@@ -119,18 +119,19 @@ def _predictions(config: PromoteConfig, client: Any, version: Any, digest: str,
                  work_dir: str) -> dict[tuple[str, str], str]:
     """(user, post) -> the version's prediction on the split: from its latest evaluation run
     of this split and data digest, else from a new evaluation."""
+    from csmn.pipeline.evaluate import EvaluateConfig, evaluate
+
+    evaluation = EvaluateConfig(data=config.data, model=f"models:/{config.name}/{version.version}",
+                                task=config.task, split=config.split, baselines="none")
     found = tracking.find_evaluation(resolve_tracking_uri(config.data), config.name,
-                                     version.version, config.split, digest)
+                                     version.version, config.split, digest,
+                                     evaluation.decoding)
     if found is not None:
         log.info("%s v%s: reusing evaluation run %s", config.name, version.version, found.run_id)
         table = storage.read_parquet(
             registry.download_predictions(client, found.run_id, work_dir))
     else:
-        from csmn.pipeline.evaluate import EvaluateConfig, evaluate
-
-        report = evaluate(EvaluateConfig(
-            data=config.data, model=f"models:/{config.name}/{version.version}",
-            task=config.task, split=config.split, baselines="none"))
+        report = evaluate(evaluation)
         table = storage.read_parquet(storage.join(report["out"], "predictions.parquet"))
     table = table.filter(pc.equal(table.column("method"), MODEL_METHOD))
     return {(u, p): text for u, p, text in zip(

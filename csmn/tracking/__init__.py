@@ -21,6 +21,8 @@ from csmn.tracking.registry import registered_model_name, tag_model_version
 from csmn.tracking.runs import (
     finished_or_failed,
     flatten_params,
+    get_or_create_experiment,
+    local_artifact_location,
     log_metrics,
     log_params,
     metric_histories,
@@ -31,8 +33,8 @@ from csmn.tracking.runs import (
 __all__ = [
     "CSMNPyfunc", "EvaluationRecord", "EvaluationRun", "ModelSource", "data_digest",
     "evaluation_metrics", "evaluation_run", "find_evaluation", "finished_or_failed",
-    "flatten_params", "is_mlflow_uri", "log_ablation", "log_evaluation", "log_metrics",
-    "log_params", "log_pyfunc_model", "metric_histories", "model_signature", "model_source",
-    "registered_model_name", "resolve_checkpoint", "resolve_tracking_uri",
-    "start_or_resume_run", "tag_model_version",
+    "flatten_params", "get_or_create_experiment", "is_mlflow_uri", "local_artifact_location",
+    "log_ablation", "log_evaluation", "log_metrics", "log_params", "log_pyfunc_model",
+    "metric_histories", "model_signature", "model_source", "registered_model_name",
+    "resolve_checkpoint", "resolve_tracking_uri", "start_or_resume_run", "tag_model_version",
 ]

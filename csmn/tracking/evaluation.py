@@ -32,7 +32,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from csmn.data import layout, storage
-from csmn.tracking.runs import finished_or_failed, flatten_params, log_metrics, redact_tags
+from csmn.tracking.runs import (
+    finished_or_failed,
+    flatten_params,
+    get_or_create_experiment,
+    log_metrics,
+    redact_tags,
+)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # URIs whose evaluation is logged: they name a run or a model of the tracking store.
@@ -144,7 +150,7 @@ class EvaluationRun:
 
 @contextlib.contextmanager
 def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
-                   data_root: str, out: str) -> Iterator[EvaluationRun]:
+                   data_root: str, out: str, decoding: str) -> Iterator[EvaluationRun]:
     """Create the evaluation run (see the module docstring) with its tags and inputs; it
     ends FINISHED with the block, FAILED on any exception."""
     client = MlflowClient(tracking_uri)
@@ -152,11 +158,11 @@ def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
     if source.run_id:
         experiment_id = client.get_run(source.run_id).info.experiment_id
     else:
-        mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = mlflow.set_experiment(f"csmn-{task}").experiment_id
+        experiment_id = get_or_create_experiment(tracking_uri, f"csmn-{task}")
     digest = data_digest(data_root)
     tags = {"csmn.kind": EVALUATION_KIND, "csmn.model_uri": model_uri, "csmn.task": task,
-            "csmn.split": split, "csmn.data": data_root, "csmn.report": out}
+            "csmn.split": split, "csmn.data": data_root, "csmn.report": out,
+            "csmn.decoding": decoding}
     optional = {"csmn.model_run_id": source.run_id, "csmn.model_name": source.name,
                 "csmn.model_version": source.version, "csmn.model_id": source.model_id,
                 "csmn.data_digest": digest}
@@ -215,14 +221,15 @@ class EvaluationRecord:
 
 
 def find_evaluation(tracking_uri: str, name: str, version: str | int, split: str,
-                    data_digest: str) -> EvaluationRecord | None:
+                    data_digest: str, decoding: str) -> EvaluationRecord | None:
     """The latest FINISHED evaluation of registered model ``name`` version ``version`` on
-    ``split`` of the data root whose digest is ``data_digest``, or None. Searched in the
-    experiment of the version's training run first, then in every experiment."""
+    ``split`` of the data root whose digest is ``data_digest``, decoded by the rules
+    ``decoding`` (EvaluateConfig.decoding), or None. Searched in the experiment of the
+    version's training run first, then in every experiment."""
     client = MlflowClient(tracking_uri)
     conditions = {"csmn.kind": EVALUATION_KIND, "csmn.model_name": name,
                   "csmn.model_version": str(version), "csmn.split": split,
-                  "csmn.data_digest": data_digest}
+                  "csmn.data_digest": data_digest, "csmn.decoding": decoding}
     filter_string = " and ".join(
         [f"tags.`{key}` = '{_quoted(value)}'" for key, value in conditions.items()]
         + ["attributes.status = 'FINISHED'"])
@@ -248,8 +255,7 @@ def log_ablation(tracking_uri: str, experiment: str, *, task: str, data_root: st
     """One run ``ablation-<task>`` in ``experiment``: the table as ``metrics``, ``files``
     (name -> text) as artifacts, each variant's training run id as a tag
     ``csmn.run.<method>.<split family>`` (``method_runs``). Returns its run id."""
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    experiment_id = get_or_create_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
     tags = {"csmn.kind": "ablation", "csmn.task": task, "csmn.data": data_root,
             **{f"csmn.run.{key}": run_id for key, run_id in method_runs.items()}}

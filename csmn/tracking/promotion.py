@@ -23,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from csmn.tracking.runs import finished_or_failed, log_metrics
+from csmn.tracking.runs import finished_or_failed, get_or_create_experiment, log_metrics
 
 CHAMPION = "champion"
 HISTORY_PREFIX = "csmn.champion."
@@ -210,9 +210,7 @@ def log_promotion_run(tracking_uri: str, name: str, decision: dict[str, Any],
     """One run per decision in the ``csmn-promotion`` experiment: the comparison as metrics,
     the decision as tags, the report as an artifact."""
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
-    experiment_id = (experiment.experiment_id if experiment
-                     else client.create_experiment(PROMOTION_EXPERIMENT))
+    experiment_id = get_or_create_experiment(tracking_uri, PROMOTION_EXPERIMENT)
     tags = {"csmn.kind": "promotion", "csmn.registered_model": name,
             **{f"csmn.{k}": str(decision[k]) for k in
                ("candidate", "champion", "decision", "metric", "split", "data_digest")}}

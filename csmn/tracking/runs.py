@@ -1,7 +1,9 @@
 """MLflow runs: where the store is, params, metrics, and runs that always end.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in a local data root
-(``sqlite:///<root>/mlflow.db``, MLflow's own default backend).
+(``sqlite:///<root>/mlflow.db``, MLflow's own default backend). Experiments this project
+creates in a local SQLite store keep their artifacts beside the database, in
+``<root>/mlartifacts/`` (:func:`get_or_create_experiment`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from csmn.config import is_secret_key, redact, redact_text
@@ -35,6 +39,35 @@ def resolve_tracking_uri(data_root: str | None) -> str:
     _, path = storage.resolve(data_root)
     os.makedirs(path, exist_ok=True)
     return f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """``file://<folder of the database>/mlartifacts`` for a SQLite store; None (the
+    server's or the store's own choice) for any other."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = os.path.abspath(tracking_uri[len(prefix):])
+    return Path(os.path.dirname(database), "mlartifacts").as_uri()
+
+
+def get_or_create_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created when missing. MLflow puts a new experiment's
+    artifacts in ``./mlruns`` of the creating process's working directory: for a Ray job,
+    the job's copy of the code, which goes with the job, and in any case a folder outside
+    the roots a job was given. So in a SQLite store they go beside the database."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=local_artifact_location(tracking_uri))
+    except MlflowException:  # another process created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def quiet_run_urls(uri: str) -> str:
@@ -74,7 +107,7 @@ def start_or_resume_run(
     """The id of the unfinished run called ``run_name`` in ``experiment`` (a training run
     started again under the same name continues its MLflow run too), or of a new one."""
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    experiment_id = get_or_create_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
     quoted = run_name.replace("'", "\\'")
     existing = client.search_runs(

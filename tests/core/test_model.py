@@ -21,7 +21,7 @@ from csmn.core.model import (
     linear_cross_entropy,
     sequence_loss,
 )
-from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID
+from csmn.core.tokens import EOS_ID, GO_ID, PAD_ID, task_rules
 from csmn.data.layout import LAYERS
 
 VARIANTS = {
@@ -526,6 +526,49 @@ def test_hashtag_duplicates_removed_after_decoding_or_blocked_while_decoding():
     assert beam_search(model, image, context, beam_width=3, dedupe_tokens=True).token_ids == [
         [5], [5]]
     assert greedy_decode(model, image, context, max_length=2).token_ids == [[5, 5], [5, 5]]
+
+
+def constant_logits_model(eos_weight: float) -> CSMN:
+    """A model whose every step gives each of the 20 words (ids 4..23) weight 1 and _EOS
+    ``eos_weight`` (softmax weights, i.e. exp of the logits): h_t is all ones (W_o = 0,
+    b_o = 1), and each row of W_f sums to the token's logit."""
+    model = tiny_model()
+    state_dim = model.config.state_dim
+    with torch.no_grad():
+        model.hidden.weight.zero_()
+        model.hidden.bias.fill_(1.0)
+        model.vocab.weight.zero_()
+        model.vocab.weight[EOS_ID] = math.log(eos_weight) / state_dim
+    return model
+
+
+def test_stop_rules_end_a_sequence_when_eos_is_likely_not_when_it_beats_each_word():
+    # _EOS 15.5 against 20 words of 1: the most probable token, but P(_EOS) = 15.5/35.5.
+    model = constant_logits_model(15.5)
+    image, context, _, _ = tiny_batch(model.config, batch=2)
+    paper = greedy_decode(model, image, context, block_repeats=True)
+    assert paper.token_ids == [[], []] and paper.lengths.tolist() == [1, 1]
+    # Ending is more probable than going on once blocking has left 15 words: 15.5/30.5 after
+    # five words, 15.5/31.5 after four (ties go to the lowest id).
+    likely = greedy_decode(model, image, context, block_repeats=True, eos_threshold=0.5)
+    assert likely.token_ids == [[4, 5, 6, 7, 8], [4, 5, 6, 7, 8]]
+    assert likely.lengths.tolist() == [6, 6]  # the _EOS step included
+    # Without blocking P(_EOS) stays 15.5/35.5: the post runs to max_length without _EOS.
+    unblocked = greedy_decode(model, image, context, eos_threshold=0.5)
+    assert unblocked.token_ids == [[4] * 6, [4] * 6]
+    beam = beam_search(model, image, context, beam_width=3, block_repeats=True,
+                       eos_threshold=0.5)
+    assert [len(set(ids)) for ids in beam.token_ids] == [5, 5]
+    # A step where _EOS holds half or more ends the sequence under both rules.
+    sure = constant_logits_model(21.0)
+    for threshold in (None, 0.5):
+        assert greedy_decode(sure, image, context, eos_threshold=threshold).token_ids == [
+            [], []]
+    # The project's rule is the default of every task; the paper's is one switch away.
+    assert task_rules("hashtag")["eos_threshold"] == task_rules("post")["eos_threshold"] == 0.5
+    assert task_rules("hashtag", stop="paper")["eos_threshold"] is None
+    with pytest.raises(ValueError, match="stop must be one of likely, paper"):
+        task_rules("hashtag", stop="never")
 
 
 # ---- FLOP accounting -------------------------------------------------------------------------

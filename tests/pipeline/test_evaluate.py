@@ -219,8 +219,11 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
     model_metrics = {m.key: m.value for m in mlflow.get_logged_model(info.model_id).metrics
                      if m.run_id == evaluation.info.run_id}
     assert model_metrics["csmn/f1"] == pytest.approx(by_alias["results"]["csmn"]["f1"])
+    decoding = EvaluateConfig(data=data_root, model="models:/csmn-hashtag/1").decoding
+    assert evaluation.data.tags["csmn.decoding"] == decoding == (
+        "beam_width=1 repeats=block stop=likely")
     found = find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
-                            "test", digest)
+                            "test", digest, decoding)
     assert found.run_id == evaluation.info.run_id
     assert found.metrics["csmn/f1"] == evaluation.data.metrics["csmn/f1"]
     # every MLflow URI form reaches the same checkpoint

@@ -42,6 +42,26 @@ def test_a_resumed_run_keeps_its_params_and_refuses_a_changed_config(tmp_path, m
         tracking.start_or_resume_run(uri, "csmn-test", "r1")
 
 
+def test_a_local_store_keeps_artifacts_beside_it_not_in_the_working_directory(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, elsewhere = tmp_path / "root", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's default would be ./mlruns here
+    uri = tracking.resolve_tracking_uri(str(root))
+    run_id = tracking.start_or_resume_run(uri, "csmn-test", "r1")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+    (tmp_path / "note.txt").write_text("x")
+    client.log_artifact(run_id, str(tmp_path / "note.txt"))
+    assert list((root / "mlartifacts").rglob("note.txt"))
+    assert not list(elsewhere.iterdir())
+    # The same experiment again, and a store elsewhere than SQLite decides for itself.
+    assert tracking.get_or_create_experiment(uri, "csmn-test") == experiment.experiment_id
+    assert tracking.local_artifact_location("http://127.0.0.1:5000") is None
+
+
 def test_registered_model_names():
     assert tracking.registered_model_name("hashtag") == "csmn-hashtag"
     assert tracking.registered_model_name("caption") == "csmn-post"
@@ -98,27 +118,37 @@ def test_evaluation_runs_are_linked_to_the_model_and_the_data_and_found_again(
         train_run, "csmn-hashtag", version, info.model_id)
 
     found = {}
-    for split, f1 in (("test", 0.25), ("test", 0.5), ("val", 0.75)):
+    greedy = "beam_width=1 repeats=block stop=likely"
+    beam = "beam_width=5 repeats=block stop=likely"
+    for split, f1, decoding in (("test", 0.25, greedy), ("test", 0.5, greedy),
+                                ("val", 0.75, greedy), ("test", 0.9, beam)):
         with tracking.evaluation_run(uri, model_uri="models:/csmn-hashtag/1", task="hashtag",
                                      split=split, data_root=str(root),
-                                     out=str(tmp_path / split)) as run:
+                                     out=str(tmp_path / split), decoding=decoding) as run:
             tracking.log_evaluation(run, _report(tmp_path / f"r{f1}", f1))
         found[f1] = run.run_id
     with pytest.raises(RuntimeError, match="report failed"):
         with tracking.evaluation_run(uri, model_uri="models:/csmn-hashtag/1", task="hashtag",
-                                     split="test", data_root=str(root), out="x") as failed:
+                                     split="test", data_root=str(root), out="x",
+                                     decoding=greedy) as failed:
             raise RuntimeError("report failed")
     client = MlflowClient(uri)
     assert client.get_run(failed.run_id).info.status == "FAILED"
 
-    # the latest FINISHED evaluation of (name, version, split, data digest)
-    record = tracking.find_evaluation(uri, "csmn-hashtag", version, "test", digest)
+    # the latest FINISHED evaluation of (name, version, split, data digest, decoding rules):
+    # a beam search's predictions never stand in for greedy decoding's
+    record = tracking.find_evaluation(uri, "csmn-hashtag", version, "test", digest, greedy)
     assert record.run_id == found[0.5]
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "test", digest,
+                                    beam).run_id == found[0.9]
     assert record.metrics == {"csmn/f1": 0.5, "csmn/n": 2.0, "count/examples": 3.0,
                               "count/scored": 2.0}
-    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "val", digest).run_id == (
-        found[0.75])
-    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "test", "0" * 16) is None
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "val", digest,
+                                    greedy).run_id == found[0.75]
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "test", "0" * 16,
+                                    greedy) is None
+    assert tracking.find_evaluation(uri, "csmn-hashtag", version, "val", digest,
+                                    beam) is None
 
     run = client.get_run(found[0.5])
     assert run.info.experiment_id == client.get_run(train_run).info.experiment_id
