@@ -115,8 +115,9 @@ class TrainConfig:
     materialize: str = field(default="auto", metadata={
         "help": "auto | always | never: keep the joined train split in the object store "
                 "(always), or write it once to Parquet under <data>/cache/joined/ and stream "
-                f"it, files in a new order each epoch (never); auto streams a split bigger "
-                f"than {MATERIALIZE_SHARE:.0%} of the cluster's object store"})
+                "it, files in a new order each epoch (never); auto streams a split bigger "
+                # No percent sign: argparse formats help texts with %.
+                f"than {MATERIALIZE_SHARE:g} of the cluster's object store"})
     seed: int = 0
     checkpoints_to_keep: int = field(default=3, metadata={
         "help": "best checkpoints kept by the validation metric (the latest is kept too)"})
