@@ -397,8 +397,8 @@ def ingest_config() -> Any:
     """Ray Train's dataset config: the shards in the dataset's own order. Ray Train replaces
     a dataset's execution options with the session's defaults, where blocks stream out in
     the order their tasks finish; then one seed trains on another sequence every run (and a
-    tiny test model lands on another F1). The dataset is materialized, so keeping its order
-    costs nothing."""
+    tiny test model lands on another F1). Keeping a materialized split's order costs
+    nothing; a streamed split's reads then hand their blocks over in file order."""
     import ray.train
     from ray.data import DataContext, ExecutionOptions
 
