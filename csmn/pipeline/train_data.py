@@ -395,9 +395,15 @@ def _delete_superseded(cache: str, spec_digest: str) -> None:
             storage.delete(sibling)
 
 
-def _natural_order(name: str) -> list[Any]:
-    """``...-2.parquet`` before ``...-10.parquet``: the order the rows were written in."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+_PART_NAME = re.compile(r"part-(\d+)-[0-9a-f]+-(\d+)\.parquet$")
+
+
+def _natural_order(uri: str) -> tuple[int, int, str]:
+    """(write task, file of the task): ``...-2.parquet`` before ``...-10.parquet``, the
+    order the rows were written in."""
+    match = _PART_NAME.search(uri)
+    task, part = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
+    return task, part, uri
 
 
 def _digest(value: Any) -> str:
