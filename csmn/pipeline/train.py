@@ -6,8 +6,9 @@ and step, data parallel. The authors' code also clipped gradients at norm 100 (h
 ``grad_clip_norm 0`` turns it off).
 
 Each epoch every worker trains on its shard of the joined train split, in a new order: the
-split is cut into small blocks whose order is shuffled every epoch, and each worker's local
-shuffle buffer mixes the blocks it holds (files are grouped by user, and a batch of one
+split is cut into small blocks whose order is shuffled every epoch (held in the object
+store, or streamed from Parquet when it would not fit: ``--materialize``), and each worker's
+local shuffle buffer mixes the blocks it holds (files are grouped by user, and a batch of one
 user's posts would be a poor estimate of the gradient). Then the workers share the validation
 sample (a seeded sample of posts, spread over the users): loss, and greedy decoding scored on
 words against each post's text exactly as the evaluation scores it, by hashtag-set F1
