@@ -267,6 +267,11 @@ def test_streamed_split_has_the_materialized_rows_in_a_new_order_each_epoch(
     other_seed, _ = streamed_dataset(str(data_root), "hashtag", "train", "pool5",
                                      block_rows=8, seed=1)
     assert _images(other_seed) != first
+    # Through streaming_split, as Ray Train's workers read it: a new order every epoch too.
+    shard, = again.streaming_split(1, equal=True)
+    passes = [[image for b in shard.iter_batches(batch_size=None, batch_format="pyarrow")
+               for image in b.column("image").to_pylist()] for _ in range(2)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(first)
     # A worker's batches (file order + its local shuffle buffer) mix users as the
     # materialized blocks do (test_training_batches_mix_users_and_change_every_epoch).
     config = tiny_config(data_root)
