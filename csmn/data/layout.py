@@ -8,6 +8,7 @@
     <root>/contexts/<task>.parquet          every user's context words (for the nightly job)
     <root>/features/<layer>/part-*.parquet, _meta.json
     <root>/rejects/<stage>/part-*.parquet
+    <root>/cache/joined/<task>/<split>/<layer>/<key>/   a streamed training join (rebuildable)
     <root>/evaluations/<task>-<split>-<time>/
     <root>/mlflow.db                        the default MLflow store for a local root
 
@@ -132,6 +133,14 @@ def features_dir(root: str, layer: str) -> str:
 
 def features_meta_uri(root: str, layer: str) -> str:
     return storage.join(features_dir(root, layer), FEATURES_META_FILE)
+
+
+def joined_cache_dir(root: str, task: str, split: str, layer: str, key: str) -> str:
+    """Where training writes the join of a split with its features once, to stream it every
+    epoch (``csmn.pipeline.train_data``). ``key`` digests what the join was made from, so
+    changed inputs get a folder of their own; anything under ``cache/`` may be deleted."""
+    return storage.join(root, "cache", "joined", canonical_task(task), check_split(split),
+                        check_layer(layer), key)
 
 
 def rejects_dir(root: str, stage: str) -> str:

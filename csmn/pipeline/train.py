@@ -6,8 +6,9 @@ and step, data parallel. The authors' code also clipped gradients at norm 100 (h
 ``grad_clip_norm 0`` turns it off).
 
 Each epoch every worker trains on its shard of the joined train split, in a new order: the
-split is cut into small blocks whose order is shuffled every epoch, and each worker's local
-shuffle buffer mixes the blocks it holds (files are grouped by user, and a batch of one
+split is cut into small blocks whose order is shuffled every epoch (held in the object
+store, or streamed from Parquet when it would not fit: ``--materialize``), and each worker's
+local shuffle buffer mixes the blocks it holds (files are grouped by user, and a batch of one
 user's posts would be a poor estimate of the gradient). Then the workers share the validation
 sample (a seeded sample of posts, spread over the users): loss, and greedy decoding scored on
 words against each post's text exactly as the evaluation scores it, by hashtag-set F1
@@ -54,14 +55,19 @@ from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import HASHTAG, POST, canonical_task
 from csmn.eval.metrics import hashtag_prf
 from csmn.pipeline.train_data import (
+    MATERIALIZE_MODES,
+    MATERIALIZE_SHARE,
     VALIDATION_COLUMNS,
     Collate,
     JoinStats,
     batch_options,
+    choose_materialize,
     collate_batch,
+    estimated_joined_bytes,
     ingest_config,
     joined_dataset,
     shuffled_each_epoch,
+    streamed_dataset,
 )
 from csmn.text.filters import FilterThresholds
 from csmn.text.vocab import Vocabulary, load_vocab
@@ -107,6 +113,12 @@ class TrainConfig:
     block_rows: int = field(default=64, metadata={
         "help": "rows per block of the joined train split, whose order is shuffled each "
                 "epoch: a buffer then holds shuffle_buffer / block_rows places of the archive"})
+    materialize: str = field(default="auto", metadata={
+        "help": "auto | always | never: keep the joined train split in the object store "
+                "(always), or write it once to Parquet under <data>/cache/joined/ and stream "
+                "it, files in a new order each epoch (never); auto streams a split bigger "
+                # No percent sign: argparse formats help texts with %.
+                f"than {MATERIALIZE_SHARE:g} of the cluster's object store"})
     seed: int = 0
     checkpoints_to_keep: int = field(default=3, metadata={
         "help": "best checkpoints kept by the validation metric (the latest is kept too)"})
@@ -137,6 +149,9 @@ class TrainConfig:
                      "val_sample_size", "checkpoints_to_keep", "block_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.materialize not in MATERIALIZE_MODES:
+            raise ValueError(f"materialize must be one of {', '.join(MATERIALIZE_MODES)}, "
+                             f"got {self.materialize!r}")
 
     @property
     def metric_name(self) -> str:
@@ -167,7 +182,7 @@ class TrainSummary:
     final_metrics: dict[str, float]
     model_uri: str | None
     registered_version: str | None
-    data: dict[str, dict[str, Any]]
+    data: dict[str, Any]  # join counts per split; "materialize": how train was held
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,11 +567,33 @@ def resolve_defaults(config: TrainConfig) -> TrainConfig:
     )
 
 
+def train_materialize(config: TrainConfig, layer: str) -> tuple[str, str]:
+    """(``always`` | ``never``, why) for the train split (``--materialize``): ``auto``
+    weighs the join's size, from the files' footers, against the cluster's object store."""
+    import ray
+
+    joined_bytes, object_store = 0, 0.0
+    if config.materialize == "auto":
+        joined_bytes = estimated_joined_bytes(config.data, config.task, config.train_split,
+                                              layer)
+        object_store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    return choose_materialize(config.materialize, joined_bytes, object_store)
+
+
 def training_datasets(config: TrainConfig, layer: str) -> tuple[Any, Any, dict[str, Any]]:
-    """(train, validation sample, join counts): the train split in small blocks whose order
-    changes every epoch, the validation sample spread over users with its texts."""
-    train_ds, train_stats = joined_dataset(config.data, config.task, config.train_split,
-                                           layer, block_rows=config.block_rows)
+    """(train, validation sample, join counts and how the train split is kept): the train
+    split in small blocks whose order changes every epoch, held in the object store or
+    streamed from Parquet (:func:`train_materialize`); the validation sample, a few thousand
+    rows at most, is always held, spread over users with its texts."""
+    mode, why = train_materialize(config, layer)
+    log.info("%s/%s: materialize=%s (%s)", config.task, config.train_split, mode, why)
+    if mode == "always":
+        train_ds, train_stats = joined_dataset(config.data, config.task, config.train_split,
+                                               layer, block_rows=config.block_rows)
+        train_ds = shuffled_each_epoch(train_ds, config.seed)
+    else:
+        train_ds, train_stats = streamed_dataset(config.data, config.task, config.train_split,
+                                                 layer, config.block_rows, config.seed)
     val_ds, val_stats = joined_dataset(config.data, config.task, config.val_split, layer,
                                        limit=config.val_sample_size,
                                        columns=VALIDATION_COLUMNS, seed=config.seed)
@@ -566,7 +603,8 @@ def training_datasets(config: TrainConfig, layer: str) -> tuple[Any, Any, dict[s
                              f"has {layer} features: run extract-features first")
     data = _data_params([train_stats, val_stats])
     log.info("data: %s", data)
-    return shuffled_each_epoch(train_ds, config.seed), val_ds, data
+    # Beside the counts: logged as the run's param data.materialize.
+    return train_ds, val_ds, {**data, "materialize": mode}
 
 
 def features_provenance(data: str, layer: str) -> dict[str, str]:

@@ -7,9 +7,18 @@ Data and looks each feature batch up in the examples table, which is broadcast o
 the object store. ``Dataset.join`` would hash-shuffle both sides and needs polars, which the
 project does not install.
 
+The joined train split is then kept one of two ways (``--materialize``,
+:func:`choose_materialize`): *materialized* in the object store (:func:`joined_dataset`),
+every epoch reading it there in a new block order (:func:`shuffled_each_epoch`); or, when it
+would not fit (res5c at paper size is about 280 GB), *streamed* (:func:`streamed_dataset`):
+written once to Parquet under ``<root>/cache/joined/`` in files of a block each, every epoch
+reading the files in a new order. Either way each worker's local shuffle buffer
+(:func:`batch_options`) mixes what it reads. The validation sample is always materialized:
+it is a few thousand rows.
+
 An example whose image has no feature row is *skipped*: it is counted and reported (the
 feature extractor wrote the failed image to its own rejects), never silently lost:
-``examples = joined + skipped_no_features``.
+``examples = joined + skipped_no_features``, the same counts in both ways.
 
 :func:`collate_batch` is plain numpy/torch; :class:`Collate` binds it for Ray's iterators.
 """
@@ -18,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,14 +153,14 @@ def joined_dataset(
     return _JOIN_CACHE[key]
 
 
-def _join(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, JoinStats]:
+def _joined_rows(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, int]:
+    """(the join as a lazy dataset in file order, examples in the split)."""
     import ray
 
     examples = read_examples(root, spec.task, spec.split, spec.limit, spec.columns, spec.seed)
-    feature_dir = layout.features_dir(root, spec.layer)
     if not feature_files:
-        raise FileNotFoundError(f"no {spec.layer} features at {feature_dir}: "
-                                "run extract-features")
+        raise FileNotFoundError(f"no {spec.layer} features at "
+                                f"{layout.features_dir(root, spec.layer)}: run extract-features")
     fs, paths = _paths(feature_files)
     features = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "feature"])
     # The joined blocks in file order, not in the order their tasks finish: the block-order
@@ -164,20 +176,30 @@ def _join(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, Joi
     if spec.block_rows:
         # Streaming: splits and merges neighbouring blocks, moves no row across the cluster.
         joined = joined.repartition(target_num_rows_per_block=spec.block_rows)
-    joined = joined.materialize()
-    joined_count = joined.count()
+    return joined, examples.num_rows
+
+
+def _join_stats(root: str, spec: JoinSpec, examples: int, joined: int) -> JoinStats:
     # Unique keys on the examples side would be wrong (two posts may share an image); unique
     # keys on the feature side are the extractor's contract, and this checks it.
-    if joined_count > examples.num_rows:
-        raise ValueError(f"{feature_dir}: {joined_count} joined rows for {examples.num_rows} "
-                         "examples: the feature table has duplicate images")
-    stats = JoinStats(spec.split, examples.num_rows, joined_count,
-                      examples.num_rows - joined_count)
+    if joined > examples:
+        raise ValueError(f"{layout.features_dir(root, spec.layer)}: {joined} joined rows for "
+                         f"{examples} examples: the feature table has duplicate images")
+    return _warn_skipped(spec, JoinStats(spec.split, examples, joined, examples - joined))
+
+
+def _warn_skipped(spec: JoinSpec, stats: JoinStats) -> JoinStats:
     if stats.skipped_no_features:
         log.warning("%s/%s: %d of %d examples skipped: no %s features for their image",
                     spec.task, spec.split, stats.skipped_no_features, stats.examples,
                     spec.layer)
-    return joined, stats
+    return stats
+
+
+def _join(root: str, spec: JoinSpec, feature_files: list[str]) -> tuple[Any, JoinStats]:
+    joined, examples = _joined_rows(root, spec, feature_files)
+    joined = joined.materialize()
+    return joined, _join_stats(root, spec, examples, joined.count())
 
 
 def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Dataset:
@@ -194,12 +216,211 @@ def shuffled_each_epoch(dataset: ray.data.Dataset, seed: int) -> ray.data.Datase
         seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 
+# --------------------------------------------------------------------------------------------
+# Materialized or streamed: what the object store can hold
+# --------------------------------------------------------------------------------------------
+
+MATERIALIZE_MODES = ("auto", "always", "never")
+# ``auto`` streams a join bigger than this share of the cluster's object store: the rest is
+# for the blocks in flight (the workers' batches, the validation sample) and what else runs.
+MATERIALIZE_SHARE = 0.3
+# Bumped when the cached files change form: an older cache is then never read.
+JOIN_CACHE_VERSION = 1
+JOIN_COMMIT_FILE = "_joined.json"
+# Bytes (in memory) one read task of a streamed split reads: a few res5c files, or
+# a hundred pool5 ones, so that task overheads stay small against the reading.
+STREAM_READ_TASK_BYTES = 64 * 2**20
+
+
+def choose_materialize(setting: str, joined_bytes: float, object_store_bytes: float,
+                       share: float = MATERIALIZE_SHARE) -> tuple[str, str]:
+    """(``always`` | ``never``, why): ``auto`` keeps the joined split in the object store
+    while it takes at most ``share`` of it, and streams it from Parquet above that."""
+    if setting not in MATERIALIZE_MODES:
+        raise ValueError(f"materialize must be one of {', '.join(MATERIALIZE_MODES)}, "
+                         f"got {setting!r}")
+    if setting != "auto":
+        return setting, f"materialize={setting} was asked for"
+    sizes = (f"the joined split, about {_size_text(joined_bytes)}, against {share:.0%} of the "
+             f"{_size_text(object_store_bytes)} object store")
+    if joined_bytes > share * object_store_bytes:
+        return "never", f"auto: {sizes}: too big, streamed"
+    return "always", f"auto: {sizes}: fits, materialized"
+
+
+def _size_text(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB"
+
+
+def estimated_joined_bytes(root: str, task: str, split: str, layer: str,
+                           columns: tuple[str, ...] = TRAINING_COLUMNS) -> int:
+    """Rows x bytes per row of the joined split, from the Parquet footers alone: every
+    example (some may lack a feature: an upper bound) with its ``columns`` and one feature.
+    One feature file tells a feature's bytes: the layer fixes its size."""
+    example_files, feature_files = _input_files(root, task, split, layer)
+    if not example_files or not feature_files:
+        return 0  # the join says what is missing
+    example_rows, example_bytes = 0, 0
+    for uri in example_files:
+        rows, size, _ = _parquet_size(uri, columns)
+        example_rows, example_bytes = example_rows + rows, example_bytes + size
+    return round(example_bytes + example_rows * _feature_bytes(feature_files[0]))
+
+
+def _parquet_size(uri: str, columns: tuple[str, ...]) -> tuple[int, int, Any]:
+    """(rows, uncompressed bytes of ``columns``, Arrow schema) of one Parquet file, from its
+    footer."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as stream:
+        meta = pq.ParquetFile(stream).metadata
+    size = 0
+    for group in range(meta.num_row_groups):
+        row_group = meta.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            if chunk.path_in_schema.split(".")[0] in columns:
+                size += chunk.total_uncompressed_size
+    return meta.num_rows, size, meta.schema.to_arrow_schema()
+
+
+def _feature_bytes(uri: str) -> float:
+    """Bytes of one row's feature in memory: exact for the extractor's fixed-size lists of
+    floats (Parquet's own sizes count dictionary pages); else Parquet's uncompressed bytes."""
+    rows, size, schema = _parquet_size(uri, ("feature",))
+    kind = schema.field("feature").type
+    if pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type):
+        return kind.list_size * kind.value_type.bit_width / 8
+    return size / max(rows, 1)
+
+
+def streamed_dataset(root: str, task: str, split: str, layer: str, block_rows: int,
+                     seed: int) -> tuple[ray.data.Dataset, JoinStats]:
+    """Examples of ``task``/``split`` joined with ``layer`` features, streamed from Parquet
+    in a new file order at every pass (epoch), reproducible from ``seed``.
+
+    The join is written once under ``<root>/cache/joined/`` (:func:`layout.joined_cache_dir`)
+    in files of ``block_rows`` rows, one user's posts each as the files are grouped by user:
+    shuffling the file order is the block-order shuffle of :func:`shuffled_each_epoch`, and
+    each worker's local shuffle buffer mixes the files it reads. No epoch holds more of the
+    split in the object store than the blocks in flight. Changed inputs (examples, features,
+    :class:`JoinSpec`) have another key, hence another cache.
+    """
+    import ray
+    from ray.data import DataContext, FileShuffleConfig
+
+    spec = JoinSpec(task, split, layer, block_rows=block_rows)
+    example_files, feature_files = _input_files(root, task, split, layer)
+    spec_digest = _digest((JOIN_CACHE_VERSION, spec))
+    key = _digest((spec_digest, _fingerprint(example_files), _fingerprint(feature_files)))
+    cache = layout.joined_cache_dir(root, task, split, layer, key)
+    commit_uri = storage.join(cache, JOIN_COMMIT_FILE)
+    if storage.exists(commit_uri):
+        commit = storage.read_json(commit_uri)
+        log.info("%s/%s: streaming the join written to %s", task, split, cache)
+    else:
+        commit = _write_join(root, spec, feature_files, cache, spec_digest)
+    fs, paths = _paths([storage.join(cache, name) for name in commit["files"]])
+    # Ray 2.60's Parquet reader V2 lists the files and reads their footers again at every
+    # execution, in 32 new actors: 20 s an epoch for 157 files on a 2-core node, where V1
+    # reads the footers once, here, and only reorders them at each execution (4 s; 1 s with
+    # a few files per read task). A read task reads neighbours of the shuffled order, so
+    # fewer tasks change the blocks' sizes, not the order.
+    context = DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        # reseed_after_execution: a seed of its own for every pass, drawn from ``seed``.
+        dataset = ray.data.read_parquet(
+            paths, filesystem=fs,
+            shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+            override_num_blocks=max(1, math.ceil(commit["bytes"] / STREAM_READ_TASK_BYTES)))
+    finally:
+        context.use_datasource_v2 = use_v2
+    # The files in the shuffled order, not in the order their reads finish (see _joined_rows).
+    dataset.context.execution_options.preserve_order = True
+    return dataset, _warn_skipped(spec, JoinStats(**commit["stats"]))
+
+
+def _write_join(root: str, spec: JoinSpec, feature_files: list[str], cache: str,
+                spec_digest: str) -> dict[str, Any]:
+    """Write the join under ``cache``; the commit record, written last, lists its files and
+    counts. A folder without one is what a killed job left: deleted, written again."""
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        # ``part-<task>-<write>-<i>.parquet``: Ray appends ``-<i>`` per file of a task.
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:06}-{write_uuid}.parquet"
+
+    if storage.exists(cache):
+        storage.delete(cache)
+    joined, examples = _joined_rows(root, spec, feature_files)
+    fs, path = storage.resolve(cache)
+    started = time.perf_counter()
+    joined.write_parquet(path, filesystem=fs, filename_provider=PartNames(),
+                         min_rows_per_file=spec.block_rows, max_rows_per_file=spec.block_rows)
+    files = sorted(storage.list_files(cache, suffix=".parquet"), key=_natural_order)
+    sizes = [_parquet_size(uri, (*spec.columns, "feature")) for uri in files]
+    try:
+        stats = _join_stats(root, spec, examples, sum(rows for rows, _, _ in sizes))
+    except ValueError:
+        storage.delete(cache)
+        raise
+    commit = {"spec_digest": spec_digest, "stats": stats.as_dict(),
+              "bytes": sum(size for _, size, _ in sizes),
+              "files": [uri[len(cache):].lstrip("/") for uri in files]}
+    storage.write_json(storage.join(cache, JOIN_COMMIT_FILE), commit)
+    log.info("%s/%s: join written to %s in %.1fs: %d files, %d rows", spec.task, spec.split,
+             cache, time.perf_counter() - started, len(files), stats.joined)
+    _delete_superseded(cache, spec_digest)
+    return commit
+
+
+def _delete_superseded(cache: str, spec_digest: str) -> None:
+    """Delete the finished caches of the same join from older inputs (a paper-size res5c
+    join is hundreds of GB); other joins and unfinished folders stay."""
+    import pyarrow.fs as pafs
+
+    parent = cache.rstrip("/").rsplit("/", 1)[0]
+    fs, parent_path = storage.resolve(parent)
+    for info in fs.get_file_info(pafs.FileSelector(parent_path, allow_not_found=True)):
+        sibling = storage.join(parent, info.base_name)
+        commit_uri = storage.join(sibling, JOIN_COMMIT_FILE)
+        if (info.type != pafs.FileType.Directory or sibling.rstrip("/") == cache.rstrip("/")
+                or not storage.exists(commit_uri)):
+            continue
+        if storage.read_json(commit_uri).get("spec_digest") == spec_digest:
+            storage.delete(commit_uri)  # first: a half-deleted cache is never read
+            storage.delete(sibling)
+
+
+_PART_NAME = re.compile(r"part-(\d+)-[0-9a-f]+-(\d+)\.parquet$")
+
+
+def _natural_order(uri: str) -> tuple[int, int, str]:
+    """(write task, file of the task): ``...-2.parquet`` before ``...-10.parquet``, the
+    order the rows were written in."""
+    match = _PART_NAME.search(uri)
+    task, part = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
+    return task, part, uri
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def _input_files(root: str, task: str, split: str, layer: str) -> tuple[list[str], list[str]]:
+    return (storage.list_files(layout.examples_dir(root, task, split), suffix=".parquet"),
+            storage.list_files(layout.features_dir(root, layer), suffix=".parquet"))
+
+
 def ingest_config() -> Any:
     """Ray Train's dataset config: the shards in the dataset's own order. Ray Train replaces
     a dataset's execution options with the session's defaults, where blocks stream out in
     the order their tasks finish; then one seed trains on another sequence every run (and a
-    tiny test model lands on another F1). The dataset is materialized, so keeping its order
-    costs nothing."""
+    tiny test model lands on another F1). Keeping a materialized split's order costs
+    nothing; a streamed split's reads then hand their blocks over in file order."""
     import ray.train
     from ray.data import DataContext, ExecutionOptions
 

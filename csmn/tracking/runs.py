@@ -126,8 +126,11 @@ def start_or_resume_run(
 
 
 # Settings that may change when a run is resumed: how hard to retry, how long to train,
-# whether to register. A change is recorded as a tag; any other change is refused.
-RESUMABLE_PARAMS = frozenset({"train.max_failures", "train.epochs", "train.register"})
+# whether to register, whether the train split is held in the object store or streamed (a
+# resumed run may land on a cluster of another size). A change is recorded as a tag; any
+# other change is refused.
+RESUMABLE_PARAMS = frozenset({"train.max_failures", "train.epochs", "train.register",
+                              "train.materialize", "data.materialize"})
 
 
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:

@@ -15,12 +15,14 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import helpers
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -42,7 +44,15 @@ from csmn.pipeline.train import (
     train,
     training_datasets,
 )
-from csmn.pipeline.train_data import batch_options, collate_batch, joined_dataset, read_examples
+from csmn.pipeline.train_data import (
+    JOIN_COMMIT_FILE,
+    batch_options,
+    choose_materialize,
+    collate_batch,
+    joined_dataset,
+    read_examples,
+    streamed_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = 4
@@ -205,6 +215,107 @@ def test_join_counts_examples_without_features(ray_session, data_root):
     assert len(row["feature"]) == 2048 and row["token_ids"][-1] == EOS_ID
 
 
+# ---- the train split streamed from Parquet (--materialize never) -----------------------------
+
+
+def test_materialize_choice_weighs_the_join_against_the_object_store():
+    gib = 2**30
+    assert choose_materialize("auto", 3 * gib, 10 * gib)[0] == "always"  # 30%: still fits
+    mode, why = choose_materialize("auto", 3 * gib + 1, 10 * gib)
+    assert mode == "never" and "30%" in why and "10 GiB" in why
+    assert choose_materialize("auto", 1, 0)[0] == "never"  # no object store reported
+    assert choose_materialize("always", 100 * gib, gib)[0] == "always"
+    assert choose_materialize("never", 1, 100 * gib)[0] == "never"
+    with pytest.raises(ValueError, match="materialize must be one of"):
+        choose_materialize("sometimes", 1, 1)
+    with pytest.raises(ValueError, match="materialize must be one of"):
+        TrainConfig(data="/d", materialize="sometimes")
+    assert "--materialize" in build_parser().format_help()
+    args = build_parser().parse_args(["--data", "/d", "--materialize", "never"])
+    assert config_from_args(TrainConfig, args).materialize == "never"
+    assert TrainConfig(data="/d").materialize == "auto"
+
+
+def _rows(dataset) -> Counter:
+    return Counter((r["image"], tuple(r["token_ids"]), tuple(r["context_ids"]))
+                   for r in dataset.iter_rows())
+
+
+def _images(dataset) -> list[str]:
+    return [image for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+            for image in batch.column("image").to_pylist()]
+
+
+def test_streamed_split_has_the_materialized_rows_in_a_new_order_each_epoch(
+        ray_session, data_root):
+    streamed, stats = streamed_dataset(str(data_root), "hashtag", "train", "pool5",
+                                       block_rows=8, seed=0)
+    materialized, materialized_stats = joined_dataset(str(data_root), "hashtag", "train",
+                                                      "pool5", block_rows=8)
+    # Each pass (epoch) is an execution of the dataset, in an order of its own.
+    first, second = _images(streamed), _images(streamed)
+    assert first != second and sorted(first) == sorted(second)
+    assert stats == materialized_stats
+    assert (stats.examples, stats.joined, stats.skipped_no_features) == (320, 318, 2)
+    assert _rows(streamed) == _rows(materialized)
+    # Files of a block each, so that the file order is a block order.
+    commit = json.loads(next((data_root / "cache").rglob(JOIN_COMMIT_FILE)).read_text())
+    assert len(commit["files"]) >= 318 // 8
+    again, _ = streamed_dataset(str(data_root), "hashtag", "train", "pool5", block_rows=8,
+                                seed=0)
+    assert [_images(again), _images(again)] == [first, second]
+    other_seed, _ = streamed_dataset(str(data_root), "hashtag", "train", "pool5",
+                                     block_rows=8, seed=1)
+    assert _images(other_seed) != first
+    # Through streaming_split, as Ray Train's workers read it: a new order every epoch too.
+    shard, = again.streaming_split(1, equal=True)
+    passes = [[image for b in shard.iter_batches(batch_size=None, batch_format="pyarrow")
+               for image in b.column("image").to_pylist()] for _ in range(2)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(first)
+    # A worker's batches (file order + its local shuffle buffer) mix users as the
+    # materialized blocks do (test_training_batches_mix_users_and_change_every_epoch).
+    config = tiny_config(data_root)
+    users = {r["image"]: r["user_id"] for r in read_examples(
+        str(data_root), "hashtag", "train", columns=("image", "user_id")).to_pylist()}
+    distinct = [len(set(b)) for b in _user_batches(streamed, config, 1, users)]
+    assert min(distinct) >= 3 and np.mean(distinct) >= 5.5, distinct
+
+
+def test_streamed_cache_is_reused_finished_only_and_rebuilt_for_new_features(
+        ray_session, tmp_path):
+    root = write_data_root(tmp_path / "data")
+
+    def stream():
+        dataset, stats = streamed_dataset(str(root), "hashtag", "train", "pool5",
+                                          block_rows=16, seed=0)
+        commits = sorted((root / "cache").rglob(JOIN_COMMIT_FILE))
+        return dataset, stats, commits
+
+    _, stats, commits = stream()
+    assert len(commits) == 1 and stats.joined == 318
+    written = commits[0].stat().st_mtime_ns
+    _, again, commits = stream()
+    assert again == stats and commits[0].stat().st_mtime_ns == written  # reused
+
+    # A job killed before its commit record: the files are there, but never read.
+    cache = commits[0].parent
+    commits[0].unlink()
+    (cache / "part-999999-stray-0.parquet").write_bytes(b"half a file")
+    dataset, rebuilt, commits = stream()
+    assert rebuilt == stats and commits[0].parent == cache
+    assert not (cache / "part-999999-stray-0.parquet").exists()
+    assert sum(Counter(_images(dataset)).values()) == 318
+
+    # Extraction rewrote a feature file (one image fewer): a new join, the old one deleted.
+    part = sorted((root / "features" / "pool5").glob("part-*.parquet"))[0]  # train images
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 1), part)
+    dataset, changed, commits = stream()
+    assert (changed.examples, changed.joined, changed.skipped_no_features) == (320, 317, 3)
+    assert len(commits) == 1 and commits[0].parent != cache and not cache.exists()
+    assert len(_images(dataset)) == 317
+
+
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -227,6 +338,8 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, mlflow_tracking_uri, 
     params = run.data.params
     assert params["train.batch_size"] == "32" and params["model.embed_dim"] == "16"
     assert params["data.train.skipped_no_features"] == "2"
+    # 2.6 MB of joined rows against 30% of the tests' 400 MiB object store: held there.
+    assert (params["train.materialize"], params["data.materialize"]) == ("auto", "always")
     assert params["model.vocab_size"] == str(4 + CATEGORIES * TAGS_PER_CATEGORY + USERS + 2)
 
     # The pyfunc: no Ray needed to answer a DataFrame of posts.
@@ -268,6 +381,18 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, mlflow_tracking_uri, 
     loaded = ckpt.load_checkpoint(summary.best_checkpoint)
     assert loaded.vocab[:3] == ["_PAD", "_GO", "_EOS"] and loaded.task == "hashtag"
     assert loaded.model_config.embed_dim == 16
+
+
+def test_one_worker_trains_on_the_streamed_split(ray_session, data_root, mlflow_tracking_uri):
+    """One epoch on the train split streamed from its Parquet cache: every joined row is
+    trained on once, with the same counts as the materialized run's."""
+    summary = train(tiny_config(data_root, run_name="streamed", epochs=1, materialize="never"))
+    assert summary.epochs_completed == 1
+    assert summary.data["train"] == {"examples": 320, "joined": 318, "skipped_no_features": 2}
+    assert summary.data["materialize"] == "never"
+    params = MlflowClient().get_run(summary.mlflow_run_id).data.params
+    assert (params["train.materialize"], params["data.materialize"]) == ("never", "never")
+    assert _history(summary.mlflow_run_id, "train_examples") == [(1, 318.0)]
 
 
 def test_two_workers_match_one_worker_and_resume_after_a_kill_and_a_worker_failure(
