@@ -665,7 +665,8 @@ def _aligned_operands(inputs: Tensor, weight: Tensor, bias: Tensor | None = None
     return F.pad(inputs, (0, pad)), F.pad(weight, (0, pad)), bias
 
 
-# Rows of logits per softmax pass: a few MB, so that the pass stays in the CPU's caches.
+# Logits per softmax pass where the pass makes a copy (bf16/fp16 logits, or off the CPU):
+# a few MB. Float32 logits on the CPU are turned in one pass.
 _SOFTMAX_ELEMENTS = 1 << 20
 
 
@@ -674,9 +675,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
     """``F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")`` (eq. 12, no
     bias), the softmax in float32 at least, as ``sequence_loss`` does under autocast.
 
-    The V-wide logits are made once and turned in place, in cache-sized passes, into the
-    gradient of the loss with respect to them (softmax minus one-hot), which the backward
-    pass multiplies into W_f and h: one V-wide buffer instead of the three of log_softmax,
+    The V-wide logits are made once and turned in place into the gradient of the loss with
+    respect to them (softmax minus one-hot), which the backward pass multiplies into W_f
+    and h: one V-wide buffer instead of the three of log_softmax,
     its saved output and their gradients. ``chunk_tokens``: at most that many rows of
     logits at a time; the gradients of ``hidden`` and ``weight`` are then made in the
     forward pass, chunk by chunk, and scaled in the backward pass. Without gradients (no
@@ -706,11 +707,19 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _softmax_gradient_(logits: Tensor, targets: Tensor) -> Tensor:
     """logits [N, V] (float32 at least) -> their summed cross-entropy; ``logits`` become
-    softmax(logits) - onehot(targets), in place."""
-    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    softmax(logits) - onehot(targets), in place: one log_softmax and one exp over all rows.
+    On CPU the log_softmax writes into its input (its kernel finishes reading a row before
+    writing it; out of place gives the same bits); elsewhere it goes through a temporary.
+    A logsumexp, subtract and exp per few-MB chunk made a dozen small parallel ops per
+    chunk: on a busy 2-core machine their threads' waiting cost about 250 ms of CPU a step
+    at paper size against 30 ms now."""
     rows = torch.arange(logits.shape[0], device=logits.device)
-    loss = (lse.squeeze(1) - logits[rows, targets]).sum()
-    logits.sub_(lse).exp_()
+    if logits.device.type == "cpu":
+        torch.log_softmax(logits, 1, out=logits)
+    else:
+        logits.copy_(torch.log_softmax(logits, 1))
+    loss = -logits[rows, targets].sum()
+    logits.exp_()
     logits[rows, targets] -= 1
     return loss
 
@@ -725,7 +734,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows, vocab = hidden.shape[0], weight.shape[0]
             upcast = hidden.dtype in (torch.float16, torch.bfloat16)
             total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
-            step = max(1, _SOFTMAX_ELEMENTS // vocab)
+            in_place = not upcast and hidden.device.type == "cpu"
+            step = rows if in_place else max(1, _SOFTMAX_ELEMENTS // vocab)
             if not chunk_tokens or rows <= chunk_tokens:
                 grads = F.linear(hidden, weight)  # [N, V]: the logits, then their gradient
                 for start in range(0, rows, step):

@@ -373,6 +373,23 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk_tokens):
                                    expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_linear_cross_entropy_in_float32_over_more_rows_than_a_softmax_pass():
+    # 40 x 30,000 logits: more than one cache-sized pass (2^20) of the bf16 path; float32
+    # on the CPU turns them in one in-place log_softmax.
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(30_000, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 30_000, (40,), generator=gen)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets,
+                                                 reduction="sum")
+    loss = linear_cross_entropy(hidden, weight, targets)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    want = torch.autograd.grad(expected, (hidden, weight))
+    for new, old in zip(got, want, strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_real_token_loss_equals_the_unchunked_one():
     model = tiny_model(max_length=12)
     batch = ragged_batch(model.config, (5, 3, 2), steps=12)
