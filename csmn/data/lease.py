@@ -5,8 +5,8 @@ and both commit predictions into the same output. The commit step runs under thi
 that its check "which posts are committed already" and its write are never interleaved with
 another run's.
 
-The lease is one small JSON object created only if absent: ``O_CREAT | O_EXCL`` on a local
-disk, a conditional ``PutObject`` (``If-None-Match: *``) on S3. It names its holder and
+The lease is one small JSON object created only if absent (:func:`storage.create_if_absent`:
+a hard link on a local disk, a conditional ``PutObject`` on S3). It names its holder and
 expires: a holder that died leaves a lease that the next run breaks once it has expired.
 Holders keep their critical sections far shorter than the expiry, and check before they write
 that the lease is still theirs.
@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 from csmn.data import storage
 
@@ -40,45 +39,6 @@ class Lease:
     uri: str
     owner: str
     expires_at: float
-
-
-def _s3_client() -> Any:
-    import boto3
-
-    # boto3 reads AWS_ENDPOINT_URL itself, like the storage layer's pyarrow filesystem.
-    return boto3.client("s3")
-
-
-def _bucket_key(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
-def _create_exclusive(uri: str, data: bytes) -> bool:
-    """Create ``uri`` with ``data`` if nothing is there; False if something is."""
-    if storage.is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = _bucket_key(uri)
-        try:
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                            "ConditionalRequestConflict"):
-                return False
-            raise
-        return True
-    _, path = storage.resolve(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
 
 
 def _read(uri: str) -> dict[str, Any] | None:
@@ -99,7 +59,7 @@ def acquire(uri: str, ttl_s: float, wait_s: float, poll_s: float = 0.5,
     while True:
         expires_at = time.time() + ttl_s
         body = json.dumps({"owner": owner, "expires_at": expires_at}).encode()
-        if _create_exclusive(uri, body):
+        if storage.create_if_absent(uri, body):
             return Lease(uri, owner, expires_at)
         current = _read(uri)
         if current is not None and float(current.get("expires_at", 0)) < time.time():

@@ -297,6 +297,50 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Write ``data`` under ``uri`` only if nothing is there; False if something is. Of
+    writers racing for one name exactly one wins, and readers see all of its bytes or
+    nothing: a conditional ``PutObject`` (``If-None-Match: *``) on S3; locally a hidden
+    temporary file, flushed, then hard-linked to the name (``link`` fails where the name
+    exists, where ``rename`` would replace it).
+
+    Not retried as a whole: a retry after a lost reply to a write that did land would find
+    the writer's own object and report that someone else won.
+    """
+    if is_s3(uri):
+        import boto3
+        from botocore.exceptions import ClientError
+
+        parsed = urlparse(uri)
+        try:
+            # boto3 reads AWS_ENDPOINT_URL itself, like the pyarrow filesystem above.
+            boto3.client("s3").put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"),
+                                          Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                            "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    _, path = resolve(uri)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        _fsync_dir(parent)
+        return True
+    finally:
+        os.remove(tmp)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 

@@ -26,10 +26,12 @@ feature extractor wrote the failed image to its own rejects), never silently los
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -344,8 +346,11 @@ def streamed_dataset(root: str, task: str, split: str, layer: str, block_rows: i
 
 def _write_join(root: str, spec: JoinSpec, feature_files: list[str], cache: str,
                 spec_digest: str) -> dict[str, Any]:
-    """Write the join under ``cache``; the commit record, written last, lists its files and
-    counts. A folder without one is what a killed job left: deleted, written again."""
+    """Write the join into a build folder of its own under ``cache``, then commit it: the
+    commit record lists its files and counts and is created only if absent, so of builds
+    racing for one cache (two jobs training on one data root) the first to commit wins and
+    every other reads its files. The winner deletes the rest of ``cache``: what killed builds
+    left, and any build still racing, which then finds the commit and reads that."""
     from ray.data.datasource import FilenameProvider
 
     class PartNames(FilenameProvider):
@@ -353,28 +358,50 @@ def _write_join(root: str, spec: JoinSpec, feature_files: list[str], cache: str,
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"part-{task_index:06}-{write_uuid}.parquet"
 
-    if storage.exists(cache):
-        storage.delete(cache)
-    joined, examples = _joined_rows(root, spec, feature_files)
-    fs, path = storage.resolve(cache)
+    commit_uri = storage.join(cache, JOIN_COMMIT_FILE)
+    build = storage.join(cache, f"build-{uuid.uuid4().hex}")
     started = time.perf_counter()
-    joined.write_parquet(path, filesystem=fs, filename_provider=PartNames(),
-                         min_rows_per_file=spec.block_rows, max_rows_per_file=spec.block_rows)
-    files = sorted(storage.list_files(cache, suffix=".parquet"), key=_natural_order)
-    sizes = [_parquet_size(uri, (*spec.columns, "feature")) for uri in files]
     try:
+        joined, examples = _joined_rows(root, spec, feature_files)
+        fs, path = storage.resolve(build)
+        joined.write_parquet(path, filesystem=fs, filename_provider=PartNames(),
+                             min_rows_per_file=spec.block_rows,
+                             max_rows_per_file=spec.block_rows)
+        files = sorted(storage.list_files(build, suffix=".parquet"), key=_natural_order)
+        sizes = [_parquet_size(uri, (*spec.columns, "feature")) for uri in files]
         stats = _join_stats(root, spec, examples, sum(rows for rows, _, _ in sizes))
-    except ValueError:
-        storage.delete(cache)
+    except Exception:
+        storage.delete(build)
+        if storage.exists(commit_uri):  # our folder went with a winner's clean-up
+            return _committed_elsewhere(spec, cache, commit_uri)
         raise
     commit = {"spec_digest": spec_digest, "stats": stats.as_dict(),
               "bytes": sum(size for _, size, _ in sizes),
               "files": [uri[len(cache):].lstrip("/") for uri in files]}
-    storage.write_json(storage.join(cache, JOIN_COMMIT_FILE), commit)
+    body = json.dumps(commit, indent=2, sort_keys=True).encode()
+    if not storage.create_if_absent(commit_uri, body):
+        storage.delete(build)
+        return _committed_elsewhere(spec, cache, commit_uri)
     log.info("%s/%s: join written to %s in %.1fs: %d files, %d rows", spec.task, spec.split,
              cache, time.perf_counter() - started, len(files), stats.joined)
+    _delete_all_but(cache, (JOIN_COMMIT_FILE, build.rstrip("/").rsplit("/", 1)[1]))
     _delete_superseded(cache, spec_digest)
     return commit
+
+
+def _committed_elsewhere(spec: JoinSpec, cache: str, commit_uri: str) -> dict[str, Any]:
+    log.info("%s/%s: another job committed the join to %s first; streaming that one",
+             spec.task, spec.split, cache)
+    return storage.read_json(commit_uri)
+
+
+def _delete_all_but(folder: str, keep: tuple[str, ...]) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(folder)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.base_name not in keep:
+            storage.delete(storage.join(folder, info.base_name))
 
 
 def _delete_superseded(cache: str, spec_digest: str) -> None:

@@ -67,6 +67,20 @@ def test_failed_s3_write_leaves_nothing_visible(s3_bucket):
     assert storage.list_files(s3_bucket) == []
 
 
+def test_of_writers_racing_for_a_name_only_the_first_creates_it(tmp_path, s3_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    for base in (str(tmp_path / "race"), f"{s3_bucket}/race"):
+        target = storage.join(base, "commit.json")
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(storage.create_if_absent, [target] * 8,
+                                [b"writer %d" % i for i in range(8)]))
+        assert won.count(True) == 1
+        assert storage.read_bytes(target) == b"writer %d" % won.index(True)
+        assert storage.list_files(base) == [target]  # no temporary left behind
+        assert not storage.create_if_absent(target, b"late")
+
+
 def test_hidden_temporaries_are_not_listed(tmp_path):
     (tmp_path / ".part-0.parquet.abc.tmp").write_bytes(b"partial")
     (tmp_path / "part-1.parquet").write_bytes(b"x")

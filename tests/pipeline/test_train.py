@@ -31,6 +31,7 @@ from csmn.config import config_from_args
 from csmn.core import checkpoint as ckpt
 from csmn.core.tokens import EOS_ID, GO_ID
 from csmn.eval import metrics
+from csmn.pipeline import train_data
 from csmn.pipeline.train import (
     FAILURE_MARKER,
     TrainConfig,
@@ -297,13 +298,29 @@ def test_streamed_cache_is_reused_finished_only_and_rebuilt_for_new_features(
     _, again, commits = stream()
     assert again == stats and commits[0].stat().st_mtime_ns == written  # reused
 
-    # A job killed before its commit record: the files are there, but never read.
+    # A build that began before that one committed (another job on the same root): it
+    # loses the commit, deletes its own files and reads the winner's.
     cache = commits[0].parent
+    winner = json.loads(commits[0].read_text())
+    spec = train_data.JoinSpec("hashtag", "train", "pool5", block_rows=16)
+    _, feature_files = train_data._input_files(str(root), "hashtag", "train", "pool5")
+    late = train_data._write_join(str(root), spec, feature_files, str(cache),
+                                  winner["spec_digest"])
+    assert late == winner and json.loads(commits[0].read_text()) == winner
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        {JOIN_COMMIT_FILE, winner["files"][0].split("/")[0]})
+    dataset, again, _ = stream()
+    assert again == stats and sum(Counter(_images(dataset)).values()) == 318
+
+    # A job killed before its commit record: its files are there, but never read, and the
+    # next build deletes them.
     commits[0].unlink()
-    (cache / "part-999999-stray-0.parquet").write_bytes(b"half a file")
+    (cache / "build-killed").mkdir()
+    (cache / "build-killed" / "part-999999-stray-0.parquet").write_bytes(b"half a file")
     dataset, rebuilt, commits = stream()
     assert rebuilt == stats and commits[0].parent == cache
-    assert not (cache / "part-999999-stray-0.parquet").exists()
+    assert not (cache / "build-killed").exists()
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
     assert sum(Counter(_images(dataset)).values()) == 318
 
     # Extraction rewrote a feature file (one image fewer): a new join, the old one deleted.
