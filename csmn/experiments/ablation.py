@@ -227,7 +227,8 @@ def ensure_res5c(config: AblationConfig) -> str | None:
 # it holds, how failures are retried. Everything else is in a result's key.
 _TRAIN_FIELDS_NOT_IN_KEY = frozenset({
     "data", "experiment", "storage", "run_name", "register", "cpus_per_worker",
-    "checkpoints_to_keep", "max_failures", "fail_once_at_epoch"})
+    "checkpoints_to_keep", "max_failures", "fail_once_at_epoch",
+    "repeats", "stop"})  # keyed once, beside beam_width: they are the evaluation's too
 
 
 def _digest(fields: Any) -> str:
@@ -259,7 +260,8 @@ def train_config(config: AblationConfig, variant: str, family: str, seed: int,
         data=config.data, task=config.task, variant=variant.removeprefix("CSMN-"),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         train_split=train_split, val_split=val_split, val_sample_size=config.val_sample_size,
-        seed=seed, model=config.model_overrides(), workers=config.workers,
+        seed=seed, repeats=config.repeats, stop=config.stop, model=config.model_overrides(),
+        workers=config.workers,
         cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
         experiment=config.experiment, run_name=run_name, storage=storage_uri)
 

@@ -76,6 +76,23 @@ STAGE = "extract_features"
 OK = "ok"
 
 
+DECODE_MODES = ("auto", "tasks", "actor")
+DECODE_HELP = ("where images are decoded: auto (JPEGs in the model actors with nvJPEG when "
+               "they have GPUs, else in CPU tasks) | tasks (CPU tasks) | actor (in the model "
+               "actors, on their device, even a CPU)")
+
+
+def check_decode(decode: str) -> None:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+
+
+def decodes_in_actor(decode: str, use_gpu: bool) -> bool:
+    """Whether the model actors decode (on their device) rather than CPU tasks: a GPU decodes
+    JPEGs faster than the CPUs feeding it (nvJPEG); a CPU actor only when asked."""
+    return decode == "actor" or (decode == "auto" and use_gpu)
+
+
 @dataclass
 class ExtractConfig:
     """Feature extraction settings; defaults follow the paper (ResNet-101, 256 -> 224 crop)."""
@@ -114,12 +131,7 @@ class ExtractConfig:
         default=2.0, metadata={"help": "memory reserved per model actor (weights, activations)"}
     )
     decode_batch_size: int = field(default=32, metadata={"help": "images per decode batch"})
-    decode: str = field(
-        default="auto",
-        metadata={"help": "where images are decoded: auto (JPEGs in the model actors with "
-                          "nvJPEG when they have GPUs, else in CPU tasks) | tasks (CPU tasks) "
-                          "| actor (in the model actors, on their device, even a CPU)"},
-    )
+    decode: str = field(default="auto", metadata={"help": DECODE_HELP})
     decode_cpus: float = field(default=1.0, metadata={"help": "CPUs per decode (or read) task"})
     io_threads: int = field(default=8, metadata={"help": "concurrent image reads per task"})
     rows_per_part: int = field(default=256, metadata={"help": "images per output part"})
@@ -148,8 +160,7 @@ class ExtractConfig:
             raise ValueError(f"layer must be pool5, res5c or both, got {self.layer!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
-        if self.decode not in ("auto", "tasks", "actor"):
-            raise ValueError(f"decode must be auto, tasks or actor, got {self.decode!r}")
+        check_decode(self.decode)
         if self.gpu_wait_s < 0:
             raise ValueError("gpu_wait_s must be >= 0")
         for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
@@ -870,7 +881,7 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     # Before the scan: a missing GPU fails (or is waited for) first.
     use_gpu, actors, threads, cpus = _cluster_plan(config)
     plan = _plan_images(root, layers, files, rejected_before)
-    decode_in_actor = config.decode == "actor" or (config.decode == "auto" and use_gpu)
+    decode_in_actor = decodes_in_actor(config.decode, use_gpu)
     resources = Resources(use_gpu, actors, threads, cpus,
                           _precision_name(config.precision, use_gpu), decode_in_actor)
     for layer in layers:

@@ -65,6 +65,7 @@ from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
 from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
+from csmn.pipeline.extract import DECODE_HELP, check_decode, decodes_in_actor
 from csmn.pipeline.runtime import TASK_RETRIES
 from csmn.text.filters import FilterThresholds
 from csmn.text.history import TaskContext, history_contexts
@@ -130,6 +131,7 @@ class GenerateConfig:
         "help": "intra-op threads of a CPU actor; 0 = Ray's default"})
     batch_size: int = field(default=256, metadata={"help": "posts per decoding batch"})
     feature_batch_size: int = field(default=64, metadata={"help": "images per ResNet batch"})
+    decode: str = field(default="auto", metadata={"help": DECODE_HELP})
     io_threads: int = field(default=8, metadata={"help": "concurrent image reads per task"})
     precision: str = field(default="auto", metadata={"help": "ResNet precision: auto | fp32 | "
                                                              "bf16 | fp16"})
@@ -153,6 +155,7 @@ class GenerateConfig:
                      "commit_every", "read_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        check_decode(self.decode)
 
     def since_time(self) -> datetime | None:
         if self.since == "auto":
@@ -433,8 +436,12 @@ class GenerateActor:
             columns[f"{task}_used_context"] = used
             columns[f"{task}_model"] = [champion.name if champion else None] * n
             columns[f"{task}_model_version"] = [champion.version if champion else None] * n
-        return pa.table({name: columns[name] for name in STAGED_SCHEMA.names},
-                        schema=STAGED_SCHEMA)
+        staged = pa.table({name: columns[name] for name in STAGED_SCHEMA.names},
+                          schema=STAGED_SCHEMA)
+        # Where each image was decoded, for the summary only (not a staged column).
+        decoded_on = batch.get("decoded_on")
+        return staged.append_column("decoded_on", pa.array(
+            [str(v) for v in decoded_on] if decoded_on is not None else [""] * n, pa.string()))
 
 
 def write_staged(batch: pa.Table, out: str, attempt: str, rejects_dir: str) -> pa.Table:
@@ -442,7 +449,7 @@ def write_staged(batch: pa.Table, out: str, attempt: str, rejects_dir: str) -> p
     rejects as one rejects part. One outcome row per post goes back to the driver."""
     errors = batch.column("error").to_pylist()
     good = pc.equal(batch.column("error"), "")
-    staged = batch.filter(good).drop_columns(["error"])
+    staged = batch.filter(good).drop_columns(["error", "decoded_on"])
     part = ""
     if staged.num_rows:
         n = staged.num_rows
@@ -459,7 +466,8 @@ def write_staged(batch: pa.Table, out: str, attempt: str, rejects_dir: str) -> p
                                payload={"user_id": r["user_id"], "post_id": r["post_id"]})
                     for r in bad.to_pylist()], rejects_dir, "images")
     return pa.table({"part": [part] * batch.num_rows,
-                     "outcome": ["staged" if not e else reason_code(e) for e in errors]})
+                     "outcome": ["staged" if not e else reason_code(e) for e in errors],
+                     "decoded_on": batch.column("decoded_on")})
 
 
 def _staged_schema() -> pa.Schema:
@@ -627,14 +635,19 @@ def _predictions(config: GenerateConfig, champions_ref: Any, champions: dict[str
     from ray.data import ActorPoolStrategy
 
     from csmn.core.image_features import PreprocessConfig
-    from csmn.pipeline.extract import FeatureActor, decode_batch
+    from csmn.pipeline.extract import FeatureActor, decode_batch, read_batch
 
     preprocess = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                      for k, v in spec.preprocess.items()})
     gpu = 1 if config.use_gpu else 0
+    # As in extraction: the CPU tasks read the bytes, and decode them unless the actors do.
+    in_actor = decodes_in_actor(config.decode, config.use_gpu)
+    stage, options = ((read_batch, {"max_bytes": preprocess.max_bytes}) if in_actor
+                      else (decode_batch, {"preprocess": preprocess}))
+    log.info("images decoded in %s", "the feature actors" if in_actor else "CPU tasks")
     pixels = work.map_batches(
-        decode_batch, batch_size=config.feature_batch_size,
-        fn_kwargs={"preprocess": preprocess, "io_threads": config.io_threads})
+        stage, batch_size=config.feature_batch_size,
+        fn_kwargs={**options, "io_threads": config.io_threads})
     features = pixels.map_batches(
         FeatureActor, batch_size=config.feature_batch_size,
         compute=ActorPoolStrategy(size=config.feature_actors),
@@ -643,7 +656,8 @@ def _predictions(config: GenerateConfig, champions_ref: Any, champions: dict[str
             "weights": spec.weights, "seed": spec.seed, "fingerprint": spec.fingerprint,
             "layers": spec.layers, "use_gpu": config.use_gpu, "precision": config.precision,
             "mean": preprocess.mean, "std": preprocess.std,
-            "torch_threads": config.torch_threads})
+            "torch_threads": config.torch_threads, "preprocess": preprocess,
+            "decode_on_device": in_actor})
     decoded = features.map_batches(
         GenerateActor, batch_size=config.batch_size,
         compute=ActorPoolStrategy(size=config.decode_actors),
@@ -716,6 +730,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
              tallies["duplicates"])
 
     outcomes: Counter[str] = Counter()
+    decoded_on: Counter[str] = Counter()
     pending: list[str] = []
     decode_started = time.perf_counter()
     if new_posts:
@@ -723,6 +738,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
                               rejects_dir)
         for batch in staged.iter_batches(batch_format="pyarrow", batch_size=None):
             outcomes.update(batch.column("outcome").to_pylist())
+            decoded_on.update(v for v in batch.column("decoded_on").to_pylist() if v)
             pending.extend(sorted({p for p in batch.column("part").to_pylist() if p}))
             if len(pending) >= config.commit_every:
                 committer.commit(pending)
@@ -739,7 +755,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     rejects = _count_rejects(rejects_dir)
     summary = _summary(config, run_date, attempt, champions, tallies, new_posts, outcomes,
                        committer, recovered, rejects, time.perf_counter() - started,
-                       decode_seconds)
+                       decode_seconds, decoded_on)
     storage.write_json(layout.generation_summary_uri(config.out, run_date, attempt), summary)
     storage.write_json(layout.generation_summary_uri(config.out, run_date), summary)
     if not summary["balance"]["balanced"]:
@@ -752,7 +768,7 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
              champions: dict[str, Champion], tallies: Counter[str], new_posts: int,
              outcomes: Counter[str], committer: Committer, recovered: int,
              rejects: dict[str, Counter[str]], seconds: float,
-             decode_seconds: float) -> dict[str, Any]:
+             decode_seconds: float, decoded_on: Counter[str]) -> dict[str, Any]:
     by_code: Counter[str] = Counter()
     for codes in rejects.values():
         by_code.update(codes)
@@ -774,6 +790,8 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
                    "staged": outcomes.get("staged", 0),
                    "recovered_from_earlier_runs": recovered},
         "rejects": dict(sorted(by_code.items())),
+        # Images by decoder: pil (CPU tasks, or an actor's fallback), torchvision-<device>.
+        "decoded_on": dict(sorted(decoded_on.items())),
         "balance": {"records_in": records_in, "accounted": accounted,
                     "lost": records_in - (tallies["posts"] + unread),
                     "balanced": records_in == accounted},

@@ -49,7 +49,18 @@ import torch
 from csmn.config import config_from_args, config_parser
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig
-from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, MARKERS, PAD_ID
+from csmn.core.tokens import (
+    BLOCK,
+    EOS_ID,
+    FIRST_WORD_ID,
+    GO_ID,
+    LIKELY,
+    MARKERS,
+    PAD_ID,
+    REPEATS_HELP,
+    STOP_HELP,
+    task_rules,
+)
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
 from csmn.data.layout import HASHTAG, POST, canonical_task
@@ -120,6 +131,11 @@ class TrainConfig:
                 # No percent sign: argparse formats help texts with %.
                 f"than {MATERIALIZE_SHARE:g} of the cluster's object store"})
     seed: int = 0
+    # The validation F1 picks the kept checkpoints, so it decodes by the evaluation's rules.
+    repeats: str = field(default=BLOCK, metadata={
+        "help": f"validation decoding, as the evaluation's: {REPEATS_HELP}"})
+    stop: str = field(default=LIKELY, metadata={
+        "help": f"validation decoding, as the evaluation's: {STOP_HELP}"})
     checkpoints_to_keep: int = field(default=3, metadata={
         "help": "best checkpoints kept by the validation metric (the latest is kept too)"})
     max_failures: int = field(default=2, metadata={
@@ -149,6 +165,7 @@ class TrainConfig:
                      "val_sample_size", "checkpoints_to_keep", "block_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {', '.join(MATERIALIZE_MODES)}, "
                              f"got {self.materialize!r}")
@@ -443,9 +460,9 @@ def validate(worker: Worker, shard: Any) -> ValidationSums:
     """Loss and greedy decoding of this worker's share of the validation sample, scored on
     words as the evaluation scores them (paper 5.1)."""
     from csmn.core.decoding import greedy_decode
-    from csmn.core.tokens import task_rules
 
     network, task = worker.network, worker.config.task
+    rules = task_rules(task, worker.config.repeats, worker.config.stop)
     network.eval()
     sums = ValidationSums()
     with torch.no_grad():
@@ -458,7 +475,7 @@ def validate(worker: Worker, shard: Any) -> ValidationSums:
             sums.loss_sum += float(mean_loss) * float(tokens)
             sums.tokens += float(tokens)
             decoded = greedy_decode(network, batch["image_features"], batch["context_ids"],
-                                    **task_rules(task))
+                                    **rules)
             for ids, text in zip(decoded.token_ids, numpy_batch["text"], strict=True):
                 sums.add_post(task, prediction_words(ids, worker.vocab), str(text))
     return sums

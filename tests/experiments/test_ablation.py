@@ -47,6 +47,7 @@ from csmn.experiments.ablation import (
     render_markdown,
     run_ablation,
     spread,
+    train_config,
     truth_references,
     variant_key,
 )
@@ -110,6 +111,10 @@ def test_names_tables_and_switches(tmp_path):
     task_help = next(a.help for a in build_parser()._actions if a.dest == "task")
     assert "post (Table 2" in task_help and "caption (2)" not in task_help
     assert AblationConfig(data="x", task="caption").task == "post"
+    # Training validates by the rules the evaluation decodes with (its F1 keeps checkpoints).
+    trained = train_config(AblationConfig(data="x", repeats="paper", stop="paper"), "CSMN-P5",
+                           "by_users", 0)
+    assert (trained.repeats, trained.stop) == ("paper", "paper")
     with pytest.raises(ValueError, match="by posts exists for the hashtag task only"):
         AblationConfig(data="x", task="post", splits="by_posts")
     with pytest.raises(ValueError, match="seeds must be >= 1"):
@@ -228,7 +233,7 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     digest = layout.data_digest(data_root)
     key = variant_key(config, "CSMN-P5", "by_users", 0, digest)[0]
     for changed in (dict(epochs=15), dict(learning_rate=0.002), dict(model={"max_length": 12}),
-                    dict(workers=2), dict(repeats="paper")):
+                    dict(workers=2), dict(repeats="paper"), dict(stop="paper")):
         other = AblationConfig(**{**config.__dict__, **changed})
         assert variant_key(other, "CSMN-P5", "by_users", 0, digest)[0] != key, changed
     assert variant_key(config, "CSMN-P5", "by_users", 1, digest)[0] != key

@@ -251,6 +251,30 @@ def test_since_leaves_older_posts_as_history(nightly, tmp_path):
     assert summary["balance"]["balanced"]
 
 
+def test_feature_actors_decoding_the_images_predict_as_the_cpu_tasks_do(nightly, tmp_path):
+    """--decode actor (what GPU actors do under auto, with nvJPEG): the same posts, counts and
+    rejects as decoding in CPU tasks; the two resize kernels round apart by a grey level or
+    two (tests/core/test_features.py), which may move a prediction now and then."""
+    runs = {}
+    for decode in ("tasks", "actor"):
+        out = str(tmp_path / decode)
+        summary = run_generate(_config(nightly, out, "2026-11-30", decode=decode,
+                                       post_model="none"))
+        assert summary["balance"]["balanced"]
+        runs[decode] = (summary, {(r["user_id"], r["post_id"]): r["hashtags"]
+                                  for r in _rows(out)})
+    (tasks, by_tasks), (actor, by_actor) = runs["tasks"], runs["actor"]
+    assert tasks["counts"] == actor["counts"] and tasks["rejects"] == actor["rejects"]
+    predicted = tasks["counts"]["predicted"]
+    assert tasks["decoded_on"] == {"pil": predicted}
+    assert actor["decoded_on"] == {"torchvision-cpu": predicted}  # the archive's JPEGs
+    assert by_tasks.keys() == by_actor.keys() and len(by_tasks) > 10
+    same = sum(by_tasks[key] == by_actor[key] for key in by_tasks)
+    assert same >= 0.8 * len(by_tasks), (same, len(by_tasks))
+    with pytest.raises(ValueError, match="decode must be one of"):
+        GenerateConfig(out="x", decode="gpu")
+
+
 def test_refuses_other_weights_and_old_checkpoints(nightly, tmp_path):
     with pytest.raises(ValueError, match="learned from features of"):
         run_generate(_config(nightly, str(tmp_path / "a"), "2026-11-30", post_model="none",

@@ -29,14 +29,17 @@ from mlflow.tracking import MlflowClient
 
 from csmn.config import config_from_args
 from csmn.core import checkpoint as ckpt
-from csmn.core.tokens import EOS_ID, GO_ID
+from csmn.core.model import CSMN
+from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID
 from csmn.eval import metrics
 from csmn.pipeline import train_data
 from csmn.pipeline.train import (
     FAILURE_MARKER,
     TrainConfig,
     ValidationSums,
+    Worker,
     bleu1_counts,
+    build_model_config,
     build_parser,
     corpus_bleu1,
     epoch_line,
@@ -44,6 +47,7 @@ from csmn.pipeline.train import (
     resolve_defaults,
     train,
     training_datasets,
+    validate,
 )
 from csmn.pipeline.train_data import (
     JOIN_COMMIT_FILE,
@@ -54,6 +58,7 @@ from csmn.pipeline.train_data import (
     read_examples,
     streamed_dataset,
 )
+from csmn.text.vocab import load_vocab
 
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = 4
@@ -207,6 +212,38 @@ def test_parser_switches_and_defaults():
     assert paper.learning_rate_at(5) == 0.001
     assert paper.learning_rate_at(6) == pytest.approx(0.001 / 1.2)
     assert paper.learning_rate_at(20) == pytest.approx(0.001 / 1.2 ** 3)
+
+
+def test_validation_decodes_by_the_evaluation_rules(ray_session, data_root):
+    """The validation F1 picks the kept checkpoints, so it must decode as the evaluation
+    does: a model whose _EOS is the most probable token at every step but less likely than
+    all words together ends at once under the paper's stop rule and names tags under
+    'likely' (tests/core/test_model.py has the same model at the decoder)."""
+    import math
+
+    config = tiny_config(data_root)
+    vocab = load_vocab(config.data, config.task, config.train_split).tokens
+    model_config = build_model_config(config, len(vocab))
+    words = len(vocab) - FIRST_WORD_ID
+    torch.manual_seed(0)
+    network = CSMN(model_config)
+    with torch.no_grad():
+        network.hidden.weight.zero_()
+        network.hidden.bias.fill_(1.0)
+        network.vocab.weight.zero_()
+        network.vocab.weight[EOS_ID] = math.log(words / 2 + 0.5) / model_config.state_dim
+    _, val_ds, _ = training_datasets(config, model_config.image_layer)
+    scores = {}
+    for stop in ("paper", "likely"):
+        rules = dataclasses.replace(config, stop=stop)
+        worker = Worker(rules, model_config, vocab, 0, 1, torch.device("cpu"), network,
+                        torch.optim.Adam(network.parameters()), 1)
+        sums = validate(worker, val_ds)
+        assert sums.posts == 64
+        scores[stop] = sums.metric("hashtag")
+    assert scores["paper"] == 0.0 and scores["likely"] > 0.05, scores
+    with pytest.raises(ValueError, match="stop"):
+        TrainConfig(data="/d", stop="sometimes")
 
 
 def test_join_counts_examples_without_features(ray_session, data_root):
