@@ -198,7 +198,7 @@ def _text_modules(rev: str | None) -> tuple[object, object]:
 
 
 def _synthetic_posts(count: int) -> list[dict]:
-    from csmn.synth.archive import SynthConfig, iter_user_posts, make_user
+    from csmn.synth import SynthConfig, iter_user_posts, make_user
 
     config = SynthConfig(users=max(1, count // 150))
     posts: list[dict] = []

@@ -129,6 +129,25 @@ def _check_local(path: str, roots: Sequence[str], raw: str) -> str:
     return path
 
 
+@lru_cache(maxsize=64)
+def _cached_roots(archive_root: str, allowed_prefixes: tuple[str, ...]
+                  ) -> tuple[list[str], list[str]]:
+    roots = (archive_root, *allowed_prefixes)
+    s3_roots = [p for p in roots if _scheme_of(p) in _S3_SCHEMES]
+    local_roots = [_local_root(p) for p in roots if _scheme_of(p) not in _S3_SCHEMES]
+    return s3_roots, local_roots
+
+
+def _roots(archive_root: str, allowed_prefixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(S3 roots, local roots normalized; the archive's first when it is local). The same for
+    every record of an archive: working them out per record was a third of the path check.
+    Relative roots depend on the working folder and HOME: those are worked out every time."""
+    roots = (archive_root, *allowed_prefixes)
+    if all(r.startswith(("/", "file:///")) or _scheme_of(r) in _S3_SCHEMES for r in roots):
+        return _cached_roots(archive_root, allowed_prefixes)
+    return _cached_roots.__wrapped__(archive_root, allowed_prefixes)
+
+
 def resolve_image_path(
     archive_root: str, raw_path: str, allowed_prefixes: Sequence[str] = ()
 ) -> str:
@@ -144,9 +163,7 @@ def resolve_image_path(
     raw = raw_path.strip()
     if "\x00" in raw:
         raise PathRejected(f"{_shown(raw)} holds a NUL character")
-    roots = (archive_root, *allowed_prefixes)
-    s3_roots = [p for p in roots if _scheme_of(p) in _S3_SCHEMES]
-    local_roots = [_local_root(p) for p in roots if _scheme_of(p) not in _S3_SCHEMES]
+    s3_roots, local_roots = _roots(archive_root, tuple(allowed_prefixes))
     scheme = _scheme_of(raw)
     if scheme:
         if scheme in _S3_SCHEMES:
@@ -177,6 +194,6 @@ def resolve_image_path(
             raise PathRejected(f"{_shown(raw)} is outside the archive and the allowed "
                                "image roots")
         return f"{root_scheme}://{bucket}/{key}"
-    root = _local_root(archive_root)
+    root = local_roots[0]  # the archive's own, as it is local here
     path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(root, raw))
     return _check_local(path, local_roots, raw)

@@ -60,6 +60,7 @@ Batch = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 _POST_ID_IN_TEXT = re.compile(r'"post_id"\s*:\s*"([^"\\]{1,200})"')
 _FIRST_VALUE = re.compile(r'^\s*\{\s*(?:"(?:[^"\\]|\\.)*"\s*:\s*([\[{])|(\}))', re.S)
 _HTML_TAG = re.compile(r"<[^>]{0,500}>")
+_EPOCH_TEXT = re.compile(r"-?\d+(\.\d+)?")
 _PEEK_BYTES = 1 << 16
 
 # Caps on what one record may hold. Generous for real exports (an Instagram caption is at most
@@ -201,6 +202,12 @@ def clean_text(value: str, name: str, limit: int) -> str:
 def clean_hashtags(tags: list[str], name: str = "hashtags") -> list[str]:
     if len(tags) > MAX_HASHTAGS:
         raise _Reject("too_long", f"{name} has {len(tags)} tags, at most {MAX_HASHTAGS}")
+    # Most lists pass every check of clean_text at once (short ASCII without NUL, so no
+    # surrogate either); any other goes tag by tag, which words the first problem.
+    joined = "".join(tags)
+    if (joined.isascii() and "\x00" not in joined
+            and (not tags or max(map(len, tags)) <= MAX_HASHTAG_CHARS)):
+        return list(tags)
     return [clean_text(tag, f"a tag of {name}", MAX_HASHTAG_CHARS) for tag in tags]
 
 
@@ -225,7 +232,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         text = value.strip()
         if len(text) > 64:  # ISO-8601 with microseconds and an offset is 32 characters
             raise _Reject("bad_timestamp", f"created_at has {len(text)} characters")
-        if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        if _EPOCH_TEXT.fullmatch(text):
             return parse_timestamp(float(text))
         try:
             parsed = datetime.fromisoformat(text)

@@ -401,8 +401,35 @@ def _resolve_plan(plan: Any) -> Plan:
     return _PLAN_CACHE[key]
 
 
-def _user_rows(users: pa.Table) -> list[dict[str, Any]]:
-    return users.select(["user_id"] + [f"{t}_posts" for t in TASKS]).to_pylist()
+def _task_posts(users: pa.Table, task: str) -> tuple[list[list[dict[str, Any]]], pa.StructArray]:
+    """Per user of the batch, its kept posts of ``task`` as ``{"post_id", "tokens", "at"}``
+    (``at``: the post's row in the returned array of all the batch's posts), and that array.
+
+    Only ids and tokens become Python objects: times and images go from Arrow to Arrow by
+    ``at`` (converting every timestamp to a datetime and back was a tenth of the job).
+    """
+    lists = users.column(f"{task}_posts").combine_chunks()
+    flat = lists.flatten()
+    fields = dict(zip((f.name for f in flat.type), flat.flatten(), strict=True))
+    post_ids, tokens = fields["post_id"].to_pylist(), fields["tokens"].to_pylist()
+    posts, at = [], 0
+    for n in lists.value_lengths().to_pylist():
+        posts.append([{"post_id": post_ids[i], "tokens": tokens[i], "at": i}
+                      for i in range(at, at + n)])
+        at += n
+    return posts, flat
+
+
+def _user_rows(users: pa.Table) -> tuple[list[dict[str, Any]], dict[str, pa.StructArray]]:
+    """The batch's users as ``{"user_id", "<task>_posts"}`` (see :func:`_task_posts`), and
+    per task the array of all their posts."""
+    rows = [{"user_id": u} for u in users.column("user_id").to_pylist()]
+    flats = {}
+    for task in TASKS:
+        posts, flats[task] = _task_posts(users, task)
+        for row, user_posts in zip(rows, posts, strict=True):
+            row[f"{task}_posts"] = user_posts
+    return rows, flats
 
 
 # --------------------------------------------------------------------------- stage 4
@@ -412,7 +439,7 @@ def token_statistics(users: pa.Table, plan: Any) -> pa.Table:
     plan = _resolve_plan(plan)
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     doc_freq: dict[str, Counter[str]] = defaultdict(Counter)
-    for row in _user_rows(users):
+    for row in _user_rows(users)[0]:
         user_id = row["user_id"]
         for task in TASKS:
             posts = row[f"{task}_posts"]
@@ -485,32 +512,51 @@ def partition_candidates(stats: pa.Table, sizes: dict[str, int]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- stage 5
-def _example(user_id: str, post: dict[str, Any], vocab: Vocabulary, words: list[str]) -> dict:
-    return {
-        "user_id": user_id,
-        "post_id": post["post_id"],
-        "created_at": post["created_at"],
-        "image": post["image"],
-        "text": " ".join(post["tokens"]),
-        "token_ids": vocab.encode(post["tokens"]),
-        "context_ids": vocab.ids(words),
-        "context_words": words,
-    }
+class _Part:
+    """The examples of one part file, column by column; times and images are taken from the
+    batch's posts by row (``at``) when the part is written."""
+
+    def __init__(self, posts: pa.StructArray):
+        self.posts = posts
+        self.columns: dict[str, list] = {name: [] for name in (
+            "user_id", "post_id", "text", "token_ids", "context_ids", "context_words")}
+        self.at: list[int] = []
+
+    def add(self, user_id: str, post: dict[str, Any], vocab: Vocabulary, words: list[str]) -> None:
+        c = self.columns
+        c["user_id"].append(user_id)
+        c["post_id"].append(post["post_id"])
+        c["text"].append(" ".join(post["tokens"]))
+        c["token_ids"].append(vocab.encode(post["tokens"]))
+        c["context_ids"].append(vocab.ids(words))
+        c["context_words"].append(words)
+        self.at.append(post["at"])
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def table(self) -> pa.Table:
+        rows = pa.array(self.at, pa.int64())
+        taken = self.posts.take(rows)
+        fields = dict(zip((f.name for f in taken.type), taken.flatten(), strict=True))
+        return conform({**self.columns, "created_at": fields["created_at"],
+                        "image": fields["image"]}, "example")
 
 
 def user_examples(
     row: dict[str, Any], task: str, plan: Plan
-) -> tuple[list[str], Iterator[tuple[str, dict]]]:
-    """(the user's context from all kept posts, (split, example) for each kept post)."""
+) -> tuple[list[str], Iterator[tuple[str, dict, Vocabulary, list[str]]]]:
+    """(the user's context from all kept posts, (split, post, vocabulary, context words) for
+    each example of a kept post)."""
     posts = row[f"{task}_posts"]
     user_id = row["user_id"]
     context = plan.context(task, (p["tokens"] for p in posts))
 
-    def examples() -> Iterator[tuple[str, dict]]:
+    def examples() -> Iterator[tuple[str, dict, Vocabulary, list[str]]]:
         split = plan.user_splits[task][user_id]
         vocab = plan.vocabs[task]
         for post in posts:
-            yield split, _example(user_id, post, vocab, context.without(post["tokens"]))
+            yield split, post, vocab, context.without(post["tokens"])
         if task == BY_POSTS_TASK and plan.by_posts:
             name = vocab_name(task, TRAIN_BY_POSTS)
             splits = plan.post_splits(user_id, [p["post_id"] for p in posts])
@@ -522,7 +568,7 @@ def user_examples(
                 post_split = splits[post["post_id"]]
                 words = (history.without(post["tokens"]) if post_split == TRAIN_BY_POSTS
                          else history.full())
-                yield post_split, _example(user_id, post, plan.vocabs[name], words)
+                yield post_split, post, plan.vocabs[name], words
 
     return context.full(), examples()
 
@@ -535,9 +581,9 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
     files instead of adding duplicates.
     """
     plan = _resolve_plan(plan)
-    rows = _user_rows(users)
+    rows, flats = _user_rows(users)
     batch_id = parts_digest(r["user_id"] for r in rows)
-    by_part: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    by_part: dict[tuple[str, str], _Part] = {}
     out = []
     for row in rows:
         for task in TASKS:
@@ -545,17 +591,20 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
                 continue
             full_context, examples = user_examples(row, task, plan)
             per_split: Counter[str] = Counter()
-            for split, example in examples:
-                by_part[(task, split)].append(example)
+            for split, post, vocab, words in examples:
+                part = by_part.get((task, split))
+                if part is None:
+                    part = by_part[(task, split)] = _Part(flats[task])
+                part.add(row["user_id"], post, vocab, words)
                 per_split[split] += 1
             user_split = plan.user_splits[task][row["user_id"]]
             for split, n in sorted(per_split.items()):
                 out.append({"task": task, "user_id": row["user_id"], "split": split,
                             "posts": n,
                             "context_words": full_context if split == user_split else None})
-    for (task, split), examples in sorted(by_part.items()):
+    for (task, split), part in sorted(by_part.items()):
         uri = storage.join(layout.examples_dir(root, task, split), f"part-{batch_id}.parquet")
-        storage.write_parquet(uri, conform(examples, "example"))
+        storage.write_parquet(uri, part.table())
     return pa.Table.from_pylist(out, schema=USER_SPLIT_SCHEMA)
 
 

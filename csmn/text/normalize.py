@@ -179,14 +179,10 @@ def normalize_hashtag(tag: str | None) -> str | None:
 
 def normalize_hashtags(tags: Iterable[str] | None) -> list[str]:
     """Tokens of a hashtag list for the hashtag task: ``#tag`` each, duplicates dropped."""
-    seen: set[str] = set()
-    tokens = []
-    for tag in tags or ():
-        token = normalize_hashtag(tag)
-        if token is not None and token not in seen:
-            seen.add(token)
-            tokens.append(token)
-    return tokens
+    # dict.fromkeys keeps the first of each token in order, as a seen-set loop would, in C.
+    tokens = dict.fromkeys(map(normalize_hashtag, tags or ()))
+    tokens.pop(None, None)
+    return list(tokens)
 
 
 def language_words(text: str | None) -> list[str]:
