@@ -40,7 +40,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -302,6 +302,15 @@ def read_batch(
                        dtype=object),
     )
     return out
+
+
+def cpu_stage(decode_in_actor: bool, preprocess: PreprocessConfig
+              ) -> tuple[Callable[..., dict[str, np.ndarray]], dict[str, Any]]:
+    """(function, its arguments but ``io_threads``) of the CPU stage before the model actors:
+    it reads the bytes, and decodes them too unless the actors do."""
+    if decode_in_actor:
+        return read_batch, {"max_bytes": preprocess.max_bytes}
+    return decode_batch, {"preprocess": preprocess}
 
 
 class FeatureActor:
@@ -754,9 +763,7 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
     layers = config.layers
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
     dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
-    # The CPU stage reads the bytes; it also decodes unless the actors do.
-    stage, options = ((read_batch, {"max_bytes": preprocess.max_bytes})
-                      if resources.decode_in_actor else (decode_batch, {"preprocess": preprocess}))
+    stage, options = cpu_stage(resources.decode_in_actor, preprocess)
     dataset = dataset.map_batches(
         stage,
         batch_size=config.decode_batch_size,

@@ -635,15 +635,13 @@ def _predictions(config: GenerateConfig, champions_ref: Any, champions: dict[str
     from ray.data import ActorPoolStrategy
 
     from csmn.core.image_features import PreprocessConfig
-    from csmn.pipeline.extract import FeatureActor, decode_batch, read_batch
+    from csmn.pipeline.extract import FeatureActor, cpu_stage
 
     preprocess = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                      for k, v in spec.preprocess.items()})
     gpu = 1 if config.use_gpu else 0
-    # As in extraction: the CPU tasks read the bytes, and decode them unless the actors do.
     in_actor = decodes_in_actor(config.decode, config.use_gpu)
-    stage, options = ((read_batch, {"max_bytes": preprocess.max_bytes}) if in_actor
-                      else (decode_batch, {"preprocess": preprocess}))
+    stage, options = cpu_stage(in_actor, preprocess)
     log.info("images decoded in %s", "the feature actors" if in_actor else "CPU tasks")
     pixels = work.map_batches(
         stage, batch_size=config.feature_batch_size,
