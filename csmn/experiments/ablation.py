@@ -119,8 +119,12 @@ class AblationConfig:
     cnn_depth: int = 32
     model: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "more ModelConfig overrides, e.g. '{max_length: 16}'"})
-    val_sample_size: int = field(default=500, metadata={
-        "help": "validation examples scored per epoch"})
+    val_sample_size: int = field(default=1000, metadata={
+        "help": "validation examples scored per epoch (all of them when the split has fewer): "
+                "they pick the checkpoint, and a small sample picks by noise"})
+    context_dropout: float = field(default=0.0, metadata={
+        "help": "share of the user-context words hidden at each training step (not in the "
+                "paper: 0)"})
     seed: int = field(default=0, metadata={"help": "the first seed"})
     seeds: int = field(default=1, metadata={
         "help": "seeds per method (seed, seed+1, ...): the table gives mean, std, min..max"})
@@ -230,6 +234,10 @@ _TRAIN_FIELDS_NOT_IN_KEY = frozenset({
     "checkpoints_to_keep", "max_failures", "fail_once_at_epoch",
     "repeats", "stop"})  # keyed once, beside beam_width: they are the evaluation's too
 
+# TrainConfig fields added after results were first stored: at these values (what every
+# run before them did) they stay out of the key, so those results are still found.
+_TRAIN_FIELDS_KEYED_WHEN_NOT = {"context_dropout": 0.0}
+
 
 def _digest(fields: Any) -> str:
     text = json.dumps(fields, sort_keys=True, default=str)
@@ -261,7 +269,7 @@ def train_config(config: AblationConfig, variant: str, family: str, seed: int,
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         train_split=train_split, val_split=val_split, val_sample_size=config.val_sample_size,
         seed=seed, repeats=config.repeats, stop=config.stop, model=config.model_overrides(),
-        workers=config.workers,
+        context_dropout=config.context_dropout, workers=config.workers,
         cpus_per_worker=config.cpus_per_worker, use_gpu=config.use_gpu,
         experiment=config.experiment, run_name=run_name, storage=storage_uri)
 
@@ -279,7 +287,9 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     fields = {"kind": "variant", "method": variant, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
               "repeats": config.repeats, "stop": config.stop,
-              "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY},
+              "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY
+                        and not (k in _TRAIN_FIELDS_KEYED_WHEN_NOT
+                                 and v == _TRAIN_FIELDS_KEYED_WHEN_NOT[k])},
               "data_digest": data_digest,
               "features": (features or {}).get(layer) or features_identity(config.data, layer)}
     return _digest(fields), fields

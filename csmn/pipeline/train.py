@@ -114,6 +114,10 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     grad_clip_norm: float = field(default=100.0, metadata={
         "help": "clip the gradient norm (authors' code: 100); 0 turns it off"})
+    context_dropout: float = field(default=0.0, metadata={
+        "help": "share of each training example's user-context words hidden at each step "
+                "(not in the paper, which has 0): a new user's context never holds the "
+                "words only one training user writes, so the model must not lean on any one"})
     max_length: int = field(default=16, metadata={"help": "output tokens incl. _EOS"})
     train_split: str = "train"
     val_split: str = "val"
@@ -166,6 +170,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
+        if not 0.0 <= self.context_dropout < 1.0:
+            raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}")
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {', '.join(MATERIALIZE_MODES)}, "
                              f"got {self.materialize!r}")
@@ -431,8 +437,14 @@ def train_epoch(worker: Worker, shard: Any, epoch: int) -> TrainSums:
         collate_fn=Collate(worker.model_config.context_size, worker.model_config.max_length,
                            worker.model_config.image_layer),
         **batch_options(config.shuffle_buffer, config.seed, epoch, worker.rank))
+    # Its own stream, seeded like the shuffle: a resumed epoch hides the same words.
+    dropout_generator = torch.Generator(worker.device).manual_seed(
+        hash((config.seed, epoch, worker.rank)) % 2**63)
     for batch in batches:
         batch = {k: v.to(worker.device) for k, v in batch.items()}
+        if config.context_dropout > 0:
+            batch["context_ids"] = hide_context_words(batch["context_ids"],
+                                                      config.context_dropout, dropout_generator)
         # h_t and the logits at real targets only (CSMN.training_loss); through forward, so
         # that DDP syncs the gradients.
         mean_loss, local_tokens = model(batch["image_features"], batch["context_ids"],
@@ -454,6 +466,15 @@ def train_epoch(worker: Worker, shard: Any, epoch: int) -> TrainSums:
         sums.examples += batch["targets"].shape[0]
     sums.seconds = time.perf_counter() - started
     return sums
+
+
+def hide_context_words(context_ids: torch.Tensor, rate: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """``context_ids`` with each word replaced by ``_PAD`` with probability ``rate``: the
+    model masks padded slots (eq. 9), so a hidden word is as if the user never wrote it."""
+    hidden = torch.rand(context_ids.shape, generator=generator,
+                        device=context_ids.device) < rate
+    return context_ids.masked_fill(hidden, PAD_ID)
 
 
 def validate(worker: Worker, shard: Any) -> ValidationSums:

@@ -233,7 +233,8 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     digest = layout.data_digest(data_root)
     key = variant_key(config, "CSMN-P5", "by_users", 0, digest)[0]
     for changed in (dict(epochs=15), dict(learning_rate=0.002), dict(model={"max_length": 12}),
-                    dict(workers=2), dict(repeats="paper"), dict(stop="paper")):
+                    dict(workers=2), dict(repeats="paper"), dict(stop="paper"),
+                    dict(context_dropout=0.2)):
         other = AblationConfig(**{**config.__dict__, **changed})
         assert variant_key(other, "CSMN-P5", "by_users", 0, digest)[0] != key, changed
     assert variant_key(config, "CSMN-P5", "by_users", 1, digest)[0] != key
@@ -243,6 +244,10 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     same = AblationConfig(**{**config.__dict__, "out": str(tmp_path), "cpus_per_worker": 2.0,
                              "variants": "P5", "seeds": 3})
     assert variant_key(same, "CSMN-P5", "by_users", 0, digest)[0] == key
+    # A field added later, at the value every earlier run had, is not in the key: results
+    # stored before it existed are still found.
+    assert "context_dropout" not in variant_key(config, "CSMN-P5", "by_users", 0, digest)[1][
+        "train"]
     assert baseline_key(config, "1NN-Usr", "by_posts", 0, digest)[0] != baseline_key(
         config, "1NN-Usr", "by_posts", 1, digest)[0]
 

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from csmn.config import config_from_args
 from csmn.core import checkpoint as ckpt
 from csmn.core.model import CSMN
-from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID
+from csmn.core.tokens import EOS_ID, FIRST_WORD_ID, GO_ID, PAD_ID
 from csmn.eval import metrics
 from csmn.pipeline import train_data
 from csmn.pipeline.train import (
@@ -44,6 +44,7 @@ from csmn.pipeline.train import (
     corpus_bleu1,
     epoch_line,
     hashtag_f1,
+    hide_context_words,
     resolve_defaults,
     train,
     training_datasets,
@@ -196,6 +197,22 @@ def test_training_batches_mix_users_and_change_every_epoch(ray_session, data_roo
     in_order, _ = joined_dataset(str(data_root), "hashtag", "train", "pool5", block_rows=8)
     unmixed = [len(set(b)) for b in _user_batches(in_order, config, 1, users)]
     assert np.mean(unmixed) < np.mean(distinct) - 1.5, (unmixed, distinct)
+
+
+def test_context_dropout_hides_words_as_padding_at_its_rate():
+    context = torch.arange(FIRST_WORD_ID, FIRST_WORD_ID + 60).repeat(500, 1)
+    context[:, 50:] = PAD_ID  # a short context: its padding stays padding
+    hidden = hide_context_words(context, 0.3, torch.Generator().manual_seed(1))
+    dropped = hidden[:, :50] == PAD_ID
+    assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    kept = ~dropped
+    assert torch.equal(hidden[:, :50][kept], context[:, :50][kept])  # the rest untouched
+    assert (hidden[:, 50:] == PAD_ID).all()
+    again = hide_context_words(context, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(hidden, again)  # seeded: a resumed epoch hides the same words
+    assert TrainConfig(data="/d").context_dropout == 0.0  # the paper has none
+    with pytest.raises(ValueError, match="context_dropout"):
+        TrainConfig(data="/d", context_dropout=1.0)
 
 
 def test_parser_switches_and_defaults():
@@ -439,14 +456,18 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, mlflow_tracking_uri, 
 
 def test_one_worker_trains_on_the_streamed_split(ray_session, data_root, mlflow_tracking_uri):
     """One epoch on the train split streamed from its Parquet cache: every joined row is
-    trained on once, with the same counts as the materialized run's."""
-    summary = train(tiny_config(data_root, run_name="streamed", epochs=1, materialize="never"))
+    trained on once, with the same counts as the materialized run's; with context dropout
+    on, which is a training option like any other (logged, a finite loss)."""
+    summary = train(tiny_config(data_root, run_name="streamed", epochs=1, materialize="never",
+                                context_dropout=0.3))
     assert summary.epochs_completed == 1
     assert summary.data["train"] == {"examples": 320, "joined": 318, "skipped_no_features": 2}
     assert summary.data["materialize"] == "never"
     params = MlflowClient().get_run(summary.mlflow_run_id).data.params
     assert (params["train.materialize"], params["data.materialize"]) == ("never", "never")
+    assert params["train.context_dropout"] == "0.3"
     assert _history(summary.mlflow_run_id, "train_examples") == [(1, 318.0)]
+    assert np.isfinite(_history(summary.mlflow_run_id, "train_loss")[0][1])
 
 
 def test_two_workers_match_one_worker_and_resume_after_a_kill_and_a_worker_failure(
