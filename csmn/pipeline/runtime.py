@@ -104,14 +104,20 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         return
     log.info("starting an in-process Ray (set RAY_ADDRESS to use a cluster)")
     ensure_private_token()
-    # address="local": never attach to a cluster some other process left in /tmp/ray.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        object_store_memory=object_store_memory,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+    ray.init(**local_ray_options(num_cpus, object_store_memory))
+
+
+def local_ray_options(num_cpus: int | None = None,
+                      object_store_memory: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments of the in-process Ray.
+
+    With its dashboard: Ray Train's placement-group cleaner asks the State API, which the
+    dashboard serves, whether the controller is alive once a second, and without it logs
+    a warning at each ask, thousands in an hour of training. On 127.0.0.1, behind the token.
+    ``address="local"``: never attach to a cluster some other process left in /tmp/ray."""
+    return {"address": "local", "num_cpus": num_cpus,
+            "object_store_memory": object_store_memory, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "log_to_driver": True}
 
 
 def warn_if_local_output_on_a_cluster(out: str, is_remote: bool) -> None:

@@ -1,0 +1,37 @@
+"""The in-process Ray that ``csmn train``, ``ablation`` and the other jobs start without
+RAY_ADDRESS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+_SCRIPT = """
+import json, ray
+from ray.util.state import list_actors
+from csmn.pipeline.runtime import init_ray
+init_ray(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+# Ray Train's placement-group cleaner asks the State API this way once a second
+actors = list_actors()
+node = ray._private.worker.global_worker.node
+print(json.dumps({"webui": node.address_info["webui_url"], "actors": len(actors)}))
+ray.shutdown()
+"""
+
+
+def test_the_in_process_ray_answers_the_state_api_on_localhost_behind_a_token(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["webui"].startswith("127.0.0.1:"), answer
+    assert "Failed to connect to API server" not in done.stderr
+    # token auth stays on: the token the run made, private to its user
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
