@@ -11,14 +11,22 @@ import sys
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 _SCRIPT = """
-import json, ray
+import json, os, urllib.error, urllib.request, ray
 from ray.util.state import list_actors
 from csmn.pipeline.runtime import init_ray
 init_ray(num_cpus=1, object_store_memory=100 * 1024 * 1024)
 # Ray Train's placement-group cleaner asks the State API this way once a second
 actors = list_actors()
-node = ray._private.worker.global_worker.node
-print(json.dumps({"webui": node.address_info["webui_url"], "actors": len(actors)}))
+webui = ray._private.worker.global_worker.node.address_info["webui_url"]
+token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+def status(headers):
+    request = urllib.request.Request(f"http://{webui}/api/v0/actors", headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as error:
+        return error.code
+print(json.dumps({"webui": webui, "actors": len(actors), "without_token": status({}),
+                  "with_token": status({"Authorization": f"Bearer {token}"})}))
 ray.shutdown()
 """
 
@@ -33,5 +41,7 @@ def test_the_in_process_ray_answers_the_state_api_on_localhost_behind_a_token(tm
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["webui"].startswith("127.0.0.1:"), answer
     assert "Failed to connect to API server" not in done.stderr
-    # token auth stays on: the token the run made, private to its user
+    # token auth stays on: the dashboard refuses a request without the run's token, which
+    # is private to its user
+    assert (answer["without_token"], answer["with_token"]) == (401, 200), answer
     assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
