@@ -114,10 +114,23 @@ def local_ray_options(num_cpus: int | None = None,
     With its dashboard: Ray Train's placement-group cleaner asks the State API, which the
     dashboard serves, whether the controller is alive once a second, and without it logs
     a warning at each ask, thousands in an hour of training. On 127.0.0.1, behind the token.
+    The workers learn this cluster's address (:func:`point_the_state_api_at_this_cluster`).
     ``address="local"``: never attach to a cluster some other process left in /tmp/ray."""
+    hook = f"{__name__}.{point_the_state_api_at_this_cluster.__name__}"
     return {"address": "local", "num_cpus": num_cpus,
             "object_store_memory": object_store_memory, "include_dashboard": True,
-            "dashboard_host": "127.0.0.1", "log_to_driver": True}
+            "dashboard_host": "127.0.0.1", "log_to_driver": True,
+            "runtime_env": {"worker_process_setup_hook": hook}}
+
+
+def point_the_state_api_at_this_cluster() -> None:
+    """Each worker's setup hook in the in-process Ray. The State API finds its cluster by
+    ``RAY_ADDRESS``, else by looking for Ray processes on the machine, and refuses when it
+    finds two (another job's in-process Ray, a test session's): Ray Train's placement-group
+    cleaner then dies with a traceback in every training."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def warn_if_local_output_on_a_cluster(out: str, is_remote: bool) -> None:

@@ -15,8 +15,9 @@ import json, os, urllib.error, urllib.request, ray
 from ray.util.state import list_actors
 from csmn.pipeline.runtime import init_ray
 init_ray(num_cpus=1, object_store_memory=100 * 1024 * 1024)
-# Ray Train's placement-group cleaner asks the State API this way once a second
-actors = list_actors()
+# Ray Train's placement-group cleaner asks the State API this way, from a worker, once a
+# second, and another Ray (the test session's) runs beside this one
+actors = ray.get(ray.remote(lambda: len(list_actors())).remote())
 webui = ray._private.worker.global_worker.node.address_info["webui_url"]
 token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
 def status(headers):
@@ -25,13 +26,14 @@ def status(headers):
         return urllib.request.urlopen(request, timeout=30).status
     except urllib.error.HTTPError as error:
         return error.code
-print(json.dumps({"webui": webui, "actors": len(actors), "without_token": status({}),
+print(json.dumps({"webui": webui, "actors": actors, "without_token": status({}),
                   "with_token": status({"Authorization": f"Bearer {token}"})}))
 ray.shutdown()
 """
 
 
-def test_the_in_process_ray_answers_the_state_api_on_localhost_behind_a_token(tmp_path):
+def test_the_in_process_ray_answers_the_state_api_on_localhost_behind_a_token(
+        ray_session, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(HOME=str(tmp_path), PYTHONPATH=REPO)
