@@ -44,53 +44,37 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from csmn.config import add_config_arguments, config_from_args, config_to_dict
-from csmn.core.image_features import (
-    FEATURE_DIM,
-    LAYERS,
-    RANDOM_WEIGHTS_WARNING,
-    DeviceDecoded,
-    FeatureExtractor,
+from csmn.core.image_decode import (
+    DECODE_HELP,
     ImageRejected,
     PreprocessConfig,
-    WeightsInfo,
-    WeightsUnavailable,
+    check_decode,
     decode_image_or_reason,
-    decode_images_on_device,
-    load_trunk,
+    decodes_in_actor,
     read_image_bytes,
-    resolve_precision,
 )
 from csmn.data import layout, storage
 from csmn.data.completeness import require_data_root
+from csmn.data.layout import FEATURE_DIM, LAYERS
 from csmn.data.schemas import conform, load_schema, validate
+
+if TYPE_CHECKING:
+    from csmn.core.image_features import DeviceDecoded, WeightsInfo
+
+# torch and the network (csmn.core.image_features) are imported where the model runs, never
+# at the top: the CPU decode tasks unpickle this module's functions, and each of their worker
+# processes would otherwise spend about 3 s importing torch and torchvision.
 
 log = logging.getLogger(__name__)
 
 STAGE = "extract_features"
 OK = "ok"
-
-
-DECODE_MODES = ("auto", "tasks", "actor")
-DECODE_HELP = ("where images are decoded: auto (JPEGs in the model actors with nvJPEG when "
-               "they have GPUs, else in CPU tasks) | tasks (CPU tasks) | actor (in the model "
-               "actors, on their device, even a CPU)")
-
-
-def check_decode(decode: str) -> None:
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-
-
-def decodes_in_actor(decode: str, use_gpu: bool) -> bool:
-    """Whether the model actors decode (on their device) rather than CPU tasks: a GPU decodes
-    JPEGs faster than the CPUs feeding it (nvJPEG); a CPU actor only when asked."""
-    return decode == "actor" or (decode == "auto" and use_gpu)
 
 
 @dataclass
@@ -336,6 +320,8 @@ class FeatureActor:
     ) -> None:
         import torch
 
+        from csmn.core.image_features import FeatureExtractor, load_trunk
+
         if decode_on_device and preprocess is None:
             raise ValueError("decoding on the device needs the preprocessing config")
         if not use_gpu and torch_threads > 0:
@@ -360,6 +346,8 @@ class FeatureActor:
         assert self.preprocess is not None
         errors = [str(e) for e in batch["error"]]
         readable = [i for i, e in enumerate(errors) if not e]
+        from csmn.core.image_features import decode_images_on_device
+
         decoded: DeviceDecoded = decode_images_on_device(
             [batch["data"][i] for i in readable], self.preprocess, self.extractor.device)
         decoder = [""] * len(errors)
@@ -552,6 +540,8 @@ def _write_meta(
         "config": config_to_dict(config),
     }
     if info.random:
+        from csmn.core.image_features import RANDOM_WEIGHTS_WARNING
+
         meta["WARNING"] = RANDOM_WEIGHTS_WARNING
     if summary is not None:
         meta["last_run"] = summary
@@ -562,6 +552,8 @@ def _precision_name(requested: str, use_gpu: bool) -> str:
     """The autocast the actors will use, resolved where they run (the driver may have no GPU)."""
     import ray
     import torch
+
+    from csmn.core.image_features import resolve_precision
 
     def name(dtype: torch.dtype | None) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -689,6 +681,8 @@ class ImagePlan:
 def _load_weights(config: ExtractConfig) -> WeightsInfo:
     """The weights' identity; loaded here first so a missing download fails at once, not
     after the scan."""
+    from csmn.core.image_features import RANDOM_WEIGHTS_WARNING, load_trunk
+
     trunk, info = load_trunk(config.weights, config.seed)
     del trunk
     if info.random:
@@ -917,6 +911,8 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from csmn.core.image_features import RANDOM_WEIGHTS_WARNING
+
     lines = []
     if summary["random_weights"]:
         lines.append("!" * 80)
@@ -952,6 +948,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    from csmn.core.image_features import WeightsUnavailable
     from csmn.pipeline.runtime import setup_logging
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -60,12 +60,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn.config import config_from_args, config_parser, config_to_dict
-from csmn.core.checkpoint import METADATA_FILE, MODEL_FILE, read_metadata
+from csmn.core.image_decode import DECODE_HELP, check_decode, decodes_in_actor
 from csmn.data import layout, lease, storage
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
 from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
-from csmn.pipeline.extract import DECODE_HELP, check_decode, decodes_in_actor
 from csmn.pipeline.runtime import TASK_RETRIES
 from csmn.text.filters import FilterThresholds
 from csmn.text.history import TaskContext, history_contexts
@@ -73,6 +72,10 @@ from csmn.text.user_context import ContextSpec
 from csmn.text.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
+
+# torch (the checkpoints, the models, ResNet-101) is imported inside the functions that use
+# it: Ray Data's light stages (reading, planning, tallies) unpickle this module's functions,
+# and each of their worker processes would otherwise spend about 3 s importing torch.
 
 STAGE = layout.GENERATE_STAGE
 NONE = "none"
@@ -201,6 +204,8 @@ class Champion:
 
 
 def _weights_digest(files: dict[str, bytes]) -> str:
+    from csmn.core.checkpoint import MODEL_FILE
+
     return "sha256:" + hashlib.sha256(files[MODEL_FILE]).hexdigest()[:16]
 
 
@@ -212,6 +217,8 @@ def _read_folder(directory: str) -> dict[str, bytes]:
 def load_champion(task: str, uri: str, tracking_uri: str | None) -> Champion:
     """The model behind ``uri``, pinned: an alias is resolved to its version once, so a
     promotion during the run cannot mix two models in one night."""
+    from csmn.core.checkpoint import METADATA_FILE, MODEL_FILE, read_metadata
+
     name, version = uri, ""
     with tempfile.TemporaryDirectory() as work_dir:
         if uri.startswith(("models:/", "runs:/")):

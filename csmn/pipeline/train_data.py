@@ -21,6 +21,9 @@ feature extractor wrote the failed image to its own rejects), never silently los
 ``examples = joined + skipped_no_features``, the same counts in both ways.
 
 :func:`collate_batch` is plain numpy/torch; :class:`Collate` binds it for Ray's iterators.
+torch is imported there, in the training worker, not at the top: the join and shuffle run as
+Ray Data tasks that unpickle this module's functions, and each of their worker processes would
+otherwise spend seconds importing torch.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from csmn.core.tokens import GO_ID, PAD_ID
@@ -46,6 +48,7 @@ from csmn.data import layout, storage
 
 if TYPE_CHECKING:
     import ray.data
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +516,8 @@ def collate_batch(
     ``context_ids`` [B, D] 0-padded; ``input_ids`` = ``_GO`` + token_ids[:-1] and
     ``targets`` = token_ids, both 0-padded to ``max_length`` (token_ids end with ``_EOS``).
     """
+    import torch
+
     tokens = _rows(batch["token_ids"])
     too_long = [len(t) for t in tokens if len(t) > max_length]
     if too_long:
