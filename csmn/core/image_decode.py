@@ -1,5 +1,6 @@
 """Images to uint8 crops on the CPU (paper 4.1's preprocessing): read, check, decode, resize,
-center-crop, with PIL and numpy only; and where a job decodes (CPU tasks or the model actors).
+center-crop, with PIL and numpy only; and the jobs' ``--decode`` choice of where images are
+decoded (CPU tasks or the model actors).
 
 Preprocessing is done on the CPU in two halves so that only uint8 pixels travel between
 processes: :func:`load_image` decodes, validates, resizes and center-crops to a uint8

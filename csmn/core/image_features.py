@@ -1,7 +1,8 @@
-"""ResNet-101 image features (paper 4.1): decode, preprocess, and the pool5 / res5c trunk.
+"""ResNet-101 image features (paper 4.1): the pool5 / res5c trunk, its weights, and decoding on
+the model's device.
 
 No Ray here: a GPU box without Ray imports this module to run the same model and the same
-preprocessing as the Ray Data job (``csmn.extract``), and tests call it directly.
+preprocessing as the Ray Data job (``csmn.pipeline.extract``), and tests call it directly.
 
 Layers. ``res5c`` is the output of torchvision's ``layer4`` (the last bottleneck block of
 stage 5, after its ReLU): 2048 x 7 x 7 at 224 pixels. ``pool5`` is its spatial mean, exactly
@@ -39,8 +40,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-# The CPU half, imported from here too: whoever extracts features needs one module.
+# The CPU half, also importable from here as before the two were split.
 from csmn.core.image_decode import (  # noqa: F401
+    ALLOWED_FORMATS,
+    NETWORK_STRIDE,
     TORCHVISION_WEIGHTS,
     ImageRejected,
     PreprocessConfig,

@@ -1,7 +1,7 @@
 """The feature extraction job: every image of the examples -> ResNet-101 pool5 / res5c features.
 
-A Ray Data pipeline (the model and the preprocessing themselves live in ``csmn.features``, which
-has no Ray in it)::
+A Ray Data pipeline (the preprocessing lives in ``csmn.core.image_decode``, the model in
+``csmn.core.image_features``; neither has Ray in it)::
 
     examples/*/*/part-*.parquet (column image) --read_parquet--> unique image URIs on the driver
       minus images that already have features (finished parts) or were rejected before
@@ -21,7 +21,7 @@ Output, for each layer in {pool5, res5c}: ``<root>/features/<layer>/part-<run>-<
 (weights, preprocessing, slots, the last run's counts; ``random_weights: true`` and a warning
 when the weights were random). Bad images go to ``<root>/rejects/extract_features/``.
 
-Reruns: parts are written atomically (see ``csmn.storage``), so a killed run leaves only whole
+Reruns: parts are written atomically (see ``csmn.data.storage``), so a killed run leaves only whole
 parts; a rerun reads the image keys of the finished parts and computes only what is missing.
 Images rejected by an earlier run are not retried; with ``--retry-rejects`` those the store
 could not serve (``transient_io``, after every retry) are, and their reject rows dropped
@@ -302,7 +302,8 @@ class FeatureActor:
 
     Batches come with ``pixels`` (decoded by :func:`decode_batch`) or, with
     ``decode_on_device``, with the encoded ``data`` of :func:`read_batch`, which the actor
-    decodes on its device (:func:`decode_images_on_device`, per ``preprocess``)."""
+    decodes on its device (``csmn.core.image_features.decode_images_on_device``, per
+    ``preprocess``)."""
 
     def __init__(
         self,
@@ -343,11 +344,13 @@ class FeatureActor:
     def _decode(self, batch: dict[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
         """(planar pixels ``[N, 3, crop, crop]``, errors, where each image was decoded) of a
         batch of encoded images."""
+        import torch
+
+        from csmn.core.image_features import decode_images_on_device
+
         assert self.preprocess is not None
         errors = [str(e) for e in batch["error"]]
         readable = [i for i, e in enumerate(errors) if not e]
-        from csmn.core.image_features import decode_images_on_device
-
         decoded: DeviceDecoded = decode_images_on_device(
             [batch["data"][i] for i in readable], self.preprocess, self.extractor.device)
         decoder = [""] * len(errors)
@@ -356,8 +359,6 @@ class FeatureActor:
             if not errors[i]:
                 decoder[i] = (f"torchvision-{self.extractor.device.type}"
                               if decoded.on_device[j] else "pil")
-        import torch
-
         crop = self.preprocess.crop_size
         # planar, as decode_images_on_device makes them: the model's input is made from that
         planes = torch.zeros((len(errors), 3, crop, crop), dtype=torch.uint8,
