@@ -139,6 +139,10 @@ class AblationConfig:
     use_gpu: bool = False
     repeats: str = field(default=BLOCK, metadata={"help": REPEATS_HELP})
     stop: str = field(default=LIKELY, metadata={"help": STOP_HELP})
+    beam_width: int = field(default=1, metadata={
+        "help": "the evaluation's decoding: 1 = greedy, the paper's (4.2); more = beam search. "
+                "Training validates greedily either way, so a rerun with another width "
+                "evaluates the trained models again without training them"})
     experiment: str = field(default="", metadata={
         "help": "MLflow experiment (default csmn-<task>-ablation)"})
     out: str = field(default="", metadata={
@@ -162,6 +166,8 @@ class AblationConfig:
             raise ValueError("epochs must be >= 1")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
+        if self.beam_width < 1:
+            raise ValueError("beam_width must be >= 1")
         task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
 
     @property
@@ -285,7 +291,7 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     trained = dataclasses.asdict(train_config(config, variant, family, seed))
     layer = ModelConfig.for_variant(variant.removeprefix("CSMN-"), vocab_size=10).image_layer
     fields = {"kind": "variant", "method": variant, "family": family,
-              "test_split": SPLIT_FAMILIES[family][2], "beam_width": 1,
+              "test_split": SPLIT_FAMILIES[family][2], "beam_width": config.beam_width,
               "repeats": config.repeats, "stop": config.stop,
               "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY
                         and not (k in _TRAIN_FIELDS_KEYED_WHEN_NOT
@@ -334,7 +340,10 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
     from csmn.pipeline.train import train
 
     name = f"{variant}-{family}-seed{seed}"
-    trained_uri = store.uri(family, variant, seed, key, stage="train")
+    # The training is the same for every beam width (validation decodes greedily): keyed as
+    # the greedy result's, so that its record and run are found again.
+    train_key = _digest({**fields, "beam_width": 1})
+    trained_uri = store.uri(family, variant, seed, train_key, stage="train")
     trained = store.read(trained_uri)
     if trained is None:
         started = time.perf_counter()
@@ -342,7 +351,7 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
         # checkpoint (Ray Train finds its snapshot under the same name and storage, MLflow
         # the run of that name), and another --out never continues this one's MLflow run.
         summary = train(train_config(config, variant, family, seed,
-                                     run_name=f"ablation-{name}-{key}-{_digest(out)[:6]}",
+                                     run_name=f"ablation-{name}-{train_key}-{_digest(out)[:6]}",
                                      storage_uri=storage.join(out, "runs")))
         if summary.model_uri is None:
             raise RuntimeError(f"{name}: training left no checkpoint")
@@ -354,8 +363,10 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
     report = evaluate(EvaluateConfig(
         data=config.data, model=trained["model_uri"], task=config.task,
         split=SPLIT_FAMILIES[family][2], baselines="none",
-        repeats=config.repeats, stop=config.stop,
-        out=storage.join(out, "reports", name), cpus_per_actor=config.cpus_per_actor,
+        repeats=config.repeats, stop=config.stop, beam_width=config.beam_width,
+        out=storage.join(out, "reports", name + (f"-beam{config.beam_width}"
+                                                 if config.beam_width > 1 else "")),
+        cpus_per_actor=config.cpus_per_actor,
         use_gpu=config.use_gpu, seed=seed, report_examples=4))
     return {**trained, "results": report["results"]["csmn"], "counts": report["counts"],
             "evaluate_seconds": round(time.perf_counter() - started, 1),
@@ -632,6 +643,11 @@ def _fmt_ours(cell: dict[str, Any], kind: str) -> str:
             f"({spread_['min']:.3f}..{spread_['max']:.3f})")
 
 
+def _decoding_text(config: dict[str, Any]) -> str:
+    width = int(config.get("beam_width") or 1)
+    return "greedy decoding" if width == 1 else f"beam search of width {width}"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     task = result["task"]
     title = ("Table 3 analogue: hashtag prediction (F1)" if task == "hashtag"
@@ -648,6 +664,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [f"# {title}", "",
              f"Data: `{result['config']['data']}` (digest {result['data_digest']}); "
              f"{result['config']['epochs']} epochs; model sizes {result['model_sizes']}; "
+             f"{_decoding_text(result['config'])}; "
              f"{seed_text}; {result['runs']['computed']} results run, "
              f"{result['runs']['reused']} reused; {result['seconds']} s.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

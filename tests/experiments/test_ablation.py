@@ -244,7 +244,7 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     key = variant_key(config, "CSMN-P5", "by_users", 0, digest)[0]
     for changed in (dict(epochs=15), dict(learning_rate=0.002), dict(model={"max_length": 12}),
                     dict(workers=2), dict(repeats="paper"), dict(stop="paper"),
-                    dict(context_dropout=0.2)):
+                    dict(context_dropout=0.2), dict(beam_width=3)):
         other = AblationConfig(**{**config.__dict__, **changed})
         assert variant_key(other, "CSMN-P5", "by_users", 0, digest)[0] != key, changed
     assert variant_key(config, "CSMN-P5", "by_users", 1, digest)[0] != key
@@ -260,6 +260,21 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
         "train"]
     assert baseline_key(config, "1NN-Usr", "by_posts", 0, digest)[0] != baseline_key(
         config, "1NN-Usr", "by_posts", 1, digest)[0]
+
+    # Another beam width evaluates the trained model again, without training it again.
+    beam = run_ablation(AblationConfig(**{**config.__dict__, "variants": "P5", "seeds": 1,
+                                          "beam_width": 2}))
+    assert beam["runs"] == {"computed": 1, "reused": 1}  # P5's evaluation; the baseline's
+    new_files = set(_result_files(config.out)) - set(before)
+    assert len(new_files) == 1 and not any(f.endswith(".train.json") for f in new_files)
+    p5 = beam["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"]
+    assert p5["mlflow_run_id"] == first["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"][
+        "mlflow_run_id"]
+    assert p5["report"].endswith("CSMN-P5-by_users-seed0-beam2")
+    assert "beam search of width 2" in storage.read_text(storage.join(config.out,
+                                                                      "ablation.md"))
+    with pytest.raises(ValueError, match="beam_width must be >= 1"):
+        AblationConfig(data="x", beam_width=0)
 
     seeds = dict(data=data_root, task="hashtag", variants="", splits="by_posts",
                  baselines="1nn-usr,1nn-usrim", out=str(tmp_path / "seeds"))
