@@ -54,24 +54,32 @@ def test_mlflow_only_in_tracking():
     assert outside == [], f"modules outside csmn.tracking import MLflow: {outside}"
 
 
-def test_core_imports_with_ray_and_mlflow_blocked():
-    core = sorted(m for m in MODULES if m == "csmn.core" or m.startswith("csmn.core."))
-    assert len(core) >= 6
+def _import_with_blocked(modules: list[str], blocked: tuple[str, ...], why: str) -> None:
+    """Import ``modules`` in a fresh interpreter where importing any of the ``blocked``
+    packages fails with ``why``; and none of them may be loaded at the end (a library that
+    swallowed the ImportError would hide it otherwise)."""
     script = (
         "import importlib, sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('ray', 'mlflow'):\n"
-        "            raise ImportError(f'{name} is blocked: csmn.core must not need it')\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        f"            raise ImportError(f'{{name}}: ' + {why!r})\n"
         "sys.meta_path.insert(0, Block())\n"
-        f"for name in {core!r}:\n"
+        f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "assert not any(m.split('.')[0] in ('ray', 'mlflow') for m in sys.modules)\n"
-        "print('ok', len(sys.argv))\n"
+        f"loaded = [m for m in sys.modules if m.split('.')[0] in {blocked!r}]\n"
+        "assert not loaded, loaded[:5]\n"
+        "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+
+
+def test_core_imports_with_ray_and_mlflow_blocked():
+    core = sorted(m for m in MODULES if m == "csmn.core" or m.startswith("csmn.core."))
+    assert len(core) >= 6
+    _import_with_blocked(core, ("ray", "mlflow"), "blocked: csmn.core must not need it")
 
 
 # Modules whose functions Ray Data runs in CPU tasks (reading, joining, decoding images,
@@ -87,24 +95,9 @@ RAY_DATA_TASK_MODULES = [
 
 
 def test_ray_data_task_modules_import_without_torch():
-    script = (
-        "import importlib, sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision', 'mlflow'):\n"
-        "            raise ImportError(f'{name} is imported at the top of a module whose '\n"
-        "                              'functions run in Ray Data tasks')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        f"for name in {RAY_DATA_TASK_MODULES!r}:\n"
-        "    importlib.import_module(name)\n"
-        "heavy = [m for m in sys.modules\n"
-        "         if m.split('.')[0] in ('torch', 'torchvision', 'mlflow')]\n"
-        "assert not heavy, heavy[:5]\n"
-        "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+    _import_with_blocked(RAY_DATA_TASK_MODULES, ("torch", "torchvision", "mlflow"),
+                         "imported at the top of a module whose functions run in Ray Data "
+                         "tasks")
 
 
 def test_no_import_cycles():
