@@ -541,9 +541,7 @@ def _write_meta(
         "config": config_to_dict(config),
     }
     if info.random:
-        from csmn.core.image_features import RANDOM_WEIGHTS_WARNING
-
-        meta["WARNING"] = RANDOM_WEIGHTS_WARNING
+        meta["WARNING"] = info.warning
     if summary is not None:
         meta["last_run"] = summary
     storage.write_json(layout.features_meta_uri(root, layer), meta)
@@ -682,13 +680,13 @@ class ImagePlan:
 def _load_weights(config: ExtractConfig) -> WeightsInfo:
     """The weights' identity; loaded here first so a missing download fails at once, not
     after the scan."""
-    from csmn.core.image_features import RANDOM_WEIGHTS_WARNING, load_trunk
+    from csmn.core.image_features import load_trunk
 
     trunk, info = load_trunk(config.weights, config.seed)
     del trunk
     if info.random:
         banner = "*" * 100
-        log.warning("\n%s\n*** %s\n%s", banner, RANDOM_WEIGHTS_WARNING, banner)
+        log.warning("\n%s\n*** %s\n%s", banner, info.warning, banner)
     return info
 
 

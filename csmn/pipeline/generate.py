@@ -203,10 +203,8 @@ class Champion:
         return TaskContext(self.task, vocab, spec, thresholds)
 
 
-def _weights_digest(files: dict[str, bytes]) -> str:
-    from csmn.core.checkpoint import MODEL_FILE
-
-    return "sha256:" + hashlib.sha256(files[MODEL_FILE]).hexdigest()[:16]
+def _weights_digest(model_bytes: bytes) -> str:
+    return "sha256:" + hashlib.sha256(model_bytes).hexdigest()[:16]
 
 
 def _read_folder(directory: str) -> dict[str, bytes]:
@@ -246,7 +244,7 @@ def load_champion(task: str, uri: str, tracking_uri: str | None) -> Champion:
             f"{', '.join(missing)} in its inputs): it was trained on a data root from before "
             "document frequencies were kept. Preprocess and train again.")
     files = {k: v for k, v in files.items() if k in (METADATA_FILE, MODEL_FILE)}
-    return Champion(task, uri, name, version or _weights_digest(files), files,
+    return Champion(task, uri, name, version or _weights_digest(files[MODEL_FILE]), files,
                     list(metadata["vocab"]), inputs)
 
 
