@@ -13,7 +13,8 @@ gives the step's probability to the other tags, the model's distribution conditi
 every real list satisfies. Measured on the niche archive split by users (README), the model
 repeats its first tags (9 steps, 3 distinct tags on average), and blocking raises CSMN-P5's
 F1 from 0.125 to 0.175 on the same checkpoint. ``max_run=k`` forbids a word a (k+1)-th
-time in a row (post texts: ``so so so``).
+time in a row (post texts: ``so so so``); ``no_repeat_ngram=n`` forbids the word that would
+make an n-word phrase the post already holds (post texts: ``time for beach time for beach``).
 
 The paper ends a sequence when ``_EOS`` is the most probable token (4.2). ``eos_threshold=p``
 ends it once P(_EOS) >= p and otherwise takes the most probable word: with many plausible
@@ -66,9 +67,23 @@ def dedupe(token_ids: Sequence[int]) -> list[int]:
     return kept
 
 
+def _ban_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> None:
+    """Forbid, in each row, every word that would complete an n-word phrase already in the
+    row's history (the phrase's first n - 1 words are the row's last n - 1)."""
+    if n < 1:
+        raise ValueError(f"no_repeat_ngram must be >= 1, got {n}")
+    if history.shape[1] < n:
+        return
+    phrases = history.unfold(1, n, 1)  # [B, phrases, n]: every n-gram so far
+    last = history[:, history.shape[1] - (n - 1):].unsqueeze(1)
+    rows, starts = (phrases[:, :, :-1] == last).all(dim=-1).nonzero(as_tuple=True)
+    log_probs[rows, phrases[rows, starts, -1]] = float("-inf")
+
+
 def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int],
                block_repeats: bool, max_run: int | None = None,
-               eos_threshold: float | None = None) -> Tensor:
+               eos_threshold: float | None = None,
+               no_repeat_ngram: int | None = None) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs[:, sorted(set(NEVER_EMITTED_IDS) | set(banned_ids))] = float("-inf")
     if block_repeats and history is not None and history.shape[1] > 0:
@@ -79,6 +94,8 @@ def _log_probs(logits: Tensor, history: Tensor | None, banned_ids: Sequence[int]
         run = (last == last[:, :1]).all(dim=1)
         rows = run.nonzero().squeeze(1)
         log_probs[rows, last[rows, 0]] = float("-inf")
+    if no_repeat_ngram is not None and history is not None:
+        _ban_repeated_ngrams(log_probs, history, no_repeat_ngram)
     if eos_threshold is not None:
         # P(_EOS) among the tokens still allowed: the bans condition the distribution. A row
         # with no word left allowed ends.
@@ -105,10 +122,11 @@ def _finish(history: Tensor, scores: Tensor, lengths: Tensor,
 def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                   max_length: int | None = None, *, block_repeats: bool = False,
                   dedupe_tokens: bool = False, max_run: int | None = None,
-                  eos_threshold: float | None = None,
+                  eos_threshold: float | None = None, no_repeat_ngram: int | None = None,
                   banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
     """The paper's inference: the most probable word at every step, for a batch of posts
     (``max_run``: a word never more than that many times in a row; None: no limit;
+    ``no_repeat_ngram``: no phrase of that many words twice in a post; None: no limit;
     ``eos_threshold``: end a post once P(_EOS) reaches it, else take the best word; None:
     once _EOS is the most probable token, as the paper).
     Posts that have emitted ``_EOS`` leave the batch once half of it is done, so the last
@@ -127,7 +145,7 @@ def greedy_decode(model: CSMN, image_features: Tensor, context_ids: Tensor | Non
     for step in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
         log_probs = _log_probs(logits, history[rows, :step], banned_ids, block_repeats,
-                               max_run, eos_threshold)
+                               max_run, eos_threshold, no_repeat_ngram)
         best, token = log_probs.max(dim=-1)
         live = alive.nonzero().squeeze(1)
         posts = rows[live]
@@ -154,11 +172,11 @@ def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
                 beam_width: int = 5, max_length: int | None = None, *,
                 block_repeats: bool = False, dedupe_tokens: bool = False,
                 length_penalty: float = 0.0, max_run: int | None = None,
-                eos_threshold: float | None = None,
+                eos_threshold: float | None = None, no_repeat_ngram: int | None = None,
                 banned_ids: Sequence[int] = DEFAULT_BANNED_IDS) -> DecodeResult:
     """Beam search over a batch of posts (beam_width hypotheses each, all in one batch).
     ``eos_threshold`` as in greedy decoding, per hypothesis: one whose P(_EOS) reaches it can
-    only end, any other can only go on.
+    only end, any other can only go on; ``max_run`` and ``no_repeat_ngram`` per hypothesis too.
     A finished hypothesis keeps its score and competes with the open ones; the answer is the
     best of the final beams by ``score / length ** length_penalty`` (0: plain log-probability,
     so beam width 1 is greedy decoding)."""
@@ -185,7 +203,7 @@ def beam_search(model: CSMN, image_features: Tensor, context_ids: Tensor | None,
     for _ in range(max_length):
         logits, step_attention, state = model.decode_step(state, previous)
         log_probs = _log_probs(logits, history, banned_ids, block_repeats, max_run,
-                               eos_threshold)
+                               eos_threshold, no_repeat_ngram)
         # A finished hypothesis extends only by padding, at no cost.
         log_probs[finished] = float("-inf")
         log_probs[finished, PAD_ID] = 0.0

@@ -137,6 +137,7 @@ class Predictor:
                          torch.from_numpy(context).to(self.device),
                          beam_width=self.beam_width, block_repeats=self.rules["block_repeats"],
                          max_run=self.rules["max_run"],
+                         no_repeat_ngram=self.rules["no_repeat_ngram"],
                          eos_threshold=self.rules["eos_threshold"])
         result.words.extend(self.words_of(ids) for ids in decoded.token_ids)
         if result.attention is not None:

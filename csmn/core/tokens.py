@@ -22,16 +22,21 @@ NEVER_EMITTED_IDS = (PAD_ID, GO_ID, UNK_ID)
 MARKERS = frozenset({PAD, GO, EOS})
 
 # What decoding does about repeated words (csmn.core.decoding). ``block`` forbids, while
-# decoding, a hashtag a list already holds and a word a third time in a row in a post text:
-# no tag list preprocessing keeps holds a tag twice, and a real caption hardly ever a word
-# three times in a row (none of the synthetic archive's). ``paper``: duplicate hashtags
-# removed after decoding (4.2), post texts as decoded.
+# decoding, a hashtag a list already holds, and in a post text a word a third time in a row
+# or a three-word phrase a second time: no tag list preprocessing keeps holds a tag twice,
+# and a real caption hardly ever does either (none of the synthetic archive's holds a run of
+# three, 0.5% of its training captions a phrase twice), while greedy decoding loops on them
+# (``time for beach time for beach``: 28% of CSMN-P5's posts at 100 users, README).
+# ``paper``: duplicate hashtags removed after decoding (4.2), post texts as decoded.
 BLOCK, PAPER = "block", "paper"
 REPEAT_RULES = (BLOCK, PAPER)
-REPEATS_HELP = ("repeated words: block (no hashtag twice, no word 3 times in a row, while "
-                "decoding) | paper (duplicate hashtags removed after, 4.2)")
+REPEATS_HELP = ("repeated words: block (no hashtag twice; no word 3 times in a row and no "
+                "3-word phrase twice in a post; while decoding) | paper (duplicate hashtags "
+                "removed after, 4.2)")
 # The longest run of one word a post text may hold under ``block``.
 POST_MAX_RUN = 2
+# The shortest phrase a post text may not hold twice under ``block``.
+POST_NO_REPEAT_NGRAM = 3
 
 
 # When a sequence ends (csmn.core.decoding). ``paper`` (4.2): at the first step where _EOS is the
@@ -49,7 +54,8 @@ LIKELY_EOS_THRESHOLD = 0.5
 
 def task_rules(task: str, repeats: str = BLOCK, stop: str = LIKELY) -> dict[str, Any]:
     """The decoding options (``block_repeats``, ``dedupe_tokens``, ``max_run``,
-    ``eos_threshold``) of a task under a repeat rule and a stop rule (see above)."""
+    ``no_repeat_ngram``, ``eos_threshold``) of a task under a repeat rule and a stop rule
+    (see above)."""
     if repeats not in REPEAT_RULES:
         raise ValueError(f"repeats must be one of {', '.join(REPEAT_RULES)}, got {repeats!r}")
     if stop not in STOP_RULES:
@@ -57,7 +63,9 @@ def task_rules(task: str, repeats: str = BLOCK, stop: str = LIKELY) -> dict[str,
     eos_threshold = LIKELY_EOS_THRESHOLD if stop == LIKELY else None
     if task == HASHTAG:
         return {"block_repeats": repeats == BLOCK, "dedupe_tokens": True, "max_run": None,
-                "eos_threshold": eos_threshold}
+                "no_repeat_ngram": None, "eos_threshold": eos_threshold}
+    blocking = repeats == BLOCK
     return {"block_repeats": False, "dedupe_tokens": False,
-            "max_run": POST_MAX_RUN if repeats == BLOCK else None,
+            "max_run": POST_MAX_RUN if blocking else None,
+            "no_repeat_ngram": POST_NO_REPEAT_NGRAM if blocking else None,
             "eos_threshold": eos_threshold}

@@ -322,6 +322,19 @@ def triple_repeat_share(predictions: Sequence[str | Sequence[str]]) -> float:
     return runs / len(tokens)
 
 
+def repeated_phrase_share(predictions: Sequence[str | Sequence[str]], n: int = 3) -> float:
+    """Share of predictions holding an ``n``-word phrase twice (``time for beach time for
+    beach``): a loop that the word-run count above does not see."""
+    if not predictions:
+        return 0.0
+    looping = 0
+    for prediction in predictions:
+        tokens = prediction_tokens(prediction)
+        phrases = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        looping += len(set(phrases)) < len(phrases)
+    return looping / len(predictions)
+
+
 def context_share(
     predictions: Sequence[str | Sequence[str]], contexts: Sequence[Sequence[str]]
 ) -> float:

@@ -245,6 +245,13 @@ _TRAIN_FIELDS_NOT_IN_KEY = frozenset({
 _TRAIN_FIELDS_KEYED_WHEN_NOT = {"context_dropout": 0.0}
 
 
+def _phrase_rule(config: AblationConfig) -> dict[str, int]:
+    """The post texts' phrase rule, keyed where it applies: it came after results were first
+    stored, and those (decoded and validated without it) must not be found again."""
+    phrases = task_rules(config.task, config.repeats, config.stop)["no_repeat_ngram"]
+    return {"no_repeat_ngram": phrases} if phrases else {}
+
+
 def _digest(fields: Any) -> str:
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
@@ -293,6 +300,7 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
     fields = {"kind": "variant", "method": variant, "family": family,
               "test_split": SPLIT_FAMILIES[family][2], "beam_width": config.beam_width,
               "repeats": config.repeats, "stop": config.stop,
+              **_phrase_rule(config),
               "train": {k: v for k, v in trained.items() if k not in _TRAIN_FIELDS_NOT_IN_KEY
                         and not (k in _TRAIN_FIELDS_KEYED_WHEN_NOT
                                  and v == _TRAIN_FIELDS_KEYED_WHEN_NOT[k])},

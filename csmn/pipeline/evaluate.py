@@ -102,7 +102,11 @@ class EvaluateConfig:
     def decoding(self) -> str:
         """How the model's words were decoded: an evaluation's predictions are reused (the
         promotion gate) only under the same rules."""
-        return f"beam_width={self.beam_width} repeats={self.repeats} stop={self.stop}"
+        # The phrase rule came after the first evaluations of posts: named, so that those
+        # decoded without it are not reused.
+        phrases = task_rules(self.task, self.repeats, self.stop)["no_repeat_ngram"]
+        return (f"beam_width={self.beam_width} repeats={self.repeats} stop={self.stop}"
+                + (f" no_repeat_ngram={phrases}" if phrases else ""))
 
     @property
     def baseline_names(self) -> list[str]:
@@ -363,7 +367,8 @@ def _score(task: str, truths: list[str], predictions: list[list[str]], contexts,
         return {**hashtags.summary(), "context_share": share}, hashtags, None
     posts = metrics.score_posts(truths, [" ".join(p) for p in predictions], scorer=scorer)
     return ({**posts.summary(), "context_share": share,
-             "triple_repeats": metrics.triple_repeat_share(predictions)}, None, posts)
+             "triple_repeats": metrics.triple_repeat_share(predictions),
+             "repeated_phrases": metrics.repeated_phrase_share(predictions)}, None, posts)
 
 
 def score(task: str, scored: Scored) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:

@@ -89,11 +89,14 @@ def test_special_tokens_never_become_words_and_hashtags_hold_each_tag_once(tmp_p
         # the paper's rule: 8 steps of #x, one hashtag once; the post keeps every word
         assert deduped.predict(_features(2), [None, ["#a"]]).words == [["#x"], ["#x"]]
         assert posts.predict(_features(1), [None]).words == [["#x"] * 8]
-        # the default for posts: a word at most twice in a row
+        # the default for posts: a word at most twice in a row, a 3-word phrase at most once
         words = post_runs.predict(_features(1), [None]).words[0]
+        phrases = list(zip(words, words[1:], words[2:], strict=False))
         assert len(words) == 8 and words[:2] == ["#x", "#x"]
-        assert all(len({a, b, c}) > 1 for a, b, c in zip(words, words[1:], words[2:], strict=False))
-        assert beam_width > 1 or words == ["#x", "#x", "#y"] * 2 + ["#x", "#x"]
+        assert all(len(set(phrase)) > 1 for phrase in phrases)
+        assert len(set(phrases)) == len(phrases)
+        # greedy: x x y x x, and then x x y again would repeat a phrase: the third-best word
+        assert beam_width > 1 or words[:6] == ["#x", "#x", "#y", "#x", "#x", "#a"]
         # the default: a repeat is forbidden while decoding, so the 8 steps give 8 tags, the
         # two best first (greedy in order; a beam may find the other order scores higher)
         for words in blocked.predict(_features(2), [None, ["#a"]]).words:

@@ -14,6 +14,7 @@ from csmn.eval.metrics import (
     hashtag_prf,
     merge_emoji_escapes,
     per_user_metrics,
+    repeated_phrase_share,
     score_hashtags,
     score_posts,
     triple_repeat_share,
@@ -185,4 +186,14 @@ def test_triple_repeat_share_counts_posts_with_a_word_three_times_in_a_row():
     # the last: markers are not words, so "x x x" is a run once _EOS is gone
     assert triple_repeat_share(predictions) == pytest.approx(2 / 5)
     assert triple_repeat_share([]) == 0.0
+
+
+def test_repeated_phrase_share_counts_posts_with_a_phrase_twice():
+    predictions = ["time for beach time for beach", "a b c a b d", ["x", "y", "z", "x", "y", "z"],
+                   "so so so", "a b _EOS a b", ""]
+    # "a b c a b d" and "so so so" hold no 3-word phrase twice; markers are not words, so the
+    # fifth is "a b a b": two-word phrases twice, three-word ones not
+    assert repeated_phrase_share(predictions) == pytest.approx(2 / 6)
+    assert repeated_phrase_share(predictions, n=2) == pytest.approx(5 / 6)
+    assert repeated_phrase_share([]) == 0.0
 

@@ -258,6 +258,13 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     # stored before it existed are still found.
     assert "context_dropout" not in variant_key(config, "CSMN-P5", "by_users", 0, digest)[1][
         "train"]
+    # The post texts' phrase rule came later too: keyed only where it applies, so post
+    # results decoded without it are never found again, and hashtag results still are.
+    assert "no_repeat_ngram" not in variant_key(config, "CSMN-P5", "by_users", 0, digest)[1]
+    posts = AblationConfig(**{**config.__dict__, "task": "post"})
+    assert variant_key(posts, "CSMN-P5", "by_users", 0, digest)[1]["no_repeat_ngram"] == 3
+    as_paper = AblationConfig(**{**posts.__dict__, "repeats": "paper"})
+    assert "no_repeat_ngram" not in variant_key(as_paper, "CSMN-P5", "by_users", 0, digest)[1]
     assert baseline_key(config, "1NN-Usr", "by_posts", 0, digest)[0] != baseline_key(
         config, "1NN-Usr", "by_posts", 1, digest)[0]
 

@@ -222,6 +222,11 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
     decoding = EvaluateConfig(data=data_root, model="models:/csmn-hashtag/1").decoding
     assert evaluation.data.tags["csmn.decoding"] == decoding == (
         "beam_width=1 repeats=block stop=likely")
+    # post texts name their phrase rule: evaluations decoded before it are not reused
+    assert EvaluateConfig(data=data_root, model="m", task="post").decoding == (
+        "beam_width=1 repeats=block stop=likely no_repeat_ngram=3")
+    assert EvaluateConfig(data=data_root, model="m", task="post", repeats="paper").decoding == (
+        "beam_width=1 repeats=paper stop=likely")
     found = find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
                             "test", digest, decoding)
     assert found.run_id == evaluation.info.run_id
