@@ -16,7 +16,8 @@ On GPUs (``--decode auto``; ``--decode actor`` anywhere) the first two maps are 
       --> map_batches(actor: JPEGs decoded, resized and cropped on its GPU (nvJPEG), other
                       formats and what nvJPEG refuses by PIL on its CPU; then ResNet-101)
 
-Output, for each layer in {pool5, res5c}: ``<root>/features/<layer>/part-<run>-<hash>.parquet``
+Output, for each layer in {pool5, res5c}:
+``<root>/features/<layer>/part-<run>-<first input position>-<hash>.parquet``
 (schema ``features_<layer>``: image, feature) and ``<root>/features/<layer>/_meta.json``
 (weights, preprocessing, slots, the last run's counts; ``random_weights: true`` and a warning
 when the weights were random). Bad images go to ``<root>/rejects/extract_features/``.
@@ -413,8 +414,10 @@ def write_part(
     """Write stage: one features part per layer and one rejects part; per-image outcomes out.
 
     The part name hashes the batch's image keys, so a task Ray retries rewrites the same
-    file instead of adding a duplicate. Rejects are written first: a kill between the two
-    leaves the good images without features, and a rerun computes them.
+    file instead of adding a duplicate, after the input position of its first image, so the
+    parts of a run sort in input order wherever the data root lies. Rejects are written
+    first: a kill between the two leaves the good images without features, and a rerun
+    computes them.
     """
     from csmn.data.rejects import reject_row
 
@@ -427,7 +430,7 @@ def write_part(
             if not errors[i]:
                 errors[i] = f"non_finite_features: {layer} (try --precision fp32 or bf16)"
     digest = hashlib.sha1("\n".join(sorted(images)).encode("utf-8")).hexdigest()[:16]
-    name = f"part-{run_id}-{digest}.parquet"
+    name = f"part-{run_id}-{int(np.min(batch['position'])):09d}-{digest}.parquet"
     bad = [i for i, e in enumerate(errors) if e]
     if bad:
         rows = [reject_row(STAGE, errors[i], record_id=images[i], source=images[i]) for i in bad]
@@ -656,7 +659,8 @@ def _input_blocks(
     blocks = []
     for start in range(0, len(todo), rows):
         chunk = todo[start:start + rows]
-        columns = {"image": pa.array(chunk, pa.string())}
+        columns = {"image": pa.array(chunk, pa.string()),
+                   "position": pa.array(range(start, start + len(chunk)), pa.int64())}
         for layer in layers:
             columns[f"need_{layer}"] = pa.array([uri in need[layer] for uri in chunk])
         blocks.append(pa.table(columns))
