@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from csmn.core.tokens import MARKERS
+from csmn.core.tokens import MARKERS, POST_NO_REPEAT_NGRAM
 
 # "\ u0001f60d" as the PTB tokenizer writes an escaped emoji (lowercased, backslash split off).
 _SPLIT_ESCAPE = re.compile(r"\\ (u[0-9a-f]{4}(?:[0-9a-f]{4})?)\b")
@@ -322,9 +322,11 @@ def triple_repeat_share(predictions: Sequence[str | Sequence[str]]) -> float:
     return runs / len(tokens)
 
 
-def repeated_phrase_share(predictions: Sequence[str | Sequence[str]], n: int = 3) -> float:
+def repeated_phrase_share(predictions: Sequence[str | Sequence[str]],
+                          n: int = POST_NO_REPEAT_NGRAM) -> float:
     """Share of predictions holding an ``n``-word phrase twice (``time for beach time for
-    beach``): a loop that the word-run count above does not see."""
+    beach``): a loop that the word-run count above does not see, and that ``--repeats block``
+    forbids while decoding."""
     if not predictions:
         return 0.0
     looping = 0
