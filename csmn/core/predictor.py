@@ -10,9 +10,10 @@ back into words exist once:
   with none left has every context slot masked (``used_context`` is False for it);
 - decoding never emits ``_PAD``, ``_GO`` or ``_UNK`` (csmn.core.decoding), and an output id
   that is a special token never becomes a word;
-- a hashtag list holds each tag once and a post text no word three times in a row: such
-  repeats are forbidden while decoding (``repeats="block"``), or, as the paper's 4.2 does,
-  duplicate hashtags are removed afterwards (``repeats="paper"``; csmn.core.tokens);
+- a hashtag list holds each tag once, and a post text no word three times in a row and no
+  three-word phrase twice: such repeats are forbidden while decoding (``repeats="block"``),
+  or, as the paper's 4.2 does, duplicate hashtags are removed afterwards
+  (``repeats="paper"``; csmn.core.tokens);
 - a sequence ends once P(_EOS) >= 1/2 (``stop="likely"``), or when _EOS is the most probable
   token, as the paper's 4.2 (``stop="paper"``; csmn.core.tokens).
 

@@ -651,16 +651,18 @@ def _cluster_plan(config: ExtractConfig) -> tuple[bool, int, int, int]:
     return use_gpu, actors, threads, cpus
 
 
-def _input_blocks(
-    todo: list[str], need: dict[str, set[str]], layers: tuple[str, ...], cpus: int
-) -> list[pa.Table]:
+def _input_blocks(plan: ImagePlan, layers: tuple[str, ...], cpus: int) -> list[pa.Table]:
+    """The images to do, with their positions among all of the examples' images (sorted
+    URIs): a resumed run numbers its images as one whole run would."""
+    todo, need = plan.todo, plan.need
+    rank = {uri: i for i, uri in enumerate(plan.unique)}
     # Blocks small enough that every decode slot gets work, at most 256 images each.
     rows = max(1, min(256, math.ceil(len(todo) / (4 * cpus))))
     blocks = []
     for start in range(0, len(todo), rows):
         chunk = todo[start:start + rows]
         columns = {"image": pa.array(chunk, pa.string()),
-                   "position": pa.array(range(start, start + len(chunk)), pa.int64())}
+                   "position": pa.array([rank[uri] for uri in chunk], pa.int64())}
         for layer in layers:
             columns[f"need_{layer}"] = pa.array([uri in need[layer] for uri in chunk])
         blocks.append(pa.table(columns))
@@ -759,7 +761,11 @@ def _feature_dataset(config: ExtractConfig, plan: ImagePlan, info: WeightsInfo,
 
     layers = config.layers
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
-    dataset = ray.data.from_arrow(_input_blocks(plan.todo, plan.need, layers, resources.cpus))
+    dataset = ray.data.from_arrow(_input_blocks(plan, layers, resources.cpus))
+    # Batches cut from the blocks in input order, not in the order their tasks finish: the
+    # same images in the same parts every run (with more decode tasks than one at a time,
+    # a slow image otherwise moves its neighbours into other parts).
+    dataset.context.execution_options.preserve_order = True
     stage, options = cpu_stage(resources.decode_in_actor, preprocess)
     dataset = dataset.map_batches(
         stage,
