@@ -150,11 +150,9 @@ def write_examples(root: Path, paths: list[str]) -> None:
     )
     pq.write_table(table, folder / "part-0.parquet")
     # The manifest preprocessing writes last: extraction refuses a root without it.
-    from csmn.data import layout, storage
+    from csmn.data import layout
 
-    manifest = {"version": 1, "root": str(root)}
-    manifest["digest"] = layout.content_digest(manifest)
-    storage.write_json(layout.manifest_uri(str(root)), manifest)
+    layout.write_manifest(str(root), {"version": 1, "root": str(root)})
 
 
 def ray_job(

@@ -114,9 +114,7 @@ def finish_root(root: str, layers: Sequence[str] = ("pool5",), **manifest: Any) 
         storage.write_json(layout.features_meta_uri(root, layer), {
             "layer": layer, "status": "complete", "random_weights": True,
             "weights": {"name": "random", "fingerprint": "test-helpers"}})
-    written = {"version": 1, "root": root, **manifest}
-    written["digest"] = layout.content_digest(written)
-    storage.write_json(layout.manifest_uri(root), written)
+    layout.write_manifest(root, {"version": 1, "root": root, **manifest})
 
 
 # ---- a learnable hashtag archive -------------------------------------------------------------

@@ -201,6 +201,13 @@ def content_digest(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def write_manifest(root: str, manifest: dict) -> None:
+    """Stamp ``manifest`` with its content digest and write it: the last write of a finished
+    preprocessing, which every later stage checks for (csmn.data.completeness)."""
+    manifest["digest"] = content_digest(manifest)
+    storage.write_json(manifest_uri(root), manifest)
+
+
 def data_digest(root: str) -> str:
     """The data root's identity: its manifest's content digest (the whole manifest's, for a
     manifest written before digests). Evaluations and promotions compare models on the same

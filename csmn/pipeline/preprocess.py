@@ -1039,8 +1039,7 @@ def preprocess(
                                f"{manifest['balance'][task]}")
         if not manifest["stats"][task]["posts"]:
             log.warning("%s: no post survived the filters (see manifest 'steps')", task)
-    manifest["digest"] = layout.content_digest(manifest)
-    storage.write_json(layout.manifest_uri(out), manifest)
+    layout.write_manifest(out, manifest)
     log.info("wrote %s/manifest.json in %.1fs", out, manifest["seconds"])
     return manifest
 
