@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,10 +37,16 @@ CONTEXT = 60
 
 
 def write_data_root(root: Path, examples: int, seed: int = 0) -> None:
+    """Examples, pool5 features and vocab where the stages put them (csmn.data.layout), the
+    features marked complete and the manifest written last: training refuses a root without
+    them (csmn.data.completeness)."""
+    from csmn.core.tokens import SPECIAL_TOKENS
+    from csmn.data import layout, schemas, storage
+
     rng = np.random.default_rng(seed)
-    tokens = ["_PAD", "_GO", "_EOS", "_UNK"] + [f"w{i}" for i in range(VOCAB_SIZE - 4)]
-    (root / "vocab").mkdir(parents=True)
-    (root / "vocab" / "caption.json").write_text(json.dumps({"tokens": tokens}))
+    tokens = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(VOCAB_SIZE - len(SPECIAL_TOKENS)))]
+    eos, first_word = tokens.index("_EOS"), len(SPECIAL_TOKENS)
+    storage.write_json(layout.vocab_uri(str(root), "post"), {"tokens": tokens})
     splits = {"train": examples, "val": max(64, examples // 10)}
     images, features = [], []
     for split, count in splits.items():
@@ -50,21 +54,26 @@ def write_data_root(root: Path, examples: int, seed: int = 0) -> None:
         for n in range(count):
             length = int(rng.integers(3, 16))
             image = f"file:///bench/{split}/{n}.jpg"
-            context = rng.integers(4, VOCAB_SIZE, CONTEXT)
+            context = rng.integers(first_word, VOCAB_SIZE, CONTEXT)
             rows.append({"image": image,
-                         "token_ids": [*rng.integers(4, VOCAB_SIZE, length - 1).tolist(), 2],
+                         "token_ids": [*rng.integers(first_word, VOCAB_SIZE, length - 1).tolist(),
+                                       eos],
                          "context_ids": context.tolist(),
                          "context_words": [tokens[i] for i in context],
                          "user_id": f"u{n % 50}", "post_id": f"{split}-{n}", "text": ""})
             images.append(image)
             features.append(rng.random(2048, dtype=np.float32))
-        folder = root / "examples" / "post" / split
-        folder.mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(rows), folder / "part-00000.parquet")
-    table = pa.table({"image": images, "feature": pa.FixedSizeListArray.from_arrays(
-        pa.array(np.concatenate(features)), 2048)})
-    (root / "features" / "pool5").mkdir(parents=True)
-    pq.write_table(table, root / "features" / "pool5" / "part-00000.parquet")
+        storage.write_parquet(
+            storage.join(layout.examples_dir(str(root), "post", split), "part-00000.parquet"),
+            schemas.conform(rows, "example"))
+    storage.write_parquet(
+        storage.join(layout.features_dir(str(root), "pool5"), "part-00000.parquet"),
+        schemas.conform({"image": images, "feature": [f.tolist() for f in features]},
+                        "features_pool5"))
+    storage.write_json(layout.features_meta_uri(str(root), "pool5"), {
+        "layer": "pool5", "status": "complete", "random_weights": True,
+        "weights": {"name": "random", "fingerprint": "bench-train"}})
+    layout.write_manifest(str(root), {"version": 1, "root": str(root)})
 
 
 def main() -> None:
