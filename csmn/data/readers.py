@@ -550,6 +550,7 @@ def _parse_parquet(
         for group in range(parquet.num_row_groups):
             expected = parquet.metadata.row_group(group).num_rows
             done = 0
+            unread = ""
             try:
                 for record_batch in parquet.iter_batches(batch_size=max(1, batch_size),
                                                          row_groups=[group]):
@@ -566,14 +567,17 @@ def _parse_parquet(
                             yield batcher.take()
             except (OSError, ValueError) as err:
                 _raise_if_transient(source_uri, err)
-                # A corrupt page loses the rest of its row group, not the file: each row
-                # the footer promised and the page did not deliver is a reject of its own.
-                for _ in range(expected - done):
-                    row += 1
-                    batcher.reject(f"bad_file: row group {group} unreadable after {done} "
-                                   f"rows: {err}", None, f"{source_uri}:{row}", None)
-                    if batcher.full():
-                        yield batcher.take()
+                unread = f"unreadable after {done} rows: {err}"
+            # A corrupt page loses the rest of its row group, not the file: each row the
+            # footer promised (and count_records counted) that the pages did not deliver is a
+            # reject of its own, whether the reader raised or just ended short.
+            for _ in range(expected - done):
+                row += 1
+                why = unread or f"ended after {done} of the {expected} rows its footer promises"
+                batcher.reject(f"bad_file: row group {group} {why}", None, f"{source_uri}:{row}",
+                               None)
+                if batcher.full():
+                    yield batcher.take()
     yield from batcher.drain()
 
 

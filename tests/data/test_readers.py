@@ -157,6 +157,49 @@ def test_parquet_round_trip_and_bad_rows(tmp_path):
     assert any(r["source"].endswith("part-00001.parquet:2") for r in rejects)
 
 
+def _short_row_group_file(path: Path) -> int:
+    """A Parquet file of two row groups of 5 posts whose first group's pages end short without
+    an error (one byte of its first page header changed): the footer still promises 5 rows.
+    Returns how many rows the first group delivers. The byte is searched for, not hard-coded,
+    so that the file stays valid for pyarrow whatever its writer's page layout."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    rows = [{"user_id": f"u{i % 3}", "post_id": f"p{i}", "created_at": STAMP,
+             "image": f"images/p{i}.jpg", "caption": f"caption {i}", "hashtags": ["#t"]}
+            for i in range(10)]
+    buffer = io.BytesIO()
+    pq.write_table(conform(rows, "raw_post"), buffer, row_group_size=5, compression="none",
+                   use_dictionary=False, write_statistics=False)
+    base = buffer.getvalue()
+    header = pq.ParquetFile(io.BytesIO(base)).metadata.row_group(0).column(0).data_page_offset
+    for position in range(header, header + 16):
+        for value in (0, 1, 2, 0x7F):
+            data = bytearray(base)
+            data[position] = value
+            try:
+                corrupt = pq.ParquetFile(io.BytesIO(bytes(data)))
+                promised = corrupt.metadata.row_group(0).num_rows
+                delivered = sum(b.num_rows for b in corrupt.iter_batches(row_groups=[0]))
+            except (OSError, ValueError):
+                continue
+            if promised == 5 and delivered < 5:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(bytes(data))
+                return delivered
+    raise AssertionError("no one-byte change of the first page header ends its group short")
+
+
+def test_a_row_group_that_ends_short_without_an_error_rejects_its_missing_rows(tmp_path):
+    delivered = _short_row_group_file(tmp_path / "posts" / "part-00000.parquet")
+    posts, rejects = collect(str(tmp_path), batch_size=3)  # asserts in = out + rejected
+    assert len(posts) == 5 + delivered and len(rejects) == 5 - delivered
+    assert codes(rejects) == Counter({"bad_file": 5 - delivered})
+    assert all("row group 0 ended after" in r["reason"] for r in rejects)
+    assert [p["post_id"] for p in posts][-5:] == ["p5", "p6", "p7", "p8", "p9"]
+
+
 def test_layout_detection_and_unreadable_archives(tmp_path):
     with pytest.raises(readers.ReadError):
         readers.detect_layout(str(tmp_path / "nowhere"))
