@@ -151,11 +151,18 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), region)
 
 
+def s3_bucket_key(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` URI. Split by hand, not by ``urlparse``: a key may hold
+    ``#`` or ``?``, which a URL parser takes for a fragment or a query and cuts off."""
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return the filesystem and the path inside it for ``uri``."""
     if is_s3(uri):
-        parsed = urlparse(uri)
-        return s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+        bucket, key = s3_bucket_key(uri)
+        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -311,11 +318,10 @@ def create_if_absent(uri: str, data: bytes) -> bool:
         import boto3
         from botocore.exceptions import ClientError
 
-        parsed = urlparse(uri)
+        bucket, key = s3_bucket_key(uri)
         try:
             # boto3 reads AWS_ENDPOINT_URL itself, like the pyarrow filesystem above.
-            boto3.client("s3").put_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"),
-                                          Body=data, IfNoneMatch="*")
+            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
                                                             "ConditionalRequestConflict"):

@@ -45,6 +45,24 @@ def test_s3_round_trip(s3_bucket):
     _round_trip(f"{s3_bucket}/prefix")
 
 
+def test_s3_keys_with_url_characters_name_their_own_objects(s3_bucket):
+    """A key may hold ``#`` and ``?``; a URL parser would cut them off as a fragment or a
+    query and read another object (here: ``img``)."""
+    assert storage.s3_bucket_key("s3://b/a/img#1.jpg?x=1") == ("b", "a/img#1.jpg?x=1")
+    assert storage.s3_bucket_key("s3a://b") == ("b", "")
+    names = ["img", "img#1.jpg", "img?v=2.jpg", "img 3#?.jpg"]
+    for name in names:
+        storage.write_text(f"{s3_bucket}/keys/{name}", name)
+    for name in names:
+        assert storage.read_text(f"{s3_bucket}/keys/{name}") == name
+        assert storage.exists(f"{s3_bucket}/keys/{name}")
+    assert sorted(storage.list_files(f"{s3_bucket}/keys")) == sorted(
+        f"{s3_bucket}/keys/{name}" for name in names)
+    assert storage.create_if_absent(f"{s3_bucket}/keys/new#1", b"first")
+    assert not storage.create_if_absent(f"{s3_bucket}/keys/new#1", b"second")
+    assert not storage.exists(f"{s3_bucket}/keys/new")
+
+
 def _failing_write(uri: str) -> None:
     with pytest.raises(RuntimeError):
         with storage.atomic_output(uri) as out:
