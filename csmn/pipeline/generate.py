@@ -153,7 +153,12 @@ class GenerateConfig:
         if self.since != "auto":
             self.since_time()
         if self.run_date:
-            date.fromisoformat(self.run_date)
+            # The partition's name: one spelling per day (fromisoformat also takes 20240102).
+            try:
+                self.run_date = date.fromisoformat(self.run_date).isoformat()
+            except ValueError as err:
+                raise ValueError(f"--run-date must be a date, YYYY-MM-DD, got "
+                                 f"{self.run_date!r}") from err
         for name in ("feature_actors", "decode_actors", "batch_size", "feature_batch_size",
                      "commit_every", "read_batch_size"):
             if getattr(self, name) < 1:

@@ -390,3 +390,13 @@ def test_lease_is_exclusive_and_expires(tmp_path, s3_bucket):
 def test_help_shows_defaults():
     text = build_parser().format_help()
     assert "models:/csmn-hashtag@champion" in text and "auto" in text
+
+
+def test_run_date_has_one_spelling_per_day():
+    # The partition is named by the date: 20261201 and 2026-W49-2 are the same day as
+    # 2026-12-01 and must not open partitions of their own.
+    for spelling in ("2026-12-01", "20261201", "2026-W49-2"):
+        assert GenerateConfig(out="x", run_date=spelling).run_date == "2026-12-01"
+    for bad in ("yesterday", "2026-13-01"):
+        with pytest.raises(ValueError, match="--run-date must be a date"):
+            GenerateConfig(out="x", run_date=bad)
