@@ -471,10 +471,14 @@ def write_staged(batch: pa.Table, out: str, attempt: str, rejects_dir: str) -> p
         part = storage.join(layout.predictions_staging_dir(out, attempt),
                             f"part-{parts_digest(keys)}.parquet")
         storage.write_parquet(part, conform(staged, "generated_post"))
-    bad = batch.filter(pc.invert(good)).select(["user_id", "post_id", "image", "error"])
+    bad = batch.filter(pc.invert(good)).select(["user_id", "post_id", "image", "error"]).to_pylist()
+    # Named by the posts (user and post id), as the staged part is: a reject row holds the
+    # post id only, and two users' posts of one id and one broken image must not share a name.
     write_reject_part([reject_row(STAGE, r["error"], record_id=r["post_id"], source=r["image"],
-                               payload={"user_id": r["user_id"], "post_id": r["post_id"]})
-                    for r in bad.to_pylist()], rejects_dir, "images")
+                                  payload={"user_id": r["user_id"], "post_id": r["post_id"]})
+                       for r in bad], rejects_dir,
+                      "images\x1f" + parts_digest(sorted(f"{r['user_id']}\x1f{r['post_id']}"
+                                                         for r in bad)))
     return pa.table({"part": [part] * batch.num_rows,
                      "outcome": ["staged" if not e else reason_code(e) for e in errors],
                      "decoded_on": batch.column("decoded_on")})

@@ -400,3 +400,22 @@ def test_run_date_has_one_spelling_per_day():
     for bad in ("yesterday", "2026-13-01"):
         with pytest.raises(ValueError, match="--run-date must be a date"):
             GenerateConfig(out="x", run_date=bad)
+
+
+def test_image_rejects_of_two_users_posts_of_one_id_are_both_kept(tmp_path):
+    import pyarrow as pa
+
+    from csmn.data.rejects import read_rejects
+    from csmn.pipeline.generate import write_staged
+
+    out = str(tmp_path / "out")
+    rejects_dir = layout.rejects_dir(out, layout.GENERATE_STAGE)
+    # Two batches (two tasks), each one post: the same post id, image and error, other users.
+    for user in ("u1", "u2"):
+        batch = pa.table({"user_id": [user], "post_id": ["p1"], "image": ["s3://b/shared.jpg"],
+                          "error": ["bad_image: cannot identify image file"],
+                          "decoded_on": ["cpu"]})
+        outcome = write_staged(batch, out, "attempt-1", rejects_dir)
+        assert outcome.column("outcome").to_pylist() == ["bad_image"]
+    rows = read_rejects(out, layout.GENERATE_STAGE)
+    assert sorted(json.loads(r["payload"])["user_id"] for r in rows) == ["u1", "u2"]
