@@ -609,7 +609,9 @@ def _image_index(source_uri: str, archive_uri: str) -> tuple[str | None, dict[st
                       os.path.join(os.path.dirname(json_dir), "images")]
     candidates.append(storage.join(archive_uri, "images"))
     for folder in candidates:
-        if storage.is_dir(folder):
+        # The folder above the JSON's is the archive's own only when the JSON sits in a
+        # subfolder; above an archive's top-level JSON it is outside what the job was given.
+        if _inside(folder, archive_uri) and storage.is_dir(folder):
             index: dict[str, str] = {}
             for uri in storage.list_files(folder, recursive=False):
                 name = uri.rstrip("/").rsplit("/", 1)[-1] if storage.is_s3(uri) \
@@ -622,6 +624,13 @@ def _image_index(source_uri: str, archive_uri: str) -> tuple[str | None, dict[st
                     index.setdefault(stem, uri)
             return folder, index
     return None, {}
+
+
+def _inside(folder: str, root: str) -> bool:
+    """``folder`` lies below ``root`` (the source and the root are both local or both S3)."""
+    if storage.is_s3(root):
+        return folder.startswith(root.rstrip("/") + "/")
+    return os.path.abspath(folder).startswith(os.path.abspath(root).rstrip(os.sep) + os.sep)
 
 
 def _find_image(index: dict[str, str], names: list[str]) -> str | None:

@@ -266,6 +266,26 @@ def test_instapic_layout(tmp_path):
     assert by_record["905"]["source"].endswith("insta-caption-train.json:111/905")
 
 
+def test_instapic_images_are_never_read_from_beside_the_archive(tmp_path):
+    """The authors' JSON may sit in json/ (images in ../images, the archive's own) or at the
+    archive's top (images in ./images). Above a top-level JSON, ../images is outside the
+    archive: a folder there is never read, even when the archive has none of its own."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "111_@_901").write_bytes(b"\xff\xd8 not the archive's")
+    (archive / "insta-caption-train.json").write_text(
+        json.dumps({"111": {"901": {"caption": "a post", "tags": ["#a"]}}}))
+    posts, rejects = collect(str(archive))
+    assert posts == [] and codes(rejects) == Counter({"missing_image": 1})
+    # Its own images/ folder is read.
+    (archive / "images").mkdir()
+    (archive / "images" / "111_@_901").write_bytes(b"\xff\xd8")
+    posts, rejects = collect(str(archive))
+    assert [p["image"] for p in posts] == [str(archive / "images" / "111_@_901")]
+    assert rejects == []
+
+
 def test_yfcc_layout(tmp_path):
     (tmp_path / "json").mkdir()
     (tmp_path / "images").mkdir()
