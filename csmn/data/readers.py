@@ -58,7 +58,9 @@ LAYOUTS = ("jsonl", "parquet", "instapic", "yfcc")
 Batch = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 _POST_ID_IN_TEXT = re.compile(r'"post_id"\s*:\s*"([^"\\]{1,200})"')
-_FIRST_VALUE = re.compile(r'^\s*\{\s*(?:"(?:[^"\\]|\\.)*"\s*:\s*([\[{])|(\}))', re.S)
+# The first user's posts, when they tell the layout: an object, or a list that is not empty.
+_FIRST_VALUE = re.compile(
+    r'^\ufeff?\s*\{\s*(?:"(?:[^"\\]|\\.)*"\s*:\s*(\{|\[(?!\s*\]))|(\}))', re.S)
 _HTML_TAG = re.compile(r"<[^>]{0,500}>")
 _EPOCH_TEXT = re.compile(r"-?\d+(\.\d+)?")
 _PEEK_BYTES = 1 << 16
@@ -103,17 +105,35 @@ def _posts_files(archive_uri: str) -> list[str]:
     return sorted(files)
 
 
+def _json_layout_of(data: dict[str, Any]) -> str:
+    """``instapic`` or ``yfcc``, told by the first user entry that holds posts: an object of
+    posts is InstaPIC's, a list that is not empty YFCC's. Entries before it (null, a string,
+    an empty list) are bad entries of either layout; a file with none that tells is read as
+    InstaPIC, where each entry is one reject. Parsing and counting both decide by this."""
+    for _, posts in _pairs(data):
+        if isinstance(posts, dict):
+            return "instapic"
+        if isinstance(posts, list) and posts:
+            return "yfcc"
+    return "instapic"
+
+
 def _peek_json_layout(uri: str) -> str:
+    """The layout of a JSON source from its first bytes, or from the whole file where they
+    do not tell (the first user's entry is not an object or a list of posts)."""
     with storage.open_input(uri) as stream:
         head = stream.read(_PEEK_BYTES).decode("utf-8", errors="replace")
     match = _FIRST_VALUE.match(head)
-    if not match:
+    if match:
+        return "yfcc" if match.group(1) == "[" else "instapic"
+    try:
+        data = _loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ReadError(f"{uri}: not JSON ({err})") from err
+    if not isinstance(data, dict):
         raise ReadError(
-            f"{uri}: not an InstaPIC ({{user: {{post: ...}}}}) or YFCC ({{user: [...]}}) JSON"
-        )
-    if match.group(2):  # an empty object: no posts, either layout reads it the same
-        return "instapic"
-    return "instapic" if match.group(1) == "{" else "yfcc"
+            f"{uri}: not an InstaPIC ({{user: {{post: ...}}}}) or YFCC ({{user: [...]}}) JSON")
+    return _json_layout_of(data)
 
 
 def detect_layout(archive_uri: str) -> str:
@@ -727,12 +747,21 @@ def _duplicate_user(user_id: str) -> _Reject:
                                     "more than once in the file")
 
 
-def _parse_instapic(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[Batch]:
+def _parse_json(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[Batch]:
+    """An InstaPIC or YFCC JSON source, parsed once; its layout told by its entries."""
     batcher = _Batcher(batch_size)
     data = _load_json_file(source_uri, batcher)
+    if isinstance(data, dict) and _json_layout_of(data) == "yfcc":
+        yield from _parse_yfcc(source_uri, archive_uri, data, batcher)
+    else:
+        yield from _parse_instapic(source_uri, archive_uri, data, batcher)
+
+
+def _parse_instapic(source_uri: str, archive_uri: str, data: Any,
+                    batcher: _Batcher) -> Iterator[Batch]:
     if data is not _UNREADABLE and not isinstance(data, dict):
-        batcher.reject("wrong_type: the file must hold {user_id: {post_id: post}}", None,
-                       source_uri, None)
+        batcher.reject("wrong_type: the file must hold {user_id: {post_id: post}} (InstaPIC) "
+                       "or {user_id: [post, ...]} (YFCC)", None, source_uri, None)
     if isinstance(data, dict) and data:
         folder, index = _image_index(source_uri, archive_uri)
         for user_id, posts, user_twice in _user_entries(data):
@@ -815,13 +844,10 @@ def _yfcc_post(
     }
 
 
-def _parse_yfcc(source_uri: str, archive_uri: str, batch_size: int) -> Iterator[Batch]:
-    batcher = _Batcher(batch_size)
-    data = _load_json_file(source_uri, batcher)
-    if data is not _UNREADABLE and not isinstance(data, dict):
-        batcher.reject("wrong_type: the file must hold {user_id: [post, ...]}", None,
-                       source_uri, None)
-    if isinstance(data, dict) and data:
+def _parse_yfcc(source_uri: str, archive_uri: str, data: dict[str, Any],
+                batcher: _Batcher) -> Iterator[Batch]:
+    """A YFCC file: ``data`` is an object (a file that is not is read as InstaPIC's)."""
+    if data:
         folder, index = _image_index(source_uri, archive_uri)
         for user_id, posts, user_twice in _user_entries(data):
             if not isinstance(posts, list):
@@ -872,15 +898,7 @@ def parse_source(
                           _parse_parquet(source_uri, root, batch_size, image_roots))
     elif source_uri.endswith(".json"):
         root = archive_uri if storage.is_dir(archive_uri) else _archive_root(archive_uri)
-        try:
-            layout = _peek_json_layout(source_uri)
-        except ReadError as err:
-            yield [], [reject_row(STAGE, f"bad_file: {err}", None, source_uri, None)]
-            return
-        if layout == "yfcc":
-            yield from _guard(source_uri, _parse_yfcc(source_uri, root, batch_size))
-        else:
-            yield from _guard(source_uri, _parse_instapic(source_uri, root, batch_size))
+        yield from _guard(source_uri, _parse_json(source_uri, root, batch_size))
     else:
         raise ReadError(f"{source_uri}: not a .jsonl, .parquet or .json source")
 
@@ -920,11 +938,10 @@ def count_records(source_uri: str) -> int:
             with storage.open_input(source_uri) as stream:
                 return pq.ParquetFile(stream).metadata.num_rows
         if source_uri.endswith(".json"):
-            layout = _peek_json_layout(source_uri)
             data = _loads(storage.read_bytes(source_uri))
             if not isinstance(data, dict):
                 return 1
-            container = dict if layout == "instapic" else list
+            container = dict if _json_layout_of(data) == "instapic" else list
             return sum(
                 (len(_pairs(posts)) if container is dict else len(posts))
                 if isinstance(posts, container) else 1

@@ -286,6 +286,31 @@ def test_instapic_images_are_never_read_from_beside_the_archive(tmp_path):
     assert rejects == []
 
 
+@pytest.mark.parametrize("first", [None, "a string", [], 5])
+def test_a_json_file_is_read_by_its_entries_not_by_its_first_value(tmp_path, first):
+    """The first user's entry may be broken or empty: it is one reject (an empty YFCC list
+    none), and the users after it are read in the layout their entries have."""
+    instapic = {"000": first, "111": {"901": {"caption": "one", "tags": ["#a"]},
+                                      "902": {"caption": "two", "tags": []}}}
+    url = "http://www.flickr.com/photos/12345678@N00/5001/"
+    yfcc = {"000": first, "12345678@N00": [{"title": "three", "page url": url}]}
+    # One file of each, alone in its archive (the layout is told from it alone), with a
+    # byte-order mark on the second: json.loads reads one, so the layout check must too.
+    for name, data, bom in (("insta", instapic, ""), ("yfcc", yfcc, "\ufeff")):
+        archive = tmp_path / name
+        (archive / "json").mkdir(parents=True)
+        (archive / "images").mkdir()
+        for image in ("111_@_901", "111_@_902", "12345678@N00_5001"):
+            (archive / "images" / image).write_bytes(b"\xff\xd8")
+        (archive / "json" / f"{name}.json").write_text(bom + json.dumps(data), encoding="utf-8")
+        assert readers.detect_layout(str(archive)) == ("yfcc" if name == "yfcc" else "instapic")
+        posts, rejects = collect(str(archive))  # asserts in = out + rejected
+        expected = {"insta": ["901", "902"], "yfcc": ["5001"]}[name]
+        assert sorted(p["post_id"] for p in posts) == expected
+        empty_yfcc_list = name == "yfcc" and first == []
+        assert codes(rejects) == (Counter() if empty_yfcc_list else Counter({"wrong_type": 1}))
+
+
 def test_yfcc_layout(tmp_path):
     (tmp_path / "json").mkdir()
     (tmp_path / "images").mkdir()
