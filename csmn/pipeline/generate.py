@@ -50,7 +50,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -531,10 +531,13 @@ class Committer:
         self.rows = 0
         self.dropped_as_done = 0
         self.dropped_other_models = 0
+        self.taken_by_another_run = 0
 
-    def commit(self, staged: Sequence[str], known_all: bool = False) -> int:
+    def commit(self, staged: Sequence[str], known_all: bool = False,
+               staged_rows: Mapping[str, int] | None = None) -> int:
         """Commit ``staged`` parts; with ``known_all``, every committed key is read first
-        (recovery of another run's parts, which may predate this run's listing)."""
+        (recovery of another run's parts, which may predate this run's listing).
+        ``staged_rows``: posts per part, for the parts an overlapping run took first."""
         if not staged:
             return 0
         written = 0
@@ -548,13 +551,16 @@ class Committer:
                 if not lease.still_held(held):
                     raise RuntimeError("lost the commit lease (another run broke it as "
                                        "expired): raise --lease-ttl-s")
-                written += self._commit_part(uri)
+                written += self._commit_part(uri, (staged_rows or {}).get(uri, 0))
         return written
 
-    def _commit_part(self, uri: str) -> int:
+    def _commit_part(self, uri: str, staged_rows: int = 0) -> int:
         try:
             table = storage.read_parquet(uri)
-        except FileNotFoundError:  # committed and deleted by an overlapping run already
+        except FileNotFoundError:
+            # A run that started while this one worked recovered the part first (committed
+            # it, or dropped it for a promotion in between): its posts are that run's now.
+            self.taken_by_another_run += staged_rows
             return 0
         keep, seen_here = [], set()
         users, posts = table.column("user_id").to_pylist(), table.column("post_id").to_pylist()
@@ -744,6 +750,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
     outcomes: Counter[str] = Counter()
     decoded_on: Counter[str] = Counter()
     pending: list[str] = []
+    part_rows: Counter[str] = Counter()
     decode_started = time.perf_counter()
     if new_posts:
         staged = _predictions(config, ray.put(champions), champions, spec, work, attempt,
@@ -751,15 +758,17 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
         for batch in staged.iter_batches(batch_format="pyarrow", batch_size=None):
             outcomes.update(batch.column("outcome").to_pylist())
             decoded_on.update(v for v in batch.column("decoded_on").to_pylist() if v)
-            pending.extend(sorted({p for p in batch.column("part").to_pylist() if p}))
+            parts = [p for p in batch.column("part").to_pylist() if p]
+            part_rows.update(parts)
+            pending.extend(sorted(set(parts)))
             if len(pending) >= config.commit_every:
-                committer.commit(pending)
+                committer.commit(pending, staged_rows=part_rows)
                 pending = []
                 done = sum(outcomes.values())
                 rate = done / max(time.perf_counter() - decode_started, 1e-9)
                 log.info("committed %d of %d new posts (%.1f posts/s)", committer.rows,
                          new_posts, rate)
-        committer.commit(pending)
+        committer.commit(pending, staged_rows=part_rows)
     decode_seconds = time.perf_counter() - decode_started
     # Parts a retried task wrote before it died hold only posts committed from its retry.
     storage.delete(layout.predictions_staging_dir(config.out, attempt))
@@ -790,7 +799,7 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
     records_in = tallies["records_in"]
     predicted = committer.rows
     accounted = (predicted + tallies["already_done"] + committer.dropped_as_done
-                 + tallies["before_since"] + rejected)
+                 + committer.taken_by_another_run + tallies["before_since"] + rejected)
     return {
         "run_date": run_date, "attempt": attempt, "archive": config.archive, "out": config.out,
         "models": {t: {"uri": c.uri, "name": c.name, "version": c.version, "layer": c.layer}
@@ -798,6 +807,7 @@ def _summary(config: GenerateConfig, run_date: str, attempt: str,
         "counts": {"records_in": records_in, "new": new_posts, "predicted": predicted,
                    "already_done": tallies["already_done"],
                    "done_by_another_run": committer.dropped_as_done,
+                   "taken_by_another_run": committer.taken_by_another_run,
                    "before_since": tallies["before_since"], "rejected": rejected,
                    "staged": outcomes.get("staged", 0),
                    "recovered_from_earlier_runs": recovered},

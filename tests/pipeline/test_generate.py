@@ -419,3 +419,33 @@ def test_image_rejects_of_two_users_posts_of_one_id_are_both_kept(tmp_path):
         assert outcome.column("outcome").to_pylist() == ["bad_image"]
     rows = read_rejects(out, layout.GENERATE_STAGE)
     assert sorted(json.loads(r["payload"])["user_id"] for r in rows) == ["u1", "u2"]
+
+
+def test_a_part_an_overlapping_run_recovered_first_is_accounted_for(tmp_path):
+    """Run 2 starts while run 1 works and recovers every staged part, run 1's too (commits
+    them, as they have its models). Run 1 then finds its part gone: its posts are counted as
+    taken by another run, and its records still balance; each post has one row."""
+    import pyarrow as pa
+
+    from csmn.data.schemas import conform
+    from csmn.pipeline.generate import Committer, _summary, recover_staged
+
+    out = str(tmp_path / "out")
+    config = GenerateConfig(archive=str(tmp_path / "archive"), out=out, post_model="none")
+    versions = {HASHTAG: "3"}
+    run1 = Committer(config, "2026-12-01", versions)
+    rows = [{"user_id": "u", "post_id": f"p{i}", "image": "/x.jpg", "created_at": None,
+             "hashtags": ["#a"], "post_text": None, "hashtag_model": "csmn-hashtag",
+             "hashtag_model_version": "3", "hashtag_used_context": False, "post_model": None,
+             "post_model_version": None, "post_used_context": None, "history_posts": 0,
+             "generated_at": datetime.now(UTC), "attempt": "A"} for i in range(3)]
+    part = storage.join(layout.predictions_staging_dir(out, "A"), "part-a.parquet")
+    storage.write_parquet(part, conform(pa.Table.from_pylist(rows), "generated_post"))
+    run2 = Committer(config, "2026-12-01", versions)
+    assert recover_staged(run2, out) == 3
+    assert run1.commit([part], staged_rows={part: 3}) == 0
+    assert (run1.rows, run1.taken_by_another_run) == (0, 3)
+    summary = _summary(config, "2026-12-01", "A", {}, Counter(records_in=3, posts=3), 3,
+                       Counter(staged=3), run1, 0, {}, 1.0, 1.0, Counter())
+    assert summary["balance"]["balanced"] and summary["counts"]["taken_by_another_run"] == 3
+    assert len(_rows(out)) == 3
