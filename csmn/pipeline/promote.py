@@ -241,7 +241,8 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
                 if (str(now.version) if now else None) == against:
                     _record(config, client, number, decision)
                     break
-            log.info("champion moved to v%s during the comparison: comparing again", now.version)
+            log.info("champion moved to %s during the comparison: comparing again",
+                     f"v{now.version}" if now else "none (the alias was removed)")
         else:
             raise Refused(f"champion of {config.name} kept moving: {MAX_COMPARISONS} comparisons")
     decision["mlflow_run_id"] = registry.log_promotion_run(

@@ -132,10 +132,13 @@ def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
     return stack[-2], stack[-1]
 
 
-def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
-    """Move ``champion`` back to the champion before the current one."""
-    target, current = rollback_target(client, name)
-    return move_champion(client, name, target, current, "rollback")
+def rollback(client: MlflowClient, name: str, lock_timeout_s: float = 600.0) -> dict[str, Any]:
+    """Move ``champion`` back to the champion before the current one, under the promotion
+    lock: a promotion recording its move at the same moment would otherwise read the same
+    history and write its entry under the same number."""
+    with promotion_lock(client, name, timeout_s=lock_timeout_s):
+        target, current = rollback_target(client, name)
+        return move_champion(client, name, target, current, "rollback")
 
 
 def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:

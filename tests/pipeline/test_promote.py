@@ -214,13 +214,16 @@ def test_two_promotions_at_once_leave_a_winner(ray_session, promo_root, tmp_path
 
 
 def test_promotion_lock_excludes_and_expires(tmp_path):
-    from csmn.tracking.promotion import LOCK_SUFFIX, promotion_lock
+    from csmn.tracking.promotion import LOCK_SUFFIX, promotion_lock, rollback
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     with promotion_lock(client, NAME):
         with pytest.raises(Refused, match="holds"):
             with promotion_lock(client, NAME, timeout_s=1, poll_s=0.2):
                 pass
+        # a rollback moves the alias and writes history too: it waits for the lock as well
+        with pytest.raises(Refused, match="holds"):
+            rollback(client, NAME, lock_timeout_s=1)
     with promotion_lock(client, NAME):  # released: free again
         pass
     # a lock whose holder died long ago is broken, not waited for
