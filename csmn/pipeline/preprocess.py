@@ -310,6 +310,11 @@ def _content_key(row: dict[str, Any]) -> tuple:
         row["source"] or "",
         " ".join(row["post_tokens"]),
         " ".join(row["hashtag_tokens"]),
+        # Two records may agree on all of the above and differ here (a link or an accent is
+        # gone from the tokens): every column is in the key, so which one is kept as the
+        # post, and which goes to rejects as its duplicate, never depends on the row order.
+        row["non_english"],
+        row["advertisement"],
     )
 
 

@@ -442,3 +442,30 @@ def test_vocabulary_candidates_cut_in_any_batches_give_the_same_vocabularies(see
             assert got.tokens == expected.tokens and len(got) == size
             assert all(candidates[t]["df"] == everything[1][t] for t in got.tokens[4:])
     assert vocab_candidates(TOKEN_STATS_SCHEMA.empty_table(), sizes).num_rows == 0
+
+
+def test_which_duplicate_is_kept_does_not_depend_on_the_row_order(tmp_path):
+    """Two records of one post that differ only where the tokens cannot show it (a link is
+    removed before tokenizing): the same one is kept, whichever comes first."""
+    from datetime import UTC, datetime
+
+    from csmn.data.rejects import read_rejects
+    from csmn.pipeline.preprocess import FEATURE_SCHEMA, summarize_user
+    from csmn.text.filters import FilterThresholds
+
+    base = {"user_id": "u", "created_at": datetime(2015, 6, 1, tzinfo=UTC), "image": "i.jpg",
+            "post_tokens": ["great", "day", "at", "the", "beach"], "hashtag_tokens": ["#sun"],
+            "non_english": False, "advertisement": False, "source": "s.jsonl"}
+    others = [{**base, "post_id": f"p{i}", "image": f"{i}.jpg"} for i in range(3)]
+    plain = {**base, "post_id": "dup"}
+    with_link = {**plain, "advertisement": True}
+    thresholds = FilterThresholds(min_posts_per_user=1)
+    results = []
+    for order, first in (("plain first", [plain, with_link]), ("link first", [with_link, plain])):
+        root = str(tmp_path / order.replace(" ", "-"))
+        table = pa.Table.from_pylist([*others, *first], schema=FEATURE_SCHEMA)
+        summary = summarize_user(table, thresholds, root).to_pylist()[0]
+        rejects = read_rejects(root, "preprocess")
+        assert len(rejects) == 1 and summary["duplicates"] == 1
+        results.append((summary, json.loads(rejects[0]["payload"]), rejects[0]["reason"]))
+    assert results[0] == results[1]
