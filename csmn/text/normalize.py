@@ -14,7 +14,9 @@ Everything here is a pure function; the dictionary lookups live in :mod:`csmn.fi
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -49,9 +51,13 @@ _TLDS = (
 # inside a run that failed reaches the same end with fewer TLDs, so it fails too; the third
 # branch (group "skip") therefore consumes such a run whole, possessively, stopping only
 # where a link begins (a link needs no word boundary, so one can start inside a run).
+# Not links: "www." inside a word ("awwww... my puppy"), and a full stop with no space after
+# it before a capitalized word that spells a TLD ("fun day.It was", "so happy.Co-workers");
+# an all-capitals domain (EXAMPLE.COM) still is one.
 URL_PATTERN = re.compile(
-    r"(?P<url>(?:(?:https?|ftp)://|www\.)\S+"
-    rf"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?:{_TLDS})\b(?:/\S*)?)"
+    r"(?P<url>(?:(?:https?|ftp)://|(?<![a-z0-9])www\.)\S+"
+    rf"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?!(?-i:[A-Z][a-z]))(?:{_TLDS})\b"
+    r"(?:/\S*)?)"
     r"|(?P<skip>\b[a-z0-9](?:(?!(?:https?|ftp)://|www\.)(?:[a-z0-9\-]|\.(?=[a-z0-9\-])))*+)",
     re.IGNORECASE,
 )
@@ -65,6 +71,25 @@ _DIGIT = re.compile(r"\d")
 # Characters that split a raw word for the English test (anything but letters of any script,
 # digits, apostrophes and hyphens).
 _WORD_SPLIT = re.compile(r"[^\w'\-]+|_+")
+
+
+@functools.cache
+def _word_split_any_script() -> re.Pattern[str]:
+    """:data:`_WORD_SPLIT` that keeps combining marks inside their word. ``\\w`` has none, so
+    the vowel signs and viramas of Indic scripts split one word into pieces (नमस्ते into
+    नमस and त), and a dictionary may take such a lone letter for English. Built on first
+    use: ``re`` has no Unicode category classes, so the marks' ranges are listed."""
+    ranges: list[str] = []
+    start = previous = None
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if start is None:
+                start = code
+            previous = code
+        elif start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(previous))}")
+            start = None
+    return re.compile(rf"[^\w'\-{''.join(ranges)}]+|_+")
 
 
 # Every URL holds one of these; most captions and hashtags hold none, and then the scan
@@ -207,7 +232,7 @@ def language_words(text: str | None) -> list[str]:
         if piece.isalpha():  # most words: letters only, nothing to split, strip or test
             words.append(piece)
             continue
-        for part in _WORD_SPLIT.split(piece):
+        for part in (_WORD_SPLIT if piece.isascii() else _word_split_any_script()).split(piece):
             word = part.strip(_EDGE_PUNCT)
             if word and not _DIGIT.search(word):
                 words.append(word)

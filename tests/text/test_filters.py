@@ -48,6 +48,9 @@ def test_non_english_threshold_is_more_than_20_percent():
     assert is_non_english("lovely day at xqzvbn qqwrtz")
     assert is_non_english("Das ist ein schönes Wetter heute")
     assert is_non_english("今日はいい天気ですね")
+    # Indic words are whole words, each one unknown (a dictionary may know a lone letter)
+    assert non_english_fraction("நான் இன்று மகிழ்ச்சியாக இருக்கிறேன்") == 1.0
+    assert non_english_fraction("नमस्ते I love this beach day") == pytest.approx(1 / 6)
 
 
 def test_hashtags_mentions_emoji_numbers_do_not_count_as_words():

@@ -31,6 +31,7 @@ from csmn.text.normalize import (
         "see bit.ly/2abc now",
         "see example.com now",
         "see HTTPS://EXAMPLE.COM/PATH now",
+        "see awww.example.com now",
     ],
 )
 def test_urls_are_removed_and_detected(text):
@@ -38,7 +39,10 @@ def test_urls_are_removed_and_detected(text):
     assert has_url(text)
 
 
-@pytest.mark.parametrize("text", ["e.g. a dot.", "3.5 miles", "mr.smith", "no links here", ""])
+@pytest.mark.parametrize("text", ["e.g. a dot.", "3.5 miles", "mr.smith", "no links here", "",
+                                  # "www." inside a word; a missing space after a full stop
+                                  "awwww.... my puppy", "I was done.It was fun",
+                                  "so happy.Co-workers rock", "Great day.Me and my friends"])
 def test_text_without_urls(text):
     assert not has_url(text)
 
@@ -121,13 +125,18 @@ def test_language_words_skip_hashtags_mentions_emoji_numbers_urls():
 def test_language_words_keep_non_latin_words():
     assert language_words("hello 世界, bonjour") == ["hello", "世界", "bonjour"]
     assert language_words("Ｆｕｌｌ") == ["Full"]
+    # Combining marks (Indic vowel signs, viramas) stay inside their word.
+    assert language_words("नमस्ते, I love this beach day") == [
+        "नमस्ते", "I", "love", "this", "beach", "day"]
+    assert language_words("நான் இன்று மகிழ்ச்சியாக") == ["நான்", "இன்று", "மகிழ்ச்சியாக"]
 
 
 # The URL rule as one backtracking regex, before it was made linear: the reference that
 # find_urls must agree with.
 _QUADRATIC_URL = re.compile(
-    r"(?:(?:https?|ftp)://|www\.)\S+"
-    r"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?:com|net|org|io|co|us|uk|ly|me|gl|info|biz|"
+    r"(?:(?:https?|ftp)://|(?<![a-z0-9])www\.)\S+"
+    r"|\b[a-z0-9][a-z0-9\-]*(?:\.[a-z0-9\-]+)*\.(?!(?-i:[A-Z][a-z]))"
+    r"(?:com|net|org|io|co|us|uk|ly|me|gl|info|biz|"
     r"edu|gov|tv|be|it|de|fr|ca|au|shop|store|online|site|link)\b(?:/\S*)?",
     re.IGNORECASE,
 )
@@ -136,7 +145,7 @@ _QUADRATIC_URL = re.compile(
 def test_url_matches_equal_the_backtracking_regex():
     rng = random.Random(0)
     pieces = ["a", "x", "1", ".", ".", "-", "_", " ", "/", "com", "co", "uk", "COM", "ly",
-              "www.", "http://", "ftp:/", "\u00e9", "@", "#", "\u017f", "m"]
+              "www.", "http://", "ftp:/", "\u00e9", "@", "#", "\u017f", "m", "Co", "It", "w"]
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         assert list(find_urls(text)) == [m.span() for m in _QUADRATIC_URL.finditer(text)], text
