@@ -123,8 +123,14 @@ def contexts_dir(root: str) -> str:
     return storage.join(root, "contexts")
 
 
-def contexts_uri(root: str, task: str) -> str:
-    return storage.join(contexts_dir(root), f"{canonical_task(task)}.parquet")
+def contexts_uri(root: str, task: str, split: str | None = None) -> str:
+    """Each user's context: ``<task>.parquet`` from all of its kept posts (split by users),
+    ``hashtag_by_posts.parquet`` from its training posts (split by posts)."""
+    return contexts_uri_by_name(root, vocab_name(task, split))
+
+
+def contexts_uri_by_name(root: str, name: str) -> str:
+    return storage.join(contexts_dir(root), f"{name}.parquet")
 
 
 def features_dir(root: str, layer: str) -> str:

@@ -280,7 +280,8 @@ def features_by_image(root: str, layer: str = "pool5") -> dict[str, int]:
 
 
 def load_training_set(root: str, task: str, split: str = "train") -> NeighbourTrainingSet:
-    """Training posts with pool5 features, and their users' contexts (``contexts/<task>``).
+    """Training posts with pool5 features, and their users' contexts (``contexts/<task>``;
+    split by posts, ``contexts/hashtag_by_posts``, from the training posts alone).
 
     Training posts whose image has no feature cannot be neighbours and are left out.
     """
@@ -294,7 +295,11 @@ def load_training_set(root: str, task: str, split: str = "train") -> NeighbourTr
     keep = [i for i, image in enumerate(images) if image in known]
     users = examples.column("user_id").to_pylist()
     texts = examples.column("text").to_pylist()
-    contexts = storage.read_parquet(layout.contexts_uri(root, task))
+    uri = layout.contexts_uri(root, task, split)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: the data root was preprocessed before "
+                                "the by-posts contexts existed; preprocess it again")
+    contexts = storage.read_parquet(uri)
     user_contexts = dict(
         zip(
             contexts.column("user_id").to_pylist(),

@@ -551,32 +551,38 @@ class _Part:
 
 def user_examples(
     row: dict[str, Any], task: str, plan: Plan
-) -> tuple[list[str], Iterator[tuple[str, dict, Vocabulary, list[str]]]]:
-    """(the user's context from all kept posts, (split, post, vocabulary, context words) for
-    each example of a kept post)."""
+) -> tuple[dict[str, list[str]], Iterator[tuple[str, dict, Vocabulary, list[str]]]]:
+    """(the user's contexts by vocabulary name: from all kept posts under ``task``, and split
+    by posts from its training posts only; (split, post, vocabulary, context words) for each
+    example of a kept post)."""
     posts = row[f"{task}_posts"]
     user_id = row["user_id"]
     context = plan.context(task, (p["tokens"] for p in posts))
+    contexts = {task: context.full()}
+    by_posts = task == BY_POSTS_TASK and plan.by_posts
+    if by_posts:
+        name = vocab_name(task, TRAIN_BY_POSTS)
+        splits = plan.post_splits(user_id, [p["post_id"] for p in posts])
+        # Split by posts, the user's known history is its training posts: they give the
+        # context (minus the post itself when it is one of them), and the user's context
+        # the 1NN baselines compare is theirs alone, never a test post's.
+        history = plan.context(
+            name, (p["tokens"] for p in posts if splits[p["post_id"]] == TRAIN_BY_POSTS))
+        contexts[name] = history.full()
 
     def examples() -> Iterator[tuple[str, dict, Vocabulary, list[str]]]:
         split = plan.user_splits[task][user_id]
         vocab = plan.vocabs[task]
         for post in posts:
             yield split, post, vocab, context.without(post["tokens"])
-        if task == BY_POSTS_TASK and plan.by_posts:
-            name = vocab_name(task, TRAIN_BY_POSTS)
-            splits = plan.post_splits(user_id, [p["post_id"] for p in posts])
-            # Split by posts, the user's known history is its training posts: they give the
-            # context (minus the post itself when it is one of them).
-            history = plan.context(
-                name, (p["tokens"] for p in posts if splits[p["post_id"]] == TRAIN_BY_POSTS))
+        if by_posts:
             for post in posts:
                 post_split = splits[post["post_id"]]
                 words = (history.without(post["tokens"]) if post_split == TRAIN_BY_POSTS
                          else history.full())
                 yield post_split, post, plan.vocabs[name], words
 
-    return context.full(), examples()
+    return contexts, examples()
 
 
 def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
@@ -595,7 +601,7 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
         for task in TASKS:
             if not row[f"{task}_posts"]:
                 continue
-            full_context, examples = user_examples(row, task, plan)
+            contexts, examples = user_examples(row, task, plan)
             per_split: Counter[str] = Counter()
             for split, post, vocab, words in examples:
                 part = by_part.get((task, split))
@@ -605,9 +611,12 @@ def write_examples(users: pa.Table, plan: Any, root: str) -> pa.Table:
                 per_split[split] += 1
             user_split = plan.user_splits[task][row["user_id"]]
             for split, n in sorted(per_split.items()):
+                # The user's row of its by-users split carries its context, and its
+                # train_by_posts row the context from its training posts.
+                name = (task if split == user_split else
+                        vocab_name(task, split) if split == TRAIN_BY_POSTS else None)
                 out.append({"task": task, "user_id": row["user_id"], "split": split,
-                            "posts": n,
-                            "context_words": full_context if split == user_split else None})
+                            "posts": n, "context_words": contexts.get(name)})
     for (task, split), part in sorted(by_part.items()):
         uri = storage.join(layout.examples_dir(root, task, split), f"part-{batch_id}.parquet")
         storage.write_parquet(uri, part.table())
@@ -866,18 +875,25 @@ def write_empty_splits(root: str, summary: list[dict], config: PreprocessConfig)
                 storage.write_parquet(uri, conform([], "example"))
 
 
-def write_contexts(root: str, summary: list[dict]) -> dict[str, int]:
-    """``contexts/<task>.parquet``: each user's context from all of its kept posts."""
+def write_contexts(root: str, summary: list[dict], config: PreprocessConfig) -> dict[str, int]:
+    """``contexts/<task>.parquet``: each user's context from all of its kept posts;
+    ``contexts/hashtag_by_posts.parquet``: from its training posts split by posts (the 1NN
+    baselines' training users, split by posts: the other file holds the test posts too)."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in summary:
+        if r["context_words"] is not None:
+            name = vocab_name(r["task"], None if r["split"] in BY_USERS_SPLITS else r["split"])
+            by_name.setdefault(name, []).append(
+                {"user_id": r["user_id"], "context_words": r["context_words"]})
+    names = list(TASKS)
+    if config.by_posts_split:
+        names.append(vocab_name(BY_POSTS_TASK, TRAIN_BY_POSTS))
     written = {}
-    for task in TASKS:
-        task_rows = sorted(
-            ({"user_id": r["user_id"], "context_words": r["context_words"]}
-             for r in summary if r["task"] == task and r["context_words"] is not None),
-            key=lambda r: r["user_id"],
-        )
-        storage.write_parquet(layout.contexts_uri(root, task),
-                              conform(task_rows, "user_context"))
-        written[task] = len(task_rows)
+    for name in names:
+        rows = sorted(by_name.get(name, []), key=lambda r: r["user_id"])
+        storage.write_parquet(layout.contexts_uri_by_name(root, name),
+                              conform(rows, "user_context"))
+        written[name] = len(rows)
     return written
 
 
@@ -991,8 +1007,8 @@ def build_manifest(
         "vocab_sizes": {name: len(v) for name, v in plan.vocabs.items()},
         "vocab_by_split": vocab_by_split,
         "context_size": config.context_size,
-        "contexts": {task: {"path": f"contexts/{task}.parquet", "users": n}
-                     for task, n in contexts_written.items()},
+        "contexts": {name: {"path": f"contexts/{name}.parquet", "users": n}
+                     for name, n in contexts_written.items()},
         "config": config_to_dict(config),
     }
 
@@ -1030,7 +1046,7 @@ def preprocess(
         vocab.save(layout.vocab_uri_by_name(out, name))
     summary = runner.write_examples(plan, out)
     write_empty_splits(out, summary, config)
-    contexts_written = write_contexts(out, summary)
+    contexts_written = write_contexts(out, summary, config)
 
     manifest = build_manifest(
         archive=archive, root=out, config=config, engine=engine, n_sources=len(sources),

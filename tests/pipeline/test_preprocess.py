@@ -248,6 +248,28 @@ def test_vocabulary_from_training_split_only(job):
         assert f"#sig{user}" not in vocab and f"#sig{user}" in by_posts_vocab
 
 
+def test_user_contexts_split_by_posts_come_from_training_posts_only(job):
+    """The 1NN baselines match a test post's context against the training users' contexts;
+    split by posts those users are the test users, so their contexts must not hold the
+    test posts' words (contexts/hashtag.parquet, from all kept posts, does)."""
+    root, ex, manifest = job["root"], job["examples"], job["manifest"]
+    assert manifest["contexts"]["hashtag_by_posts"] == {
+        "path": "contexts/hashtag_by_posts.parquet", "users": 20}
+    contexts = validate(storage.read_parquet(
+        storage.join(root, "contexts", "hashtag_by_posts.parquet")), "user_context")
+    trained: dict[str, set[str]] = {}
+    for row in ex["hashtag/train_by_posts"]:
+        trained.setdefault(row["user_id"], set()).update(row["text"].split())
+    held_out = Counter(t for s in ("val_by_posts", "test_by_posts")
+                       for r in ex[f"hashtag/{s}"] for t in r["text"].split())
+    only_held_out = 0
+    for user, words in zip(contexts.column("user_id").to_pylist(),
+                           contexts.column("context_words").to_pylist(), strict=True):
+        assert words and set(words) <= trained[user], user
+        only_held_out += sum(1 for t in held_out if t not in trained[user] and t.endswith(user))
+    assert only_held_out  # there were test-only words to leak (#onceg07 and the like)
+
+
 def test_context_is_leak_free(job):
     for split in ("train", "train_by_posts"):
         rows = [r for r in job["examples"][f"hashtag/{split}"] if r["user_id"] == "g07"]
