@@ -137,7 +137,8 @@ class ExtractConfig:
                                          "transient storage error (transient_io)"}
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "delete existing features of the layer(s) first"}
+        default=False, metadata={"help": "delete existing features of the layer(s) and the "
+                                         "earlier rejects first: recompute everything"}
     )
 
     def __post_init__(self) -> None:
@@ -428,7 +429,8 @@ def write_part(
         finite = np.isfinite(batch[layer]).all(axis=1)
         for i in np.flatnonzero(~finite):
             if not errors[i]:
-                errors[i] = f"non_finite_features: {layer} (try --precision fp32 or bf16)"
+                errors[i] = (f"non_finite_features: {layer} (rerun with --overwrite true "
+                             "--precision fp32 or bf16)")
     digest = hashlib.sha1("\n".join(sorted(images)).encode("utf-8")).hexdigest()[:16]
     name = f"part-{run_id}-{int(np.min(batch['position'])):09d}-{digest}.parquet"
     bad = [i for i, e in enumerate(errors) if e]
@@ -707,6 +709,10 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
         for layer in config.layers:
             log.warning("--overwrite: deleting %s", layout.features_dir(root, layer))
             storage.delete(layout.features_dir(root, layer))
+        # Everything is recomputed, the images earlier runs rejected too: their reasons may
+        # be gone with the settings (non_finite_features under another --precision).
+        log.warning("--overwrite: deleting %s", layout.rejects_dir(root, STAGE))
+        storage.delete(layout.rejects_dir(root, STAGE))
     for layer in config.layers:
         _check_meta(root, layer, info, preprocess)
     if config.retry_rejects:

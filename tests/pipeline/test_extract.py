@@ -177,6 +177,12 @@ def test_job_writes_features_rejects_and_resumes(ray_session, tmp_path, capsys) 
     with pytest.raises(ValueError, match="overwrite"):
         run_extract(_config(root, layer="pool5", seed=6))
 
+    # --overwrite recomputes everything, the images rejected before too (once each)
+    again = run_extract(_config(root, layer="both", rows_per_part=2, overwrite=True))
+    assert again["previously_rejected"] == 0 and again["already_done"] == 0
+    assert again["written"] == len(good) and again["rejected"] == len(bad)
+    assert len(read_rejects(root, "extract_features")) == len(bad)
+
 
 def test_job_reads_images_from_s3_with_a_saved_state_dict(
     ray_session, s3_bucket, tmp_path
