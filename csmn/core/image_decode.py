@@ -57,7 +57,9 @@ class ImageRejected(Exception):
 def _imagenet_transform(spec: str = "imagenet") -> Any:
     import torchvision  # the weights' own transform, read once on the driver
 
-    name = TORCHVISION_WEIGHTS.get(spec, "IMAGENET1K_V1")
+    # Spelled as load_state_dict reads it: " Imagenet-V2" loads V2's weights, so it gets
+    # V2's transform too.
+    name = TORCHVISION_WEIGHTS.get(spec.strip().lower(), "IMAGENET1K_V1")
     return getattr(torchvision.models.ResNet101_Weights, name).transforms()
 
 

@@ -118,6 +118,8 @@ def _device_jpeg(data: bytes, config: PreprocessConfig) -> tuple[int, int, int] 
     new_w, new_h = resized_size(width, height, config.resize_size)
     if new_w * new_h > config.max_pixels:
         return None
+    if config.jpeg_draft and width >= 2 * new_w and height >= 2 * new_h:
+        return None  # libjpeg decodes it at a reduced scale there; the device cannot
     return width, height, orientation if orientation in range(1, 9) else 1
 
 

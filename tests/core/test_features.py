@@ -91,6 +91,10 @@ def test_default_preprocessing_is_the_weights_transform() -> None:
     assert config.mean == tuple(transform.mean) and config.std == tuple(transform.std)
     assert config.grid == 7
     assert PreprocessConfig.for_weights("random", resize_size=64, crop_size=56).grid == 2
+    # V2's own transform (resize 232), however the name is spelled (as the weights load it)
+    for spelling in ("imagenet-v2", "Imagenet-V2", " IMAGENET-v2 "):
+        assert PreprocessConfig.for_weights(spelling).resize_size == 232 == (
+            torchvision.models.ResNet101_Weights.IMAGENET1K_V2.transforms().resize_size[0])
     with pytest.raises(ValueError, match="resize_size"):
         PreprocessConfig(resize_size=50, crop_size=56)
 
@@ -191,6 +195,19 @@ def test_device_decode_matches_the_cpu_decode() -> None:
     # chunks of a few images give the same pixels
     chunked = decode_images_on_device(contents, config, "cpu", max_pixels_at_once=600_000)
     assert torch.equal(chunked.pixels, out.pixels)
+
+
+def test_device_decode_leaves_draft_decoding_to_libjpeg() -> None:
+    """With --jpeg-draft a JPEG at least twice the resize target is decoded by PIL at a
+    reduced scale, as the CPU tasks decode it (the device decoder has no draft mode); a
+    smaller one is decoded on the device (draft changes nothing there)."""
+    config = PreprocessConfig(jpeg_draft=True)
+    large, small = _photo(2000, 1500, seed=1), _photo(400, 300, seed=2)
+    out = decode_images_on_device([large, small], config, "cpu")
+    assert out.errors == ["", ""] and out.on_device == [False, True]
+    np.testing.assert_array_equal(out.pixels[0].numpy(), decode_image(large, config))
+    full = decode_images_on_device([large], PreprocessConfig(), "cpu")
+    assert full.on_device == [True] and not torch.equal(full.pixels[0], out.pixels[0])
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
