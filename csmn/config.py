@@ -56,6 +56,15 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
                 return False
             raise ValueError(f"config field {name!r}: expected a boolean, got {value!r}")
         return bool(value)
+    if annotation is str and isinstance(value, (list, tuple)):
+        # Fields holding comma-separated names (--variants, --baselines) take lists too.
+        return ",".join(str(v) for v in value)
+    if annotation is str and isinstance(value, str) and value.startswith("["):
+        listed = yaml.safe_load(value) if value.endswith("]") else None
+        if isinstance(listed, list):
+            return ",".join(str(v) for v in listed)
+    if annotation is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"config field {name!r}: expected int, got {value!r}")
     if annotation in (int, float, str):
         try:
             return annotation(value)
@@ -76,8 +85,28 @@ def build_config(cls: type[ConfigT], values: dict[str, Any] | None = None) -> Co
             f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
             f"known: {', '.join(sorted(types_by_name))}"
         )
-    kwargs = {k: _coerce(v, types_by_name[k], k) for k, v in values.items()}
+    # An empty YAML value (``storage:``, ``~``) leaves a field that cannot be None at its
+    # default: str(None) would make it the text "None" (a folder, a run name).
+    kwargs = {k: _coerce(v, types_by_name[k], k) for k, v in values.items()
+              if v is not None or _optional(types_by_name[k])}
     return cls(**kwargs)
+
+
+def coerce_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` converted to the types of ``cls``'s fields (a nested config given as a
+    mapping, such as ``--model``), unknown keys refused as :func:`build_config` does."""
+    types_by_name = _field_types(cls)
+    unknown = sorted(set(values) - set(types_by_name))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(types_by_name))}")
+    return {k: _coerce(v, types_by_name[k], k) for k, v in values.items()
+            if v is not None or _optional(types_by_name[k])}
+
+
+def _optional(annotation: Any) -> bool:
+    return (annotation is Any or typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(annotation))
 
 
 def load_config(

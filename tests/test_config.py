@@ -49,3 +49,32 @@ def test_help_shows_each_default():
     text = config_parser(ExampleConfig, "prog", "an example").format_help()
     for shown in ("(default: 0.001)", "(default: 20)", "(default: 3,4,5)", "(default: True)"):
         assert shown in text
+
+
+@dataclass
+class NamesConfig:
+    out: str = ""
+    variants: str = "P5,NoUC-P5"
+    seeds: int = 1
+    note: str | None = "kept"
+
+
+def test_empty_yaml_values_keep_defaults_and_names_take_lists(tmp_path):
+    path = tmp_path / "c.yaml"
+    # "out:" and "~" are YAML nulls: the default stays (str(None) made a folder "None")
+    path.write_text("out:\nvariants: [P5, NoCNN-P5]\nseeds: 3.0\nnote: ~\n")
+    config = load_config(NamesConfig, str(path))
+    assert config == NamesConfig(out="", variants="P5,NoCNN-P5", seeds=3, note=None)
+    assert load_config(NamesConfig, overrides={"variants": "[P5, W20-P5]"}).variants == \
+        "P5,W20-P5"
+    with pytest.raises(ValueError, match="expected int, got 2.7"):
+        load_config(NamesConfig, overrides={"seeds": 2.7})
+
+
+def test_model_overrides_are_typed_as_the_model_config():
+    from csmn.pipeline.train import TrainConfig
+
+    config = TrainConfig(data="d", model='{use_user_context: "false", embed_dim: "16"}')
+    assert config.model == {"use_user_context": False, "embed_dim": 16}
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        TrainConfig(data="d", model={"embed_size": 16})

@@ -46,7 +46,7 @@ from typing import Any, Self
 
 import torch
 
-from csmn.config import config_from_args, config_parser
+from csmn.config import coerce_values, config_from_args, config_parser, redact
 from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig
 from csmn.core.tokens import (
@@ -164,6 +164,8 @@ class TrainConfig:
             self.model = yaml.safe_load(self.model) or {}
         if not isinstance(self.model, dict):
             raise ValueError(f"model overrides must be a mapping, got {self.model!r}")
+        # Typed as ModelConfig's fields: a quoted "false" is false, "16" is 16.
+        self.model = coerce_values(ModelConfig, self.model)
         self.task = canonical_task(self.task)
         for name in ("workers", "epochs", "batch_size", "lr_decay_every", "max_length",
                      "val_sample_size", "checkpoints_to_keep", "block_rows"):
@@ -830,5 +832,5 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(TrainConfig, args, args.config_file)
     summary = train(config)
-    print(json.dumps(dataclasses.asdict(summary), indent=2, default=str))
+    print(json.dumps(redact(dataclasses.asdict(summary)), indent=2, default=str))
     return 0
