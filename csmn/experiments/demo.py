@@ -33,7 +33,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from csmn.config import add_config_arguments, config_from_args, config_parser
+from csmn.config import (
+    add_config_arguments,
+    config_from_args,
+    config_parser,
+    redact,
+    redact_text,
+)
 from csmn.data import layout, storage
 from csmn.data.layout import (
     BY_POSTS_TASK,
@@ -226,7 +232,9 @@ def step_report(state: DemoState) -> None:
     from csmn.eval.report import render_demo_html
 
     path = storage.join(state.config.out, REPORT_FILE)
-    storage.write_text(path, render_demo_html(state.result))
+    # What is written and shown has no credentials (a tracking URI may hold a password);
+    # the run itself keeps the real URI.
+    storage.write_text(path, render_demo_html(redact(state.result)))
     state.result["report"] = path
     _say(f"report: {path}")
 
@@ -403,7 +411,8 @@ def outcome_lines(result: dict[str, Any], dashboard: str | None = None) -> list[
     if dashboard:
         lines.append(f"dashboard: {dashboard} (while the head ran)")
     if result.get("tracking_uri"):
-        lines.append(f"MLflow:    mlflow ui --backend-store-uri {result['tracking_uri']}")
+        lines.append("MLflow:    mlflow ui --backend-store-uri "
+                     f"{redact_text(result['tracking_uri'])}")
     if result.get("weights") == "random":
         lines.append("NOTE: image features came from RANDOM ResNet-101 weights "
                      "(--weights random).")
@@ -413,7 +422,7 @@ def outcome_lines(result: dict[str, Any], dashboard: str | None = None) -> list[
 
 def _run_job(config: DemoConfig) -> dict[str, Any]:
     result = run_demo(config)
-    storage.write_json(storage.join(config.out, SUMMARY_FILE), result)
+    storage.write_json(storage.join(config.out, SUMMARY_FILE), redact(result))
     return result
 
 

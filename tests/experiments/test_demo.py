@@ -134,3 +134,14 @@ def test_ctrl_c_stops_the_job_and_the_head(tmp_path):
     assert demo.returncode == 130, "".join(seen)[-3000:] + rest[-3000:]
     assert "interrupted: the job and the local Ray head were stopped" in rest
     assert not _answers(dashboard) and not Path(token_path).exists()
+
+
+def test_a_password_in_the_tracking_uri_is_never_shown():
+    from csmn.experiments.demo import outcome_lines
+
+    uri = "postgresql://alice:s3cr3tpassw0rd@db.example.com/mlflow"
+    lines = outcome_lines({"archive": "a", "data": "d", "sections": [], "tracking_uri": uri,
+                           "seconds": 1})
+    shown = "\n".join(lines)
+    assert "mlflow ui --backend-store-uri postgresql://***@db.example.com/mlflow" in shown
+    assert "s3cr3tpassw0rd" not in shown
