@@ -198,3 +198,49 @@ def test_the_nightly_raycronjob_runs_the_generate_job():
     template = document["spec"]["jobTemplate"]
     assert template["entrypoint"].startswith("python jobs/generate.py")
     assert template["shutdownAfterJobFinishes"] is True
+
+
+def _gpus_at_most(spec: dict) -> int:
+    """GPUs the cluster can have: each worker group's maxReplicas x its pods' GPUs."""
+    total = 0
+    for group in spec.get("workerGroupSpecs", []):
+        for container in group["template"]["spec"]["containers"]:
+            gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+            total += gpus * int(group.get("maxReplicas", group.get("replicas", 0)))
+    return total
+
+
+def _gpus_needed(entrypoint: str) -> int:
+    """GPUs a job's actors or workers ask for (one each), from its own argument parser."""
+    import shlex
+
+    from csmn.config import config_from_args
+
+    argv = shlex.split(entrypoint)
+    script = Path(argv[1]).stem
+    if script == "generate":
+        from csmn.pipeline.generate import GenerateConfig, build_parser
+        config = config_from_args(GenerateConfig, build_parser().parse_args(argv[2:]))
+        return (config.feature_actors + config.decode_actors) if config.use_gpu else 0
+    if script == "train":
+        from csmn.pipeline.train import TrainConfig, build_parser
+        config = config_from_args(TrainConfig, build_parser().parse_args(argv[2:]))
+        return config.workers if config.use_gpu else 0
+    raise AssertionError(f"no GPU count known for {entrypoint!r}")
+
+
+def test_jobs_ask_for_no_more_gpus_than_their_clusters_can_have():
+    """Ray Data's actor pools and Ray Train's worker group wait for all of their GPUs: a
+    job asking for more than its cluster can scale to never starts its work."""
+    checked = 0
+    for _, document in _kuberay_manifests():
+        if document["kind"] == "RayJob":
+            template = document["spec"]
+        elif document["kind"] == "RayCronJob":
+            template = document["spec"]["jobTemplate"]
+        else:
+            continue
+        needed = _gpus_needed(template["entrypoint"])
+        assert needed <= _gpus_at_most(template["rayClusterSpec"]), template["entrypoint"]
+        checked += needed > 0
+    assert checked == 2  # the training RayJob and the nightly RayCronJob
