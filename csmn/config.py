@@ -177,6 +177,34 @@ def config_from_args(
     return load_config(cls, yaml_path, overrides, section=section)
 
 
+def configs_from_args(classes: tuple[type, ...], args: argparse.Namespace,
+                      yaml_path: str | None = None) -> tuple[Any, ...]:
+    """One config per class from one command line and one YAML file whose keys may belong
+    to any of them (each key to the first class with such a field; a key none has is
+    refused, as :func:`build_config` refuses it)."""
+    from csmn.data.storage import read_text
+
+    loaded: dict[str, Any] = {}
+    if yaml_path:
+        loaded = yaml.safe_load(read_text(str(yaml_path))) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config fields")
+    names = [set(_field_types(cls)) for cls in classes]
+    unknown = sorted(set(loaded) - set().union(*names))
+    if unknown:
+        known = sorted(set().union(*names))
+        raise ValueError(f"unknown {' / '.join(c.__name__ for c in classes)} field(s): "
+                         f"{', '.join(unknown)}; known: {', '.join(known)}")
+    out = []
+    for i, cls in enumerate(classes):
+        values = {k: v for k, v in loaded.items()
+                  if k in names[i] and not any(k in n for n in names[:i])}
+        values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                       if getattr(args, f.name, None) is not None})
+        out.append(build_config(cls, values))
+    return tuple(out)
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as plain data for manifests and summaries, secrets redacted."""
     return redact(dataclasses.asdict(config))

@@ -37,6 +37,7 @@ from csmn.config import (
     add_config_arguments,
     config_from_args,
     config_parser,
+    configs_from_args,
     redact,
     redact_text,
 )
@@ -502,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = _absolute(config_from_args(DemoConfig, args, args.config_file))
-    launch = config_from_args(LaunchConfig, args)
+    # One --config file may hold the launch's fields (in_process, head_cpus) beside the demo's.
+    config, launch = configs_from_args((DemoConfig, LaunchConfig), args, args.config_file)
+    config = _absolute(config)
     if launch.in_process:
         from csmn.pipeline.runtime import setup_logging
 

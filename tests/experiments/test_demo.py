@@ -145,3 +145,18 @@ def test_a_password_in_the_tracking_uri_is_never_shown():
     shown = "\n".join(lines)
     assert "mlflow ui --backend-store-uri postgresql://***@db.example.com/mlflow" in shown
     assert "s3cr3tpassw0rd" not in shown
+
+
+def test_one_config_file_holds_the_demo_and_its_launch(tmp_path):
+    from csmn.config import configs_from_args
+    from csmn.experiments.demo import LaunchConfig, build_parser
+
+    path = tmp_path / "demo.yaml"
+    path.write_text("epochs: 2\nin_process: true\nhead_cpus: 3\n")
+    args = build_parser().parse_args(["--config", str(path), "--epochs", "3"])
+    config, launch = configs_from_args((DemoConfig, LaunchConfig), args, args.config_file)
+    assert config.epochs == 3  # the flag over the file
+    assert launch.in_process is True and launch.head_cpus == 3
+    path.write_text("epochs: 2\nhead_cpu: 3\n")
+    with pytest.raises(ValueError, match="unknown DemoConfig / LaunchConfig field.*head_cpu"):
+        configs_from_args((DemoConfig, LaunchConfig), args, args.config_file)
