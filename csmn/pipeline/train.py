@@ -687,17 +687,17 @@ def _start_run(config: TrainConfig, model_config: ModelConfig, data: dict[str, A
     from csmn import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(config.data)
-    run_id = tracking.start_or_resume_run(
-        tracking_uri, config.experiment, config.run_name,
-        tags={"csmn.task": config.task, "csmn.variant": config.variant,
-              "csmn.storage": config.storage,
-              **provenance})
     params = tracking.flatten_params({
         "train": {k: v for k, v in dataclasses.asdict(config).items()
                   if k not in ("model", "fail_once_at_epoch")},
         "model": dataclasses.asdict(model_config),
         "data": data,
     })
+    run_id = tracking.start_or_resume_run(
+        tracking_uri, config.experiment, config.run_name,
+        tags={"csmn.task": config.task, "csmn.variant": config.variant,
+              "csmn.storage": config.storage,
+              **provenance}, params=params)
     tracking.log_params(tracking_uri, run_id, params)
     return tracking_uri, run_id
 

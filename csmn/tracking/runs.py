@@ -103,9 +103,12 @@ def redact_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 
 def start_or_resume_run(
     tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
     """The id of the unfinished run called ``run_name`` in ``experiment`` (a training run
-    started again under the same name continues its MLflow run too), or of a new one."""
+    started again under the same name continues its MLflow run too), or of a new one.
+    ``params``: the config the run will log; an unfinished run logged with another one is
+    refused before it is touched (it keeps its status, FAILED or KILLED)."""
     mlflow.set_tracking_uri(tracking_uri)
     experiment_id = get_or_create_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
@@ -115,6 +118,8 @@ def start_or_resume_run(
         order_by=["attributes.start_time DESC"], max_results=1)
     if existing and existing[0].info.status != "FINISHED":
         run_id = existing[0].info.run_id
+        if params is not None:
+            _changed_params(client, run_id, params)
         log.info("continuing MLflow run %s (%s)", run_name, run_id)
         client.update_run(run_id, status="RUNNING")
         return run_id
@@ -136,14 +141,8 @@ RESUMABLE_PARAMS = frozenset({"train.max_failures", "train.epochs", "train.regis
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:
     """Log params once: a resumed run already has them (MLflow refuses changed values).
     Values are redacted here too, whoever built them."""
-    params = {redact_text(str(k)): redact_text(str(v)) for k, v in params.items()
-              if not is_secret_key(k)}
     client = MlflowClient(tracking_uri)
-    logged = client.get_run(run_id).data.params
-    changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
-    refused = {k: change for k, change in changed.items() if k not in RESUMABLE_PARAMS}
-    if refused:
-        raise ValueError(f"resuming run {run_id} with a different config: {refused}")
+    params, logged, changed = _changed_params(client, run_id, params)
     for key, (old, new) in changed.items():
         client.set_tag(run_id, f"csmn.resumed_with.{key}", f"{old} -> {new}")
     new_params = {k: v for k, v in params.items() if k not in logged}
@@ -151,6 +150,20 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> Non
     for start in range(0, len(items), 100):  # log_batch takes at most 100 params
         batch = [mlflow.entities.Param(k, v) for k, v in items[start:start + 100]]
         client.log_batch(run_id, params=batch)
+
+
+def _changed_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]
+                    ) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, str]]]:
+    """(the params as logged: redacted strings, those the run has, the changed ones); a
+    change outside :data:`RESUMABLE_PARAMS` is refused."""
+    params = {redact_text(str(k)): redact_text(str(v)) for k, v in params.items()
+              if not is_secret_key(k)}
+    logged = client.get_run(run_id).data.params
+    changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
+    refused = {k: change for k, change in changed.items() if k not in RESUMABLE_PARAMS}
+    if refused:
+        raise ValueError(f"resuming run {run_id} with a different config: {refused}")
+    return params, logged, changed
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int, *,

@@ -37,6 +37,15 @@ def test_a_resumed_run_keeps_its_params_and_refuses_a_changed_config(tmp_path, m
     assert run.data.tags["csmn.resumed_with.train.epochs"] == "20 -> 30"
     with pytest.raises(ValueError, match="different config"):
         tracking.log_params(uri, run_id, {"train.batch_size": "100"})
+    # A run a dead job left FAILED, started again with another config: refused before it is
+    # touched, so it stays FAILED (not RUNNING forever).
+    MlflowClient(uri).set_terminated(run_id, "FAILED")
+    with pytest.raises(ValueError, match="different config"):
+        tracking.start_or_resume_run(uri, "csmn-test", "r1", params={"train.batch_size": "100"})
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+    assert tracking.start_or_resume_run(uri, "csmn-test", "r1",
+                                        params={"train.batch_size": "200"}) == run_id
+    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     with pytest.raises(ValueError, match="already FINISHED"):
         tracking.start_or_resume_run(uri, "csmn-test", "r1")
