@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -446,7 +447,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     require_data_root(config.data, "evaluate", ("pool5",) if config.baseline_names else ())
     out = config.out or storage.join(
         layout.evaluations_dir(config.data),
-        f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}",
+        # A unique part: two evaluations started in one second (two promotions at once)
+        # must not write each other's predictions.
+        f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-"
+        f"{uuid.uuid4().hex[:8]}",
     )
     examples = load_examples(config)
     model = resolve_model(config) if config.model else None

@@ -33,7 +33,9 @@ MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "served_mo
 def model_signature(task: str) -> ModelSignature:
     inputs = Schema([
         ColSpec(Array(DataType.double), "image_feature"),
-        ColSpec(Array(DataType.string), "context_words"),
+        # Optional: a user with no history has no context (every slot masked), as the
+        # Predictor and the nightly job take it.
+        ColSpec(Array(DataType.string), "context_words", required=False),
     ])
     prediction = (ColSpec(Array(DataType.string), "prediction") if task == "hashtag"
                   else ColSpec(DataType.string, "prediction"))

@@ -157,10 +157,10 @@ def test_the_pyfunc_and_the_evaluation_actor_give_the_same_words(ray_session, ch
     experiment_id = mlflow.set_experiment("predictor-test").experiment_id
     run_id = MlflowClient(tracking_uri).create_run(experiment_id).info.run_id
     info = log_pyfunc_model(tracking_uri, run_id, checkpoint, "hashtag")
-    # the served schema wants a list in every cell: no context is an empty one there
+    # no context (a user with no history) is a missing cell, as the Predictor takes it
     served = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({
         "image_feature": [row.tolist() for row in features],
-        "context_words": [c or [] for c in contexts]}))
+        "context_words": contexts}))
 
     images = [f"img{i}.jpg" for i in range(6)]
     # Post ids are unique per user only: two users each have a post "p0", "p1", "p2".
