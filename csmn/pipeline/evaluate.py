@@ -31,7 +31,7 @@ import argparse
 import logging
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -293,6 +293,20 @@ def load_examples(config: EvaluateConfig) -> pa.Table:
     return examples
 
 
+def _pinned(config: EvaluateConfig) -> EvaluateConfig:
+    """The config with an alias (``@champion``) or ``latest`` model URI pinned to the version
+    it names now, so that every read of the model during the evaluation gets that one."""
+    from csmn import tracking
+
+    if not tracking.is_mlflow_uri(config.model):
+        return config
+    pinned = tracking.pinned_model_uri(config.model, tracking.resolve_tracking_uri(config.data))
+    if pinned == config.model:
+        return config
+    log.info("evaluating %s: %s now", pinned, config.model)
+    return replace(config, model=pinned)
+
+
 def resolve_model(config: EvaluateConfig) -> ResolvedModel:
     """The model's checkpoint metadata (downloaded from MLflow when needed), checked
     against the task."""
@@ -452,8 +466,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         f"{config.task}-{config.split}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-"
         f"{uuid.uuid4().hex[:8]}",
     )
+    requested = config.model
+    if config.model:
+        config = _pinned(config)
     examples = load_examples(config)
     model = resolve_model(config) if config.model else None
+    if model and requested != config.model:
+        model.info.update(uri=requested, evaluated_uri=config.model)
     if model:
         require_data_root(config.data, "evaluate", (model.layer,))
     decoded = (decode_split(config, examples, model.layer, model.tracking_uri)

@@ -14,6 +14,7 @@ from csmn.tracking.evaluation import (
     log_ablation,
     log_evaluation,
     model_source,
+    pinned_model_uri,
     resolve_checkpoint,
 )
 from csmn.tracking.model import CSMNPyfunc, log_pyfunc_model, model_signature
@@ -35,6 +36,7 @@ __all__ = [
     "evaluation_metrics", "evaluation_run", "find_evaluation", "finished_or_failed",
     "flatten_params", "get_or_create_experiment", "is_mlflow_uri", "local_artifact_location",
     "log_ablation", "log_evaluation", "log_metrics", "log_params", "log_pyfunc_model",
-    "metric_histories", "model_signature", "model_source", "registered_model_name",
+    "metric_histories", "model_signature", "model_source", "pinned_model_uri",
+    "registered_model_name",
     "resolve_checkpoint", "resolve_tracking_uri", "start_or_resume_run", "tag_model_version",
 ]

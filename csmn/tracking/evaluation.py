@@ -99,6 +99,27 @@ def model_source(model_uri: str, tracking_uri: str) -> ModelSource:
     return ModelSource(logged.source_run_id, model_id=logged.model_id)
 
 
+def pinned_model_uri(model_uri: str, tracking_uri: str) -> str:
+    """``models:/name@alias`` and ``models:/name/latest`` as ``models:/name/<version>`` they
+    name now; other URIs as they are. An evaluation reads its model several times (each
+    decoding actor, then the run's tags): a promotion moving the alias in between must not
+    make it decode one version and record another."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    path = model_uri.removeprefix("models:/").strip("/")
+    client = MlflowClient(tracking_uri)
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, number = path.partition("/")
+    if number.lower() == "latest":
+        versions = client.search_model_versions(f"name = '{_quoted(name)}'")
+        if not versions:
+            raise ValueError(f"{model_uri}: {name} has no versions")
+        return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    return model_uri
+
+
 def _version_model_id(version: Any) -> str | None:
     """The LoggedModel behind a registered version. The SQL registry leaves
     ``ModelVersion.model_id`` empty and keeps the LoggedModel's URI as the source."""

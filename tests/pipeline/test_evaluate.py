@@ -197,13 +197,16 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
     by_alias = json.loads(storage.read_text(storage.join(out, "report.json")))
     assert by_alias["results"] == by_path["results"]
     assert by_alias["model"]["uri"] == "models:/csmn-hashtag@champion"
+    # the alias is read once, pinned to the version it named then (a promotion moving it
+    # during the evaluation cannot make it decode one version and record another)
+    assert by_alias["model"]["evaluated_uri"] == "models:/csmn-hashtag/1"
     # an MLflow model: a new evaluation run in the model's experiment, tagged, with the
     # metrics and the report files
     client = MlflowClient(tracking_uri)
     evaluation = client.get_run(by_alias["mlflow"]["run_id"])
     assert evaluation.info.experiment_id == client.get_run(run_id).info.experiment_id
     assert evaluation.info.status == "FINISHED"
-    assert evaluation.data.tags["csmn.model_uri"] == "models:/csmn-hashtag@champion"
+    assert evaluation.data.tags["csmn.model_uri"] == "models:/csmn-hashtag/1"  # as decoded
     assert evaluation.data.tags["csmn.split"] == "test"
     assert evaluation.data.tags["csmn.model_run_id"] == run_id
     assert evaluation.data.tags["csmn.model_version"] == str(info.registered_model_version)

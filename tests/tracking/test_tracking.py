@@ -174,3 +174,22 @@ def test_evaluation_runs_are_linked_to_the_model_and_the_data_and_found_again(
     assert {m.key: m.value for m in model_metrics}["csmn/f1"] == 0.5
     assert {m.dataset_digest for m in model_metrics} == {digest}
     assert [a.path for a in client.list_artifacts(found[0.5], "report")] == ["report/report.md"]
+
+
+def test_an_alias_or_latest_is_pinned_to_the_version_it_names_now(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.create_registered_model("csmn-hashtag")
+    for _ in range(3):
+        client.create_model_version("csmn-hashtag", source=str(tmp_path))
+    client.set_registered_model_alias("csmn-hashtag", "champion", "2")
+    assert tracking.pinned_model_uri("models:/csmn-hashtag@champion", uri) == \
+        "models:/csmn-hashtag/2"
+    assert tracking.pinned_model_uri("models:/csmn-hashtag/latest", uri) == \
+        "models:/csmn-hashtag/3"
+    for unchanged in ("models:/csmn-hashtag/1", "runs:/abc/model", "/a/checkpoint"):
+        assert tracking.pinned_model_uri(unchanged, uri) == unchanged
+    # the alias moves afterwards: what was pinned stays
+    client.set_registered_model_alias("csmn-hashtag", "champion", "3")
+    assert tracking.pinned_model_uri("models:/csmn-hashtag@champion", uri) == \
+        "models:/csmn-hashtag/3"
