@@ -488,6 +488,7 @@ def _figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[An
 def training_curves_png(history: dict[str, list[list[float]]], metric_name: str,
                         title: str) -> str | None:
     """Loss (train, validation) and the validation metric per epoch, side by side."""
+    history = {key: points for key, points in (history or {}).items() if points}
     if not history:
         return None
     figure, (loss_axis, metric_axis) = _figure(8, 2.8, 2)

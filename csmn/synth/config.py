@@ -30,7 +30,9 @@ class SynthConfig:
     posts_min: int = 75
     posts_max: int = 1000
     off_topic_rate: float = field(
-        default=0.08, metadata={"help": "posts outside the user's favourite categories"}
+        default=0.08, metadata={"help": "posts whose category is drawn from all categories "
+                                        "instead of the user's favourites (some land in a "
+                                        "favourite: 0.072 measured with 27 categories)"}
     )
     signature_tag_rate: float = field(
         default=0.45, metadata={"help": "mean chance a signature hashtag is in a user's post"}
@@ -40,7 +42,10 @@ class SynthConfig:
         default=0.6, metadata={"help": "users who belong to a second niche"}
     )
     niche_tag_rate: float = field(
-        default=0.65, metadata={"help": "share of a niche post's non-signature tags from the niche"}
+        default=0.65, metadata={"help": "chance each non-signature tag of a niche post is "
+                                        "drawn from the niche (a duplicate is drawn again, so "
+                                        "the share that ends in a post is lower: 0.58 "
+                                        "measured)"}
     )
     niche_word_rate: float = field(
         default=0.3, metadata={"help": "share of a niche post's topic nouns from the niche"}

@@ -257,7 +257,10 @@ def iter_user_posts(
         caption = _caption(rng, profile, category, n_caption, lengths, noise, niche)
         tags, signature_used = _hashtags(rng, profile, category, n_tags, lengths, niche)
         if "bare_hashtags" in noise:
-            tags = [t.lstrip("#") for t in tags]
+            if tags:
+                tags = [t.lstrip("#") for t in tags]
+            else:
+                noise.remove("bare_hashtags")  # the truth only lists what was planted
         post_id = f"{profile.user_id}_{k:05d}"
         image_path = f"images/{profile.user_id}/{post_id}.jpg"
         record = {

@@ -85,6 +85,8 @@ def validate_config(config: SynthConfig) -> None:
         problems.append("mean caption/hashtag lengths must lie inside (3, 15), the paper's filter")
     if not 1 <= config.posts_min <= config.posts_max:
         problems.append("need 1 <= posts_min <= posts_max")
+    if not config.posts_median > 0 or not config.posts_sigma >= 0:
+        problems.append("need posts_median > 0 and posts_sigma >= 0 (a log-normal)")
     for name in RATE_FIELDS:
         value = getattr(config, name)
         if not 0.0 <= value <= 1.0:

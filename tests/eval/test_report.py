@@ -70,6 +70,11 @@ def test_comparison_table_puts_ours_beside_the_papers():
         "CSMN-P5  0.500"
 
 
+def test_training_curves_skip_empty_histories():
+    assert report.training_curves_png({"train_loss": []}, "val_f1", "t") is None
+    assert report.training_curves_png({"train_loss": [[1, 2.0]], "val_f1": []}, "val_f1", "t")
+
+
 def test_attention_split_sums_each_step_over_slots():
     steps = report.attention_split({"image": np.array([[0.5], [0.1]]),
                                     "context": np.array([[0.2, 0.1], [0.6, 0.1]]),

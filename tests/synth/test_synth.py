@@ -189,8 +189,9 @@ def test_lengths_and_noise_match_the_knobs_and_the_files(tmp_path):
             assert row["hashtag_count"] < 3
         if "long_hashtags" in noise:
             assert row["hashtag_count"] > 15
-        if tags:
-            assert all(t.startswith("#") for t in tags) == ("bare_hashtags" not in noise)
+        # bare_hashtags is only recorded where a tag lost its '#' (never on an empty list)
+        assert bool(tags and not any(t.startswith("#") for t in tags)) == (
+            "bare_hashtags" in noise), (tags, noise)
         assert post["created_at"].endswith("Z")
     for row in truth:
         if row["broken_record"] == "invalid_json":
@@ -327,6 +328,10 @@ def test_cli_refuses_to_mix_archives_and_bad_knobs(tmp_path, capsys):
     assert main(args + ["--overwrite", "true", "--seed", "5"]) == 0
     assert main(["--out", out, "--non-english-rate", "1.5", "--overwrite", "true"]) == 2
     assert "non_english_rate" in capsys.readouterr().err
+    # refused before the archive there is deleted (it was deleted, then log(0) failed)
+    assert main(["--out", out, "--posts-median", "0", "--overwrite", "true"]) == 2
+    assert "posts_median > 0" in capsys.readouterr().err
+    assert (tmp_path / "cli" / "truth").exists()
     assert main(["--users", "2"]) == 2  # no --out
     config_file = tmp_path / "synth.yaml"
     config_file.write_text(f"synth:\n  out: {out}\n  users: 1\n  posts_median: 25\n"
