@@ -64,12 +64,39 @@ def _clean_posts(archive_uri: str) -> list[_Post]:
     posts = []
     for shard, rows in sorted(wanted.items()):
         lines = storage.read_text(storage.join(archive_uri, "posts", shard)).splitlines()
+        moved: dict[tuple[str, str], dict[str, Any]] | None = None
         for row in rows:
             # Clean posts are whole JSON records; the broken ones are never read.
-            record = json.loads(lines[row["line"] - 1])
+            key = (row["user_id"], row["post_id"])
+            record = _record(lines[row["line"] - 1]) if row["line"] <= len(lines) else None
+            if record is None or (record.get("user_id"), record.get("post_id")) != key:
+                # The file was rewritten since (hold_back_newest moves the newest posts out
+                # of it): the post is looked up by its ids, and one no longer there skipped.
+                moved = _records_by_key(lines) if moved is None else moved
+                record = moved.get(key)
+                if record is None:
+                    continue
             posts.append(_Post(row["user_id"], row["post_id"], row["category"], row["niche"],
                                frozenset(hashtag_set(record["hashtags"]))))
     return posts
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _records_by_key(lines: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(user, post): record} of the JSON lines that are records (the first of a repeat)."""
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in filter(None, map(_record, lines)):
+        key = (record.get("user_id"), record.get("post_id"))
+        if all(isinstance(part, str) for part in key):  # broken records hold other types
+            records.setdefault(key, record)
+    return records
 
 
 def _count(posts: Iterable[_Post]) -> Counter[str]:

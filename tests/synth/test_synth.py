@@ -452,3 +452,23 @@ def test_niche_ceiling_tops_another_post_and_the_category_mode(tmp_path):
     assert by_posts["user_category_mode"]["f1"] > by_posts["another_post"]["f1"] + 0.02, by_posts
     with pytest.raises(ValueError, match="by_users or by_posts"):
         reference_scores(str(tmp_path), split="by_images")
+
+
+def test_the_truth_still_reads_an_archive_whose_newest_posts_were_held_back(tmp_path):
+    """The demo moves the newest posts out of the posts files (hold_back_newest) and leaves
+    the truth tables as written: the truth's line numbers then point past moved lines, so
+    its posts are found by their ids, and the held-back ones are no longer the archive's."""
+    from csmn.synth import hold_back_newest
+    from csmn.synth.truth import _clean_posts
+
+    archive = tmp_path / "archive"
+    write_archive(small_config(archive, users=6, write_images=False, broken_record_rate=0.1,
+                               posts_per_shard=25))
+    before = {(p.user_id, p.post_id): p for p in _clean_posts(str(archive))}
+    later = str(tmp_path / "later.jsonl")
+    assert hold_back_newest(str(archive), later, 0.3)
+    held = {(r["user_id"], r["post_id"]) for r in map(json.loads, open(later))
+            if isinstance(r.get("user_id"), str) and isinstance(r.get("post_id"), str)}
+    after = {(p.user_id, p.post_id): p for p in _clean_posts(str(archive))}
+    assert held & set(before) and set(after) == set(before) - held
+    assert all(after[key] == before[key] for key in after)  # each with its own tags
