@@ -207,6 +207,26 @@ def content_digest(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def features_identity(root: str, layer: str) -> dict:
+    """What makes the features of ``layer`` what they are: the weights and preprocessing
+    recorded by the extractor and the part files. The manifest's digest does not cover them
+    (features are extracted after preprocessing, and again with other weights)."""
+    meta_uri = features_meta_uri(root, layer)
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    parts = storage.list_files(features_dir(root, layer), ".parquet")
+    return {**{k: meta.get(k) for k in ("weights", "preprocess", "precision", "status")},
+            "parts": sorted(p.rsplit("/", 1)[-1] for p in parts)}
+
+
+def features_digest(root: str, layer: str) -> str:
+    """A short digest of :func:`features_identity`."""
+    import hashlib
+    import json
+
+    text = json.dumps(features_identity(root, layer), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def write_manifest(root: str, manifest: dict) -> None:
     """Stamp ``manifest`` with its content digest and write it: the last write of a finished
     preprocessing, which every later stage checks for (csmn.data.completeness)."""

@@ -258,14 +258,8 @@ def _digest(fields: Any) -> str:
 
 
 def features_identity(data: str, layer: str) -> dict[str, Any]:
-    """What makes the features of ``layer`` what they are: the weights and preprocessing
-    recorded by the extractor and the part files. The manifest's digest does not cover them
-    (features are extracted after preprocessing, and again with other weights)."""
-    meta_uri = layout.features_meta_uri(data, layer)
-    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
-    parts = storage.list_files(layout.features_dir(data, layer), ".parquet")
-    return {**{k: meta.get(k) for k in ("weights", "preprocess", "precision", "status")},
-            "parts": sorted(p.rsplit("/", 1)[-1] for p in parts)}
+    """The features' identity of ``layer`` (:func:`csmn.data.layout.features_identity`)."""
+    return layout.features_identity(data, layer)
 
 
 def seeds_of(config: AblationConfig) -> list[int]:

@@ -444,6 +444,7 @@ def write_and_log(config: EvaluateConfig, built: dict[str, Any], scored: Scored)
     with tracking.evaluation_run(
         tracking.resolve_tracking_uri(config.data), model_uri=config.model, task=config.task,
         split=config.split, data_root=config.data, out=built["out"], decoding=config.decoding,
+        features_layer=(built.get("model") or {}).get("image_layer"),
     ) as run:
         # The report is an artifact: the store's address without its credentials.
         built["mlflow"] = {"run_id": run.run_id, "tracking_uri": redact_text(run.tracking_uri)}

@@ -65,7 +65,9 @@ class PromoteConfig:
     confidence: float = field(default=0.95, metadata={"help": "of the bootstrap interval"})
     resamples: int = field(default=10_000, metadata={"help": "bootstrap resamples"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
-    dry_run: bool = field(default=False, metadata={"help": "print the decision, change nothing"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "print the decision; no alias, tag or history is changed (an evaluation it "
+                "needs is still run and logged)"})
     rollback: bool = field(default=False, metadata={
         "help": "move champion back to the previous champion"})
     allow_random_features: bool = field(default=False, metadata={
@@ -125,7 +127,7 @@ def _predictions(config: PromoteConfig, client: Any, version: Any, digest: str,
                                 task=config.task, split=config.split, baselines="none")
     found = tracking.find_evaluation(resolve_tracking_uri(config.data), config.name,
                                      version.version, config.split, digest,
-                                     evaluation.decoding)
+                                     evaluation.decoding, data_root=config.data)
     if found is not None:
         log.info("%s v%s: reusing evaluation run %s", config.name, version.version, found.run_id)
         table = storage.read_parquet(

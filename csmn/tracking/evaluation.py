@@ -171,9 +171,11 @@ class EvaluationRun:
 
 @contextlib.contextmanager
 def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
-                   data_root: str, out: str, decoding: str) -> Iterator[EvaluationRun]:
+                   data_root: str, out: str, decoding: str,
+                   features_layer: str | None = None) -> Iterator[EvaluationRun]:
     """Create the evaluation run (see the module docstring) with its tags and inputs; it
-    ends FINISHED with the block, FAILED on any exception."""
+    ends FINISHED with the block, FAILED on any exception. ``features_layer``: the image
+    features the model read, whose identity is tagged (:func:`find_evaluation` checks it)."""
     client = MlflowClient(tracking_uri)
     source = model_source(model_uri, tracking_uri)
     if source.run_id:
@@ -186,7 +188,9 @@ def evaluation_run(tracking_uri: str, *, model_uri: str, task: str, split: str,
             "csmn.decoding": decoding}
     optional = {"csmn.model_run_id": source.run_id, "csmn.model_name": source.name,
                 "csmn.model_version": source.version, "csmn.model_id": source.model_id,
-                "csmn.data_digest": digest}
+                "csmn.data_digest": digest, "csmn.features_layer": features_layer,
+                "csmn.features_digest": (layout.features_digest(data_root, features_layer)
+                                         if features_layer else None)}
     tags.update({k: v for k, v in optional.items() if v})
     run_id = client.create_run(experiment_id, run_name=f"evaluate-{task}-{split}",
                                tags=redact_tags(tags)).info.run_id
@@ -242,11 +246,14 @@ class EvaluationRecord:
 
 
 def find_evaluation(tracking_uri: str, name: str, version: str | int, split: str,
-                    data_digest: str, decoding: str) -> EvaluationRecord | None:
+                    data_digest: str, decoding: str,
+                    data_root: str | None = None) -> EvaluationRecord | None:
     """The latest FINISHED evaluation of registered model ``name`` version ``version`` on
     ``split`` of the data root whose digest is ``data_digest``, decoded by the rules
     ``decoding`` (EvaluateConfig.decoding), or None. Searched in the experiment of the
-    version's training run first, then in every experiment."""
+    version's training run first, then in every experiment. With ``data_root``, only one
+    whose image features are still those of the root (features extracted again, with other
+    weights, leave the manifest's digest as it was) and that says which they were."""
     client = MlflowClient(tracking_uri)
     conditions = {"csmn.kind": EVALUATION_KIND, "csmn.model_name": name,
                   "csmn.model_version": str(version), "csmn.split": split,
@@ -261,8 +268,12 @@ def find_evaluation(tracking_uri: str, name: str, version: str | int, split: str
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             run = found[0]
-            return EvaluationRecord(run.info.run_id, dict(run.data.metrics),
-                                    dict(run.data.tags))
+            tags = dict(run.data.tags)
+            layer = tags.get("csmn.features_layer")
+            if data_root is not None and (not layer or tags.get("csmn.features_digest")
+                                          != layout.features_digest(data_root, layer)):
+                return None
+            return EvaluationRecord(run.info.run_id, dict(run.data.metrics), tags)
     return None
 
 

@@ -233,6 +233,22 @@ def test_registered_model_by_alias_and_cli(ray_session, data_root, tmp_path, mon
     found = find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
                             "test", digest, decoding)
     assert found.run_id == evaluation.info.run_id
+    # the features the model read are named too: the same root's are, another's are not
+    # (features extracted again with other weights leave the manifest's digest as it was)
+    from csmn.data import layout
+
+    assert evaluation.data.tags["csmn.features_layer"] == "pool5"
+    assert evaluation.data.tags["csmn.features_digest"] == layout.features_digest(
+        data_root, "pool5")
+    assert find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
+                           "test", digest, decoding, data_root=data_root).run_id == found.run_id
+    other = str(tmp_path / "re-extracted")
+    meta = storage.read_json(layout.features_meta_uri(data_root, "pool5"))
+    storage.write_json(layout.features_meta_uri(other, "pool5"),
+                       {**meta, "weights": {**(meta.get("weights") or {}),
+                                            "fingerprint": "other-weights"}})
+    assert find_evaluation(tracking_uri, "csmn-hashtag", info.registered_model_version,
+                           "test", digest, decoding, data_root=other) is None
     assert found.metrics["csmn/f1"] == evaluation.data.metrics["csmn/f1"]
     # every MLflow URI form reaches the same checkpoint
     for uri in (f"runs:/{run_id}/model", "models:/csmn-hashtag/1", info.model_uri):
