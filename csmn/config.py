@@ -77,24 +77,14 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 
 def build_config(cls: type[ConfigT], values: dict[str, Any] | None = None) -> ConfigT:
     """Instantiate ``cls`` from a mapping, rejecting unknown keys instead of ignoring them."""
-    values = dict(values or {})
-    types_by_name = _field_types(cls)
-    unknown = sorted(set(values) - set(types_by_name))
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(types_by_name))}"
-        )
-    # An empty YAML value (``storage:``, ``~``) leaves a field that cannot be None at its
-    # default: str(None) would make it the text "None" (a folder, a run name).
-    kwargs = {k: _coerce(v, types_by_name[k], k) for k, v in values.items()
-              if v is not None or _optional(types_by_name[k])}
-    return cls(**kwargs)
+    return cls(**coerce_values(cls, values or {}))
 
 
 def coerce_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` converted to the types of ``cls``'s fields (a nested config given as a
-    mapping, such as ``--model``), unknown keys refused as :func:`build_config` does."""
+    """``values`` converted to the types of ``cls``'s fields (also a nested config given as
+    a mapping, such as ``--model``), unknown keys refused instead of ignored. An empty YAML
+    value (``storage:``, ``~``) leaves a field that cannot be None at its default: str(None)
+    would make it the text "None" (a folder, a run name)."""
     types_by_name = _field_types(cls)
     unknown = sorted(set(values) - set(types_by_name))
     if unknown:
