@@ -199,11 +199,14 @@ VOLATILE_MANIFEST_FIELDS = ("created_at", "seconds", "digest")
 def content_digest(manifest: dict) -> str:
     """A digest of what the manifest says about the data (counts, splits, vocabularies,
     config), the same for two preprocessing runs of the same archive with the same config."""
+    return _digest({k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS})
+
+
+def _digest(value: object) -> str:
     import hashlib
     import json
 
-    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS}
-    text = json.dumps(stable, sort_keys=True, default=str)
+    text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -220,11 +223,7 @@ def features_identity(root: str, layer: str) -> dict:
 
 def features_digest(root: str, layer: str) -> str:
     """A short digest of :func:`features_identity`."""
-    import hashlib
-    import json
-
-    text = json.dumps(features_identity(root, layer), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return _digest(features_identity(root, layer))
 
 
 def write_manifest(root: str, manifest: dict) -> None:

@@ -48,7 +48,14 @@ from csmn.config import config_from_args, config_parser
 from csmn.core.tokens import BLOCK, LIKELY, REPEATS_HELP, STOP_HELP, task_rules
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
-from csmn.data.layout import BY_POSTS_TASK, LAYERS, POST, SPLIT_FAMILIES, canonical_task
+from csmn.data.layout import (
+    BY_POSTS_TASK,
+    LAYERS,
+    POST,
+    SPLIT_FAMILIES,
+    canonical_task,
+    features_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +264,6 @@ def _digest(fields: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def features_identity(data: str, layer: str) -> dict[str, Any]:
-    """The features' identity of ``layer`` (:func:`csmn.data.layout.features_identity`)."""
-    return layout.features_identity(data, layer)
-
-
 def seeds_of(config: AblationConfig) -> list[int]:
     return [config.seed + i for i in range(config.seeds)]
 
@@ -286,7 +288,8 @@ def variant_key(config: AblationConfig, variant: str, family: str, seed: int,
                 ) -> tuple[str, dict[str, Any]]:
     """(digest, the fields it is of) for one variant's result: its whole training config but
     paths and resources, the test split and decoding, the data root's manifest digest and
-    its features' identity (``features``: by layer, as :func:`features_identity` gives)."""
+    its features' identity (``features``: by layer, as :func:`csmn.data.layout.features_identity`
+    gives)."""
     from csmn.core.model import ModelConfig
 
     trained = dataclasses.asdict(train_config(config, variant, family, seed))
