@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -307,6 +309,26 @@ def _no_weights_message(spec: str, err: BaseException) -> str:
     )
 
 
+def _verified_hub_file(url: str) -> str:
+    """The SHA-256 of torch.hub's cached copy of ``url``, checked against the prefix the file
+    name carries (``resnet101-63fe2227.pth``): a copy placed in the cache by hand is only
+    used if it is the published file."""
+    name = os.path.basename(url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    sha256 = digest.hexdigest()
+    expected = re.search(r"-([a-f0-9]{8,})\.", name)
+    if expected and not sha256.startswith(expected.group(1)):
+        raise WeightsUnavailable(
+            f"{path} is not the published {name}: its SHA-256 starts {sha256[:8]}, not "
+            f"{expected.group(1)}. Delete it and download the file again, or pass --weights "
+            f"<path or s3:// URI>.")
+    return sha256
+
+
 def load_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     """The state_dict for ``spec`` (``imagenet[-v1|-v2]``, a path or a URI), with its info.
 
@@ -319,15 +341,21 @@ def load_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
         name = TORCHVISION_WEIGHTS[spec.lower()]
         weights = getattr(torchvision.models.ResNet101_Weights, name)
         try:
-            state_dict = weights.get_state_dict(progress=False, check_hash=True)
+            # weights_only: torch.hub's own default unpickles whatever sits in its cache, and
+            # it checks the hash only of a file it downloads, not of one already there.
+            state_dict = weights.get_state_dict(progress=False, check_hash=True,
+                                                weights_only=True)
         except Exception as err:  # urllib, ssl, socket and hash errors all mean "none here"
             raise WeightsUnavailable(_no_weights_message(spec.lower(), err)) from err
+        sha256 = _verified_hub_file(weights.url)
         info = WeightsInfo(
             spec=spec,
             source="torchvision",
             name=f"ResNet101_Weights.{name}",
             url=weights.url,
-            extra={"acc@1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]},
+            # Not in ``sha256``: the fingerprint of torchvision's weights stays their name.
+            extra={"acc@1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+                   "file_sha256": sha256},
         )
         return state_dict, info
     from csmn.data import storage

@@ -21,6 +21,7 @@ import re
 import stat
 from collections.abc import Sequence
 from functools import lru_cache
+from urllib.parse import unquote
 
 BAD_PATH = "bad_path"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
@@ -175,7 +176,10 @@ def resolve_image_path(
                                    "image roots")
             return f"{scheme}://{bucket}/{key}"
         if scheme == "file":
-            rest = raw[len("file://"):]
+            # A file URI is percent-encoded (RFC 8089; ``Path.as_uri()`` writes one so).
+            rest = unquote(raw[len("file://"):])
+            if "\x00" in rest:
+                raise PathRejected(f"{_shown(raw)} holds a NUL character")
             host, slash, _ = rest.partition("/")
             if host not in ("", "localhost") or not slash:
                 raise PathRejected(f"{_shown(raw)} names another host")

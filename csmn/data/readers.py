@@ -85,23 +85,36 @@ class ReadError(ValueError):
 # Layout and sources
 
 
+_POSTS_SUFFIXES = (".jsonl", ".parquet")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _archive_files(uri: str, suffix: str | tuple[str, ...] | None = None,
+                   recursive: bool = True) -> list[str]:
+    """An archive's files: hidden ones (``.``) left out, ``_`` kept (a user name may start
+    with it); a name that is not UTF-8 is a :class:`ReadError` that names it."""
+    try:
+        return storage.list_files(uri, suffix=suffix, recursive=recursive,
+                                  skip_prefixes=(".",))
+    except storage.UndecodableName as err:
+        raise ReadError(str(err)) from err
+
+
 def _json_files(archive_uri: str) -> list[str]:
-    files = storage.list_files(archive_uri, suffix=".json", recursive=False)
+    files = _archive_files(archive_uri, suffix=".json", recursive=False)
     json_dir = storage.join(archive_uri, "json")
     if storage.is_dir(json_dir):
-        files += storage.list_files(json_dir, suffix=".json", recursive=False)
+        files += _archive_files(json_dir, suffix=".json", recursive=False)
     return sorted(files)
 
 
 def _posts_files(archive_uri: str) -> list[str]:
     """posts/**.jsonl|parquet, and the same at the archive's top level (an export that holds
     one ``posts.jsonl`` beside its images is an archive too)."""
-    files = [uri for uri in storage.list_files(archive_uri, recursive=False)
-             if uri.endswith((".jsonl", ".parquet"))]
+    files = _archive_files(archive_uri, suffix=_POSTS_SUFFIXES, recursive=False)
     posts_dir = storage.join(archive_uri, "posts")
     if storage.is_dir(posts_dir):
-        files += [uri for uri in storage.list_files(posts_dir)
-                  if uri.endswith((".jsonl", ".parquet"))]
+        files += _archive_files(posts_dir, suffix=_POSTS_SUFFIXES)
     return sorted(files)
 
 
@@ -128,8 +141,8 @@ def _peek_json_layout(uri: str) -> str:
         return "yfcc" if match.group(1) == "[" else "instapic"
     try:
         data = _loads(storage.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ReadError(f"{uri}: not JSON ({err})") from err
+    except _JSON_ERRORS as err:
+        raise ReadError(f"{uri}: not JSON ({_json_error(err)})") from err
     if not isinstance(data, dict):
         raise ReadError(
             f"{uri}: not an InstaPIC ({{user: {{post: ...}}}}) or YFCC ({{user: [...]}}) JSON")
@@ -158,6 +171,8 @@ def detect_layout(archive_uri: str) -> str:
         return "parquet"
     problems = []
     for uri in _json_files(archive_uri):
+        if _links_out(uri, archive_uri):
+            continue
         try:
             return _peek_json_layout(uri)
         except ReadError as err:  # one broken file: the others may still tell
@@ -394,14 +409,18 @@ class _Batcher:
 
 
 def _iter_lines(uri: str, chunk_size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line bytes without the newline), streaming."""
+    """(1-based line number, line bytes without the newline), streaming; a UTF-8 byte-order
+    mark at the start of the file (as Windows tools write one) is not part of line 1."""
     number = 0
     rest = b""
     with storage.open_input(uri) as stream:
+        first = True
         while True:
             chunk = stream.read(chunk_size)
             if not chunk:
                 break
+            if first:
+                chunk, first = chunk.removeprefix(_UTF8_BOM), False
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             for line in lines:
@@ -437,6 +456,20 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _loads(data: str | bytes) -> Any:
     """``json.loads`` that keeps what duplicate keys would silently overwrite."""
     return json.loads(data, object_pairs_hook=_object_pairs)
+
+
+# What json.loads raises on bad input: JSONDecodeError for syntax, UnicodeDecodeError for
+# bytes that are not UTF-8, RecursionError for deep nesting, and a plain ValueError for an
+# integer of more digits than Python converts (4,300 by default).
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _json_error(err: BaseException) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err)
 
 
 def _pairs(obj: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -481,12 +514,10 @@ def _parse_jsonl(
         else:
             try:
                 record = _loads(text)
-            except (json.JSONDecodeError, RecursionError) as err:
+            except _JSON_ERRORS as err:
                 found = _POST_ID_IN_TEXT.search(text)
-                detail = (f"{err.msg} at column {err.colno}"
-                          if isinstance(err, json.JSONDecodeError) else "nested too deeply")
-                batcher.reject(f"bad_json: {detail}", found.group(1) if found else None,
-                               where, text)
+                batcher.reject(f"bad_json: {_json_error(err)}",
+                               found.group(1) if found else None, where, text)
             else:
                 _normalize_into(batcher, record, root, where, image_roots)
         if batcher.full():
@@ -612,8 +643,8 @@ def _load_json_file(source_uri: str, batcher: _Batcher) -> Any:
     """The file's JSON value, or ``_UNREADABLE`` (after its reject) when it has none."""
     try:
         return _loads(storage.read_bytes(source_uri))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        batcher.reject(f"bad_json: {err}", None, source_uri, None)
+    except _JSON_ERRORS as err:
+        batcher.reject(f"bad_json: {_json_error(err)}", None, source_uri, None)
     return _UNREADABLE
 
 
@@ -633,7 +664,9 @@ def _image_index(source_uri: str, archive_uri: str) -> tuple[str | None, dict[st
         # subfolder; above an archive's top-level JSON it is outside what the job was given.
         if _inside(folder, archive_uri) and storage.is_dir(folder):
             index: dict[str, str] = {}
-            for uri in storage.list_files(folder, recursive=False):
+            # A stray file whose name is not UTF-8 cannot be what a record names: skipped.
+            for uri in storage.list_files(folder, recursive=False, skip_prefixes=(".",),
+                                          undecodable="skip"):
                 name = uri.rstrip("/").rsplit("/", 1)[-1] if storage.is_s3(uri) \
                     else os.path.basename(uri)
                 index.setdefault(name, uri)
@@ -650,7 +683,9 @@ def _inside(folder: str, root: str) -> bool:
     """``folder`` lies below ``root`` (the source and the root are both local or both S3)."""
     if storage.is_s3(root):
         return folder.startswith(root.rstrip("/") + "/")
-    return os.path.abspath(folder).startswith(os.path.abspath(root).rstrip(os.sep) + os.sep)
+    # Real paths: an images/ folder that is a link to outside the archive is not its own.
+    real_root = os.path.realpath(_local_path(root))
+    return os.path.realpath(_local_path(folder)).startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _find_image(index: dict[str, str], names: list[str]) -> str | None:
@@ -888,6 +923,10 @@ def parse_source(
     ``image_roots`` (:func:`csmn.data.paths.resolve_image_path`); rejects have stage ``read``.
     """
     image_roots = tuple(image_roots)
+    outside = _links_out(source_uri, archive_uri)
+    if outside:
+        yield [], [reject_row(STAGE, outside, None, source_uri, None)]
+        return
     if source_uri.endswith(".jsonl"):
         root = _archive_root(archive_uri)
         yield from _guard(source_uri,
@@ -922,15 +961,36 @@ def _raise_if_transient(source_uri: str, err: BaseException) -> None:
             getattr(err, "errno", None), f"{source_uri}: {err}") from err
 
 
-def count_records(source_uri: str) -> int:
+def _links_out(source_uri: str, archive_uri: str) -> str | None:
+    """The reject reason of a local source in an archive folder that is, or lies in a folder
+    that is, a link to outside the archive; None for any other. Such a file is not read (nor
+    counted, nor peeked at for the layout): its lines would end up in reject rows."""
+    if storage.is_s3(source_uri) or not storage.is_dir(archive_uri):
+        return None
+    root = os.path.realpath(_local_path(archive_uri))
+    real = os.path.realpath(_local_path(source_uri))
+    if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return f"bad_path: {os.path.relpath(_local_path(source_uri), _local_path(archive_uri))} " \
+           "links outside the archive"
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def count_records(source_uri: str, archive_uri: str | None = None) -> int:
     """How many records ``source_uri`` holds, counted from the file and not from what the
     parser made of it, so that posts + rejects = this number proves nothing was lost.
 
     JSONL: the non-blank lines. Parquet: the row count of its footer. InstaPIC / YFCC JSON:
     the posts of each user entry (every occurrence of a repeated key), a user entry that is
     not an object / a list of posts counting one. A file that cannot be opened or parsed at
-    all counts one, as it is one ``bad_file`` / ``bad_json`` reject.
+    all counts one, as it is one ``bad_file`` / ``bad_json`` reject; so does a source that
+    links outside ``archive_uri`` (one ``bad_path`` reject, the file not opened).
     """
+    if archive_uri is not None and _links_out(source_uri, archive_uri):
+        return 1
     try:
         if source_uri.endswith(".jsonl"):
             return sum(1 for _, line in _iter_lines(source_uri) if line.strip())

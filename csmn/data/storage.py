@@ -193,9 +193,22 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
+class UndecodableName(ValueError):
+    """A local file whose name is not UTF-8: no URI can name it."""
+
+
 @_retried
-def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> list[str]:
-    """Files under ``uri`` (sorted URIs), skipping hidden temporaries of unfinished writes."""
+def list_files(uri: str, suffix: str | tuple[str, ...] | None = None, recursive: bool = True,
+               skip_prefixes: tuple[str, ...] = (".", "_"),
+               undecodable: str = "raise") -> list[str]:
+    """Files under ``uri`` (sorted URIs).
+
+    ``skip_prefixes``: names left out. The default skips hidden temporaries of unfinished
+    writes and the markers of the project's own outputs (``_meta.json``, ``_SUCCESS``);
+    an archive's own files may start with ``_`` (an Instagram name may), so the readers
+    skip only ``.``. ``undecodable``: what a local name that is not UTF-8 and ends with
+    ``suffix`` does, ``raise`` (:class:`UndecodableName`, naming them escaped) or ``skip``;
+    either way the names left out are logged."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -204,16 +217,46 @@ def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> l
         return [uri]
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     out = []
+    undecoded = 0
     for item in fs.get_file_info(selector):
         if item.type != pafs.FileType.File:
             continue
-        name = posixpath.basename(item.path)
-        if name.startswith((".", "_")):
+        try:
+            item_path = item.path
+        except UnicodeDecodeError:
+            undecoded += 1
+            continue
+        name = posixpath.basename(item_path)
+        if skip_prefixes and name.startswith(skip_prefixes):
             continue
         if suffix and not name.endswith(suffix):
             continue
-        out.append(_to_uri(uri, path, item.path))
+        out.append(_to_uri(uri, path, item_path))
+    if undecoded:
+        names = [name for name in _undecodable_names(path, recursive)
+                 if not suffix or name.endswith(suffix)]
+        if names and undecodable == "raise":
+            raise UndecodableName(
+                f"{uri}: {len(names)} file name(s) are not UTF-8 and cannot be read: "
+                f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; rename them")
+        log.warning("storage: left out %d file(s) under %s whose names are not UTF-8",
+                    undecoded, uri)
     return sorted(out)
+
+
+def _undecodable_names(path: str, recursive: bool) -> list[str]:
+    """Local names under ``path`` that are not UTF-8, relative and escaped (``caf\\xe9``)."""
+    found = []
+    for folder, _, files in os.walk(os.fsencode(path)):
+        for name in files:
+            full = os.path.relpath(os.path.join(folder, name), os.fsencode(path))
+            try:
+                full.decode("utf-8")
+            except UnicodeDecodeError:
+                found.append(full.decode("utf-8", "backslashreplace"))
+        if not recursive:
+            break
+    return sorted(found)
 
 
 def _to_uri(base_uri: str, base_path: str, item_path: str) -> str:

@@ -736,7 +736,7 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
 
     # Records in are counted from the files by tasks of their own: a count taken from the
     # parser's output could not see what the parser lost.
-    counting = [ray.remote(**TASK_RETRIES)(readers.count_records).remote(source)
+    counting = [ray.remote(**TASK_RETRIES)(readers.count_records).remote(source, config.archive)
                 for source in sources]
     planned = _planned_posts(config, champions, sources, committed_files, rejects_dir)
     tallies = _tallies(planned)

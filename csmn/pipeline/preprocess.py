@@ -650,7 +650,7 @@ class RayEngine:
         from csmn.pipeline.runtime import TASK_RETRIES
 
         count = self.ray.remote(**TASK_RETRIES)(count_records)
-        self._counts = [count.remote(source) for source in sources]
+        self._counts = [count.remote(source, archive) for source in sources]
 
         ds = self.ray.data.from_items([{"source": s} for s in sources],
                                       override_num_blocks=max(1, len(sources)))
@@ -739,7 +739,7 @@ class LocalEngine:
     def summarize_users(self, sources: list[str], archive: str, root: str) -> list[dict]:
         from csmn.data.readers import count_records
 
-        self._records_in = sum(count_records(source) for source in sources)
+        self._records_in = sum(count_records(source, archive) for source in sources)
         tables = [t for s in sources for t in source_features(
             s, archive, root, self.config.read_batch_size, self.config.max_non_english_fraction,
             self.config.image_roots)]

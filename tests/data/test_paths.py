@@ -15,6 +15,11 @@ def test_relative_paths_resolve_under_the_archive(tmp_path):
     assert resolve_image_path(root, "images/../images/a.jpg") == str(tmp_path / "images/a.jpg")
     assert resolve_image_path(root, str(tmp_path / "x.jpg")) == str(tmp_path / "x.jpg")
     assert resolve_image_path(root, f"file://{tmp_path}/x.jpg") == str(tmp_path / "x.jpg")
+    # A file URI is percent-encoded, as Path.as_uri() writes it.
+    spaced = tmp_path / "my photos ü" / "x.jpg"
+    assert resolve_image_path(root, spaced.as_uri()) == str(spaced)
+    assert resolve_image_path(root, f"file://{tmp_path}/a%2F..%2Fx.jpg") == str(
+        tmp_path / "x.jpg")
     assert resolve_image_path("s3://b/arch", "images/a.jpg") == "s3://b/arch/images/a.jpg"
     assert resolve_image_path("s3://b/arch", "s3://b/arch/x/../y.jpg") == "s3://b/arch/y.jpg"
 
@@ -22,7 +27,7 @@ def test_relative_paths_resolve_under_the_archive(tmp_path):
 @pytest.mark.parametrize("raw", [
     "../../etc/passwd", "images/../../x.jpg", "/etc/shadow", "file:///etc/passwd",
     "file://otherhost/x.jpg", "s3://other-bucket/x.jpg", "http://169.254.169.254/latest",
-    "gs://b/x.jpg", "", "   ", "a\x00b.jpg",
+    "gs://b/x.jpg", "", "   ", "a\x00b.jpg", "file:///tmp/%2E%2E/etc/passwd", "file:///x%00.jpg",
 ])
 def test_paths_leaving_the_archive_are_bad_path(tmp_path, raw):
     with pytest.raises(PathRejected) as caught:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,6 +285,77 @@ def test_instapic_images_are_never_read_from_beside_the_archive(tmp_path):
     posts, rejects = collect(str(archive))
     assert [p["image"] for p in posts] == [str(archive / "images" / "111_@_901")]
     assert rejects == []
+
+
+def test_an_images_folder_that_links_out_of_the_archive_is_not_its_own(tmp_path):
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "111_@_901").write_bytes(b"\xff\xd8 outside")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "images").symlink_to(tmp_path / "secret")
+    (archive / "insta-caption-train.json").write_text(
+        json.dumps({"111": {"901": {"caption": "a post", "tags": ["#a"]}}}))
+    posts, rejects = collect(str(archive))
+    assert posts == [] and codes(rejects) == Counter({"missing_image": 1})
+
+
+def test_a_source_that_links_out_of_the_archive_is_one_reject_and_never_read(tmp_path):
+    secret = tmp_path / "credentials"
+    secret.write_text("[default]\naws_secret_access_key = not-to-be-copied\n")
+    archive = tmp_path / "archive"
+    (archive / "posts").mkdir(parents=True)
+    (archive / "posts" / "part-0.jsonl").write_text(json.dumps(GOOD_LINES[0]) + "\n")
+    (archive / "posts" / "part-1.jsonl").symlink_to(secret)
+    (archive / "linked").symlink_to(tmp_path, target_is_directory=True)
+    posts, rejects = [], []
+    for source in readers.list_sources(str(archive)):
+        seen = 0
+        for batch_posts, batch_rejects in readers.parse_source(source, str(archive)):
+            posts += batch_posts
+            rejects += batch_rejects
+            seen += len(batch_posts) + len(batch_rejects)
+        assert seen == readers.count_records(source, str(archive)), source
+    assert [p["post_id"] for p in posts] == ["p1"]
+    assert [r["reason"] for r in rejects] == [
+        "bad_path: posts/part-1.jsonl links outside the archive"]
+    assert rejects[0]["payload"] is None and "not-to-be-copied" not in repr(rejects)
+
+
+def test_names_that_start_with_an_underscore_are_read_and_hidden_files_are_not(tmp_path):
+    archive = tmp_path / "archive"
+    (archive / "images").mkdir(parents=True)
+    (archive / "images" / "_jane_@_101").write_bytes(b"\xff\xd8")
+    (archive / "images" / ".DS_Store").write_bytes(b"junk")
+    (archive / "images" / os.fsdecode(b"stray-\xe9.jpg")).write_bytes(b"\xff\xd8")
+    (archive / "insta-caption-train.json").write_text(
+        json.dumps({"_jane": {"101": {"caption": "a post", "tags": ["#a"]}}}))
+    posts, rejects = collect(str(archive))
+    assert [p["image"] for p in posts] == [str(archive / "images" / "_jane_@_101")]
+    assert rejects == []
+    jsonl = tmp_path / "jsonl"
+    (jsonl / "posts").mkdir(parents=True)
+    (jsonl / "posts" / "_2019.jsonl").write_text(json.dumps(GOOD_LINES[0]) + "\n")
+    (jsonl / "posts" / ".part-1.jsonl.0a1b.tmp").write_text("unfinished")
+    assert readers.list_sources(str(jsonl)) == [str(jsonl / "posts" / "_2019.jsonl")]
+
+
+def test_a_posts_file_whose_name_is_not_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "posts").mkdir()
+    (tmp_path / "posts" / "ok.jsonl").write_text(json.dumps(GOOD_LINES[0]) + "\n")
+    (tmp_path / "posts" / os.fsdecode(b"caf\xe9.jsonl")).write_text("{}\n")
+    with pytest.raises(readers.ReadError, match=r"not UTF-8.*caf\\xe9\.jsonl"):
+        readers.list_sources(str(tmp_path))
+
+
+def test_a_byte_order_mark_and_huge_integers(tmp_path):
+    lines = [json.dumps(GOOD_LINES[0]).encode(),
+             json.dumps(GOOD_LINES[1]).replace('"caption"', '"likes": 9, "caption"').encode()
+             .replace(b'"likes": 9', b'"likes": ' + b"9" * 5000)]
+    (tmp_path / "posts.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    posts, rejects = collect(str(tmp_path))
+    assert [p["post_id"] for p in posts] == ["p1"]
+    assert [reason_code(r["reason"]) for r in rejects] == ["bad_json"]
+    assert "4300" in rejects[0]["reason"] and rejects[0]["record_id"] == "p2"
 
 
 @pytest.mark.parametrize("first", [None, "a string", [], 5])

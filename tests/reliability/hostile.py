@@ -27,7 +27,7 @@ OVERRIDES = {"min_posts_per_user": 4, "max_posts_per_user": 50, "max_flagged_pos
              "context_size": 10, "post_vocab_size": 500, "hashtag_vocab_size": 500}
 # Good users, hostile names among them: ids are data, never paths or markup.
 GOOD_USERS = ["alice", "bob", "../../../escape", "<script>alert(1)</script>", "u\u00e9\U0001f600",
-              "1"]
+              "1", "_underscore"]
 
 
 @dataclass
@@ -97,6 +97,9 @@ JSONL_KINDS: list[tuple[str, str, Any]] = [
     ("invalid_utf8", "bad_encoding",
      lambda k, i: b'{"user_id": "x", "post_id": "' + str(i).encode() + b'", "caption": "\xff"}'),
     ("deep_nesting", "bad_json", lambda k, i: b"[" * 100_000 + b"]" * 100_000),
+    # More digits than Python converts to an int: a plain ValueError, not a JSONDecodeError.
+    ("huge_integer", "bad_json",
+     lambda k, i: _with(k, i, likes="X").replace(b'"X"', b"9" * 5000)),
     ("a_list", "not_an_object", lambda k, i: b'["user_id", "post_id"]'),
     ("null_record", "not_an_object", lambda k, i: b"null"),
     ("a_number", "not_an_object", lambda k, i: b"12345"),
@@ -185,8 +188,15 @@ def write_posts_archive(root: Path, copies: int) -> Archive:
 
     rest = good[len(good) // 2:]
     top = rest[: len(rest) // 3]
-    (root / "posts.jsonl").write_bytes(b"\n".join(_line(p) for p in top))
+    # A byte-order mark before the first record, as Windows tools write one.
+    (root / "posts.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(
+        _line(p) for p in top[: len(top) // 2]))
+    # "_" starts many real names: only hidden (".") files are left out.
+    (root / "posts" / "_export.jsonl").write_bytes(b"\n".join(_line(p) for p in top[len(top) // 2:]))
     archive.records_in += len(top)
+    # A posts file that is a link to a file outside the archive: not read, one reject.
+    os.symlink("/etc/passwd", root / "posts" / "linked.jsonl")
+    archive.bad("source_links_out", "bad_path")
     _write_parquet(archive, root / "posts" / "part-1.parquet", rest[len(rest) // 3:], copies)
     (root / "posts" / "not-parquet.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     archive.bad("not_parquet", "bad_file")
@@ -338,4 +348,9 @@ def write_authors_archive(root: Path, copies: int) -> Archive:
     (root / "json" / "yfcc.json").write_text(_object(yfcc_users), encoding="utf-8")
     (root / "json" / "broken.json").write_text('{"u": {"p": {"caption": "cut', encoding="utf-8")
     archive.bad("truncated_json_file", "bad_json")
+    (root / "json" / "huge-number.json").write_text(
+        '{"u": {"p": {"caption": "a", "likes": ' + "9" * 5000 + "}}}", encoding="utf-8")
+    archive.bad("huge_integer_json_file", "bad_json")
+    # A stray file whose name is not UTF-8 beside the images: no record can name it.
+    (images / os.fsdecode(b"stray-\xe9.jpg")).write_bytes(b"jpeg")
     return archive

@@ -31,7 +31,7 @@ def read_everything(root: Path) -> tuple[list[dict], list[dict], int]:
     source by source: each source balances on its own."""
     posts, rejects, records_in = [], [], 0
     for source in readers.list_sources(str(root)):
-        counted = readers.count_records(source)
+        counted = readers.count_records(source, str(root))
         seen = 0
         for batch_posts, batch_rejects in readers.parse_source(source, str(root), 200):
             posts += batch_posts

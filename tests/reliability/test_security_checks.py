@@ -51,11 +51,14 @@ def test_every_checkpoint_load_is_weights_only_and_nothing_is_unpickled():
             assert not name.endswith(("pickle.load", "pickle.loads", "cloudpickle.load",
                                       "cloudpickle.loads", "yaml.load", "yaml.unsafe_load",
                                       "joblib.load", "numpy.load", "np.load")), (path, name)
-            if name == "torch.load":
+            # torch.hub's loaders (and torchvision's get_state_dict over them) default to
+            # weights_only=False.
+            if name == "torch.load" or name.endswith(("get_state_dict",
+                                                      "load_state_dict_from_url")):
                 flags = {k.arg: ast.unparse(k.value) for k in call.keywords}
                 assert flags.get("weights_only") == "True", (path, call.lineno)
                 loads.append(f"{path.name}:{call.lineno}")
-    assert len(loads) >= 2, loads  # the checkpoint and the ResNet state_dict
+    assert len(loads) >= 3, loads  # the checkpoint, a ResNet state_dict, torchvision's
 
 
 class _Payload:
@@ -86,6 +89,28 @@ def test_a_malicious_pickle_is_refused_as_a_checkpoint_and_as_weights(tmp_path):
     time.sleep(0.1)
     assert not marker.exists(), "the pickle ran"
     reliability_tally.bad_kinds(["pickle:checkpoint", "pickle:weights"])
+
+
+def test_a_planted_torch_hub_cache_file_is_neither_unpickled_nor_used(tmp_path, monkeypatch):
+    """torch.hub reads a file already in its cache without checking its hash, and unpickles
+    it by default: --weights imagenet must do neither."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    url = torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url
+    cached = tmp_path / "hub" / "hub" / "checkpoints" / os.path.basename(url)
+    cached.parent.mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # so that TORCH_HOME decides
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), cached)
+    with pytest.raises(WeightsUnavailable):
+        load_trunk("imagenet-v2", 0)
+    time.sleep(0.1)
+    assert not marker.exists(), "the pickle ran"
+    # A loadable state_dict that is not the published file is refused by its hash.
+    torch.save({"conv1.weight": torch.zeros(1)}, cached)
+    with pytest.raises(WeightsUnavailable, match="not the published"):
+        load_trunk("imagenet-v2", 0)
 
 
 def test_the_demo_launcher_keeps_token_auth_and_binds_127_0_0_1(tmp_path, monkeypatch):
