@@ -7,9 +7,12 @@ predicted and the ground-truth hashtag sets of each post, averaged over posts.
 Emoji: the PTB tokenizer silently drops characters it cannot tokenize, emoji among them, so a
 prediction that differs from its reference only in an emoji would score as an exact match. The
 authors wrote each emoji as its escape text (``\\U0001f60d``) before scoring; so do we, in the
-references and in the predictions alike. PTB then splits the escape into ``\\`` and
-``u0001f60d``; we glue the two back into one token (``merge_emoji_escapes``), otherwise every
-emoji would add a spurious ``\\`` unigram that matches any other emoji.
+references and in the predictions alike, with two changes that keep an emoji one token in
+every scorer: the backslashes are left out (PTB splits them off, and METEOR's normalizer splits
+them off again, so that every emoji matched every other on a ``\\`` token), and an emoji of
+several code points (``❤️``, a ZWJ family, a flag) is one token of all of them, as
+preprocessing keeps it (``csmn.text.normalize.EMOJI_PATTERN``), so that a shared variation
+selector or joiner is no match between two emoji.
 
 CIDEr takes its document frequencies from the evaluated set itself: CIDEr of one post, or of
 one user's few posts, is meaningless. CIDEr is therefore reported for a whole split only, never
@@ -27,33 +30,28 @@ from typing import Any
 import numpy as np
 
 from csmn.core.tokens import MARKERS, POST_NO_REPEAT_NGRAM
+from csmn.text.normalize import EMOJI_PATTERN, canonical_emoji
 
-# "\ u0001f60d" as the PTB tokenizer writes an escaped emoji (lowercased, backslash split off).
-_SPLIT_ESCAPE = re.compile(r"\\ (u[0-9a-f]{4}(?:[0-9a-f]{4})?)\b")
 _METEOR_SEPARATOR = "|||"
 
 
+def _escaped(chars: str) -> str:
+    return "".join(f"u{ord(c):04x}" if ord(c) <= 0xFFFF else f"u{ord(c):08x}" for c in chars)
+
+
+def _escaped_emoji(match: re.Match[str]) -> str:
+    return f" {_escaped(canonical_emoji(match.group(0)))} "
+
+
 def escape_emoji(text: str) -> str:
-    """Write every non-ASCII character as its Python escape text (``😍`` -> ``\\U0001f60d``).
-
-    Preprocessing keeps no unicode but emoji, so this escapes the emoji (with their variation
-    selectors and zero-width joiners); newlines become spaces (one line per post for Java).
-    """
-    out = []
-    for char in text:
-        code = ord(char)
-        if code < 128:
-            out.append(" " if char in "\r\n" else char)
-        elif code <= 0xFFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return "".join(out)
-
-
-def merge_emoji_escapes(tokenized: str) -> str:
-    """Join PTB's ``\\ u0001f60d`` back into the single token ``\\u0001f60d``."""
-    return _SPLIT_ESCAPE.sub(r"\\\1", tokenized)
+    """``text`` in ASCII for the Java scorers: each emoji one token of its code points' escape
+    text without backslashes (``😍`` -> ``u0001f60d``, ``❤️`` -> ``u2764``, ``👨‍👩‍👧`` ->
+    ``u0001f468u200du0001f469u200du0001f467``); any other non-ASCII character escaped in
+    place; newlines become spaces (one line per post for Java)."""
+    text = EMOJI_PATTERN.sub(_escaped_emoji, text.replace("\r", " ").replace("\n", " "))
+    if text.isascii():
+        return text
+    return "".join(c if c.isascii() else _escaped(c) for c in text)
 
 
 def prediction_tokens(prediction: str | Sequence[str]) -> list[str]:
@@ -97,7 +95,7 @@ class CocoScorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def tokenize(self, texts: Sequence[str], merge_escapes: bool = True) -> list[str]:
+    def tokenize(self, texts: Sequence[str]) -> list[str]:
         """Emoji-escape then PTB-tokenize every text in ONE Java call; the order is kept."""
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -105,12 +103,9 @@ class CocoScorer:
         tokenized = PTBTokenizer().tokenize(captions)
         if len(tokenized) != len(texts):
             raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} of {len(texts)} lines")
-        out = [tokenized[i][0] for i in range(len(texts))]
-        return [merge_emoji_escapes(t) for t in out] if merge_escapes else out
+        return [tokenized[i][0] for i in range(len(texts))]
 
-    def score(
-        self, references: Sequence[str], predictions: Sequence[str], merge_escapes: bool = True
-    ) -> PostScores:
+    def score(self, references: Sequence[str], predictions: Sequence[str]) -> PostScores:
         """All post metrics of one split; one tokenizer and one METEOR request for all posts."""
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -122,9 +117,7 @@ class CocoScorer:
             raise ValueError("no posts to score")
         n = len(references)
         tokenized = self.tokenize(
-            [*references, *[" ".join(prediction_tokens(p)) for p in predictions]],
-            merge_escapes=merge_escapes,
-        )
+            [*references, *[" ".join(prediction_tokens(p)) for p in predictions]])
         gts = {i: [tokenized[i].replace(_METEOR_SEPARATOR, " ")] for i in range(n)}
         res = {i: [tokenized[n + i].replace(_METEOR_SEPARATOR, " ")] for i in range(n)}
         bleu, bleu_per_post = Bleu(4).compute_score(gts, res, verbose=0)

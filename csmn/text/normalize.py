@@ -122,6 +122,14 @@ def has_url(text: str) -> bool:
     return next(find_urls(text or ""), None) is not None
 
 
+def canonical_emoji(emoji: str) -> str:
+    """An emoji as one token: a lone presentation selector only picks emoji or text style, so
+    it is dropped (❤ and ❤️ are one token); inside sequences (ZWJ, keycaps) it stays."""
+    if len(emoji) == 2 and emoji[1] in _VARIATION:
+        return emoji[0]
+    return emoji
+
+
 def is_emoji(token: str) -> bool:
     return bool(token) and EMOJI_PATTERN.fullmatch(token) is not None
 
@@ -170,12 +178,7 @@ def tokenize(text: str | None) -> list[str]:
     position = 0
     for match in EMOJI_PATTERN.finditer(text):
         tokens.extend(_normalize_plain(text[position : match.start()]))
-        # A lone presentation selector only picks emoji or text style: drop it so that ❤ and
-        # ❤️ are one token. Inside sequences (ZWJ, keycaps) it stays part of the token.
-        emoji = match.group(0)
-        if len(emoji) == 2 and emoji[1] in _VARIATION:
-            emoji = emoji[0]
-        tokens.append(emoji)
+        tokens.append(canonical_emoji(match.group(0)))
         position = match.end()
     tokens.extend(_normalize_plain(text[position:]))
     return tokens

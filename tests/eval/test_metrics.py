@@ -12,7 +12,6 @@ from csmn.eval.metrics import (
     context_share,
     escape_emoji,
     hashtag_prf,
-    merge_emoji_escapes,
     per_user_metrics,
     repeated_phrase_share,
     score_hashtags,
@@ -90,9 +89,10 @@ def test_token_lists_and_markers_score_like_strings(scorer):
 
 
 def test_emoji_escaped_and_counted(scorer):
-    assert escape_emoji("so good 😍") == "so good \\U0001f60d"
-    assert escape_emoji("☕️") == "\\u2615\\ufe0f"
-    assert merge_emoji_escapes("so good \\ u0001f60d \\ u2615") == "so good \\u0001f60d \\u2615"
+    assert escape_emoji("so good 😍").split() == ["so", "good", "u0001f60d"]
+    assert escape_emoji("☕️").split() == ["u2615"]  # as preprocessing, ☕️ is ☕
+    assert escape_emoji("👨‍👩‍👧 fam😂").split() == [
+        "u0001f468u200du0001f469u200du0001f467", "fam", "u0001f602"]
 
     references = ["sunset at the beach 😍 with you", "coffee first ☕️ always"]
     exact = scorer.score(references, references)
@@ -100,7 +100,7 @@ def test_emoji_escaped_and_counted(scorer):
         references, ["sunset at the beach 😂 with you", "coffee first ☕️ always"]
     )
     no_emoji = scorer.score(references, ["sunset at the beach with you", "coffee first ☕️ always"])
-    assert exact.references_tokenized[0] == "sunset at the beach \\u0001f60d with you"
+    assert exact.references_tokenized[0] == "sunset at the beach u0001f60d with you"
     for metric in ("bleu_1", "bleu_4", "meteor", "rouge_l"):
         exact_value = getattr(exact, metric)
         assert getattr(other_emoji, metric) < exact_value, metric
@@ -114,6 +114,23 @@ def test_emoji_escaped_and_counted(scorer):
     )
     raw_bleu, _ = Bleu(4).compute_score({0: raw[0]}, {0: raw[1]}, verbose=0)
     assert raw_bleu[3] > 0.99
+
+
+@pytest.mark.parametrize(("reference", "wrong_emoji"), [
+    ("i love it 😍", "i love it 🎉"),
+    ("so happy ❤️ today", "so happy ☀️ today"),  # emoji + variation selector
+    ("the family 👨‍👩‍👧 at home", "the family 👨‍👩‍👦 at home"),  # ZWJ sequences
+])
+def test_a_wrong_emoji_scores_as_a_wrong_word_in_every_metric(scorer, reference, wrong_emoji):
+    """One emoji, one token, in every scorer: no credit for a backslash, a variation selector
+    or a joiner that two different emoji share."""
+    emoji = next(t for t in wrong_emoji.split() if not t.isascii())
+    wrong_word = wrong_emoji.replace(emoji, "zebra")
+    by_emoji = scorer.score([reference], [wrong_emoji])
+    by_word = scorer.score([reference], [wrong_word])
+    for metric in ("bleu_1", "bleu_2", "bleu_4", "meteor", "rouge_l"):
+        assert getattr(by_emoji, metric) == pytest.approx(getattr(by_word, metric)), metric
+    assert scorer.score([reference], [reference]).meteor > by_emoji.meteor
 
 
 def test_score_posts_bad_input(scorer):
