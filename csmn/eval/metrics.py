@@ -21,7 +21,9 @@ per post or per user.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,32 @@ def escape_emoji(text: str) -> str:
     if text.isascii():
         return text
     return "".join(c if c.isascii() else _escaped(c) for c in text)
+
+
+def ptb_tokenize(lines: Sequence[str]) -> list[str]:
+    """pycocoevalcap's ``PTBTokenizer.tokenize`` (the same jar, flags and punctuation removed)
+    for one text per line, the lines given on the tokenizer's standard input. Theirs writes
+    every text to a temporary file inside the installed package, which a job must not write
+    to (and cannot, where site-packages is read-only), and leaves it there when Java fails."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    command = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+               "-lowerCase"]
+    if any("\n" in line or "\r" in line for line in lines):
+        raise ValueError("one line per text: a text holds a line break")
+    done = subprocess.run(command, input="\n".join(lines).encode(), capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the PTB tokenizer failed ({done.returncode}): "
+                           f"{done.stderr.decode(errors='replace')[-500:]}")
+    tokenized = done.stdout.decode().split("\n")
+    if len(tokenized) < len(lines):
+        raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} of {len(lines)} lines")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation)
+            for line in tokenized[:len(lines)]]
 
 
 def prediction_tokens(prediction: str | Sequence[str]) -> list[str]:
@@ -97,13 +125,7 @@ class CocoScorer:
 
     def tokenize(self, texts: Sequence[str]) -> list[str]:
         """Emoji-escape then PTB-tokenize every text in ONE Java call; the order is kept."""
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        captions = {i: [{"caption": escape_emoji(text)}] for i, text in enumerate(texts)}
-        tokenized = PTBTokenizer().tokenize(captions)
-        if len(tokenized) != len(texts):
-            raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} of {len(texts)} lines")
-        return [tokenized[i][0] for i in range(len(texts))]
+        return ptb_tokenize([escape_emoji(text) for text in texts])
 
     def score(self, references: Sequence[str], predictions: Sequence[str]) -> PostScores:
         """All post metrics of one split; one tokenizer and one METEOR request for all posts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from csmn.eval.metrics import (
     escape_emoji,
     hashtag_prf,
     per_user_metrics,
+    ptb_tokenize,
     repeated_phrase_share,
     score_hashtags,
     score_posts,
@@ -131,6 +133,21 @@ def test_a_wrong_emoji_scores_as_a_wrong_word_in_every_metric(scorer, reference,
     for metric in ("bleu_1", "bleu_2", "bleu_4", "meteor", "rouge_l"):
         assert getattr(by_emoji, metric) == pytest.approx(getattr(by_word, metric)), metric
     assert scorer.score([reference], [reference]).meteor > by_emoji.meteor
+
+
+def test_ptb_tokenize_is_pycocoevalcaps_and_writes_nothing_into_the_package():
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    texts = ["Hello, world!", "", "so good u0001f60d at the beach...", "  ",
+             "it's a dog's life -- isn't it?", 'U.S.A. (c) 2016 "me"', "x"]
+    package = Path(ptbtokenizer.__file__).parent
+    before = sorted(package.iterdir())
+    ours = ptb_tokenize(texts)
+    assert sorted(package.iterdir()) == before
+    theirs = ptbtokenizer.PTBTokenizer().tokenize(
+        {i: [{"caption": t}] for i, t in enumerate(texts)})
+    assert ours == [theirs[i][0] for i in range(len(texts))]
+    assert ours[0] == "hello world" and ours[1] == ""
 
 
 def test_score_posts_bad_input(scorer):

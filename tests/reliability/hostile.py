@@ -192,7 +192,8 @@ def write_posts_archive(root: Path, copies: int) -> Archive:
     (root / "posts.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(
         _line(p) for p in top[: len(top) // 2]))
     # "_" starts many real names: only hidden (".") files are left out.
-    (root / "posts" / "_export.jsonl").write_bytes(b"\n".join(_line(p) for p in top[len(top) // 2:]))
+    (root / "posts" / "_export.jsonl").write_bytes(
+        b"\n".join(_line(p) for p in top[len(top) // 2:]))
     archive.records_in += len(top)
     # A posts file that is a link to a file outside the archive: not read, one reject.
     os.symlink("/etc/passwd", root / "posts" / "linked.jsonl")
