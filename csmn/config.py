@@ -104,20 +104,64 @@ def load_config(
     yaml_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     section: str | None = None,
+    auto_section: str | None = None,
 ) -> ConfigT:
-    """Defaults <- YAML file (optionally one top-level ``section`` of it) <- overrides."""
-    values: dict[str, Any] = {}
-    if yaml_path:
-        from csmn.data.storage import read_text
+    """Defaults <- YAML file (optionally one top-level ``section`` of it; ``auto_section``:
+    that section where the file has it, else the whole file) <- overrides.
 
+    Every problem with what the user gave (the file missing or not YAML, a section it lacks,
+    an unknown field, a value of the wrong type or out of range) is a :class:`ConfigError`."""
+    try:
+        values: dict[str, Any] = {}
+        if yaml_path:
+            loaded = _read_yaml_mapping(yaml_path)
+            if section is None and isinstance(loaded.get(auto_section), dict):
+                section = auto_section
+            if section is not None:
+                loaded = _section_of(loaded, section, yaml_path)
+            values.update(loaded)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return build_config(cls, values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, yaml.YAMLError) as err:
+        raise ConfigError(' '.join(str(err).split())) from err
+
+
+class ConfigError(ValueError):
+    """What the user configured cannot run: the commands print it in one line and exit 2."""
+
+
+def _read_yaml_mapping(yaml_path: str | Path) -> dict[str, Any]:
+    from csmn.data.storage import read_text
+
+    try:
         loaded = yaml.safe_load(read_text(str(yaml_path))) or {}
-        if section is not None:
-            loaded = loaded.get(section, {}) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: expected a mapping of config fields")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_config(cls, values)
+    except FileNotFoundError as err:
+        raise ConfigError(f"no config file {yaml_path}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {yaml_path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{yaml_path} is not YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{yaml_path}: expected a mapping of config fields")
+    return loaded
+
+
+def _section_of(loaded: dict[str, Any], section: str, yaml_path: str | Path) -> dict[str, Any]:
+    """One section of a file of sections; a section it lacks, or fields beside the sections
+    (which would be dropped without a word), are refused."""
+    if section not in loaded:
+        raise ConfigError(f"{yaml_path} has no section {section!r} (its top-level keys: "
+                          f"{', '.join(map(str, loaded)) or 'none'})")
+    beside = sorted(str(k) for k, v in loaded.items() if not isinstance(v, dict))
+    if beside:
+        raise ConfigError(f"{yaml_path}: field(s) {', '.join(beside)} beside the section "
+                          f"{section!r} would be ignored; move them into a section")
+    chosen = loaded[section] or {}
+    if not isinstance(chosen, dict):
+        raise ConfigError(f"{yaml_path}: section {section!r} is not a mapping of fields")
+    return chosen
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -157,14 +201,14 @@ def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPa
 
 def config_from_args(
     cls: type[ConfigT], args: argparse.Namespace, yaml_path: str | None = None,
-    prefix: str = "", section: str | None = None,
+    prefix: str = "", section: str | None = None, auto_section: str | None = None,
 ) -> ConfigT:
     overrides = {
         f.name: getattr(args, prefix + f.name)
         for f in dataclasses.fields(cls)
         if getattr(args, prefix + f.name, None) is not None
     }
-    return load_config(cls, yaml_path, overrides, section=section)
+    return load_config(cls, yaml_path, overrides, section=section, auto_section=auto_section)
 
 
 def configs_from_args(classes: tuple[type, ...], args: argparse.Namespace,
@@ -172,26 +216,23 @@ def configs_from_args(classes: tuple[type, ...], args: argparse.Namespace,
     """One config per class from one command line and one YAML file whose keys may belong
     to any of them (each key to the first class with such a field; a key none has is
     refused, as :func:`build_config` refuses it)."""
-    from csmn.data.storage import read_text
-
-    loaded: dict[str, Any] = {}
-    if yaml_path:
-        loaded = yaml.safe_load(read_text(str(yaml_path))) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: expected a mapping of config fields")
+    loaded = _read_yaml_mapping(yaml_path) if yaml_path else {}
     names = [set(_field_types(cls)) for cls in classes]
     unknown = sorted(set(loaded) - set().union(*names))
     if unknown:
         known = sorted(set().union(*names))
-        raise ValueError(f"unknown {' / '.join(c.__name__ for c in classes)} field(s): "
-                         f"{', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"unknown {' / '.join(c.__name__ for c in classes)} field(s): "
+                          f"{', '.join(unknown)}; known: {', '.join(known)}")
     out = []
     for i, cls in enumerate(classes):
         values = {k: v for k, v in loaded.items()
                   if k in names[i] and not any(k in n for n in names[:i])}
         values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                        if getattr(args, f.name, None) is not None})
-        out.append(build_config(cls, values))
+        try:
+            out.append(build_config(cls, values))
+        except (ValueError, TypeError, yaml.YAMLError) as err:
+            raise ConfigError(' '.join(str(err).split())) from err
     return tuple(out)
 
 

@@ -78,3 +78,77 @@ def test_model_overrides_are_typed_as_the_model_config():
     assert config.model == {"use_user_context": False, "embed_dim": 16}
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         TrainConfig(data="d", model={"embed_size": 16})
+
+
+def test_a_section_the_file_lacks_or_fields_beside_sections_are_refused(tmp_path):
+    from csmn.config import ConfigError
+
+    sections = tmp_path / "pipeline.yaml"
+    sections.write_text("train:\n  epochs: 5\nextract:\n  layer: res5c\n")
+    with pytest.raises(ConfigError, match="no section 'extarct'"):
+        load_config(ExampleConfig, sections, section="extarct")
+    beside = tmp_path / "beside.yaml"
+    beside.write_text("epochs: 7\ntrain:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="epochs beside the section 'train'"):
+        load_config(ExampleConfig, beside, section="train")
+    # auto_section: the job's own section where the file has one, else the whole file.
+    assert load_config(ExampleConfig, sections, auto_section="train").epochs == 5
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("epochs: 7\n")
+    assert load_config(ExampleConfig, flat, auto_section="train").epochs == 7
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--config", "/no/such/config.yaml"], "no config file /no/such/config.yaml"),
+    (["generate", "--config", "{bad}"], "no config file"),
+    (["evaluate", "--config", "BAD_YAML"], "is not YAML"),
+    (["train", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--lr-decay-factor", "0"], "lr_decay_factor must be > 0"),
+    (["train", "--model", "{vocab_size: 100}"], "may not set vocab_size"),
+    (["train", "--model", "{a: [}"], "expected the node content"),
+    (["evaluate", "--beam-width", "0"], "beam_width must be >= 1"),
+    (["generate", "--precision", "fp8"], "precision must be auto, fp32, bf16 or fp16"),
+    (["generate", "--io-threads", "0"], "io_threads must be at least 1"),
+    (["extract-features", "--precision", "fp8", "--overwrite"], "precision must be"),
+    (["ablation", "--batch-size", "0"], "batch_size must be >= 1"),
+    (["demo", "--tasks", "foo"], "task must be one of"),
+    (["synth", "--config", "/no/such/config.yaml"], "no config file"),
+    (["preprocess", "--archive", "a", "--out", "b", "--max-test-share", "5"],
+     "max_test_share must be between 0 and 1"),
+])
+def test_a_configuration_that_cannot_run_is_one_line_and_exit_code_2(
+        argv, message, tmp_path, capsys):
+    """Before Ray starts or anything is read, deleted or logged: a scheduler can tell a
+    refusal (2) from a crash (1), and a person reads one line, not a traceback."""
+    from csmn import cli
+
+    argv = [a.replace("BAD_YAML", str(tmp_path / "bad.yaml")) for a in argv]
+    (tmp_path / "bad.yaml").write_text("epochs: [1,\n")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_train_config_takes_max_length_from_model_only_where_the_flags_agree():
+    from csmn.pipeline.train import TrainConfig
+
+    config = TrainConfig(model="{max_length: 12, context_size: 20, embed_dim: 16}")
+    assert (config.max_length, config.context_size, config.model) == (12, 20, {"embed_dim": 16})
+    with pytest.raises(ValueError, match="--max-length 10: give one"):
+        TrainConfig(max_length=10, model={"max_length": 12})
+    for bad in (dict(learning_rate=float("nan")), dict(adam_beta2=1.0), dict(val_split="tset"),
+                dict(cpus_per_worker=0), dict(shuffle_buffer=0), dict(adam_epsilon=0),
+                dict(model={"image_layer": "res5c"})):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
+def test_an_empty_model_in_the_nightly_config_turns_it_off(tmp_path):
+    from csmn.pipeline.generate import GenerateConfig
+
+    path = tmp_path / "nightly.yaml"
+    path.write_text("post_model:\nhashtag_model: models:/csmn-hashtag@champion\n")
+    config = load_config(GenerateConfig, path)
+    assert list(config.model_uris()) == ["hashtag"]
+    assert list(GenerateConfig(post_model="none").model_uris()) == ["hashtag"]
+    assert list(GenerateConfig().model_uris()) == ["hashtag", "post"]

@@ -320,6 +320,16 @@ DECODE_HELP = ("where images are decoded: auto (JPEGs in the model actors with n
                "actors, on their device, even a CPU)")
 
 
+# The spellings of --precision (csmn.core.image_features.resolve_precision maps them to dtypes).
+PRECISIONS = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "half")
+
+
+def check_precision(precision: str) -> None:
+    """Checked where the config is made, before a run deletes or starts anything."""
+    if precision.lower() not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
 def check_decode(decode: str) -> None:
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")

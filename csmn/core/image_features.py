@@ -49,6 +49,7 @@ from csmn.core.image_decode import (  # noqa: F401
     TORCHVISION_WEIGHTS,
     ImageRejected,
     PreprocessConfig,
+    check_precision,
     decode_image,
     decode_image_or_reason,
     load_image,
@@ -468,7 +469,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision in ("fp16", "float16", "half"):
         return torch.float16
     if precision != "auto":
-        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+        check_precision(precision)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None

@@ -122,7 +122,11 @@ def require_data_root(root: str, stage: str, layers: Iterable[str] = ()) -> dict
 
 
 def exit_code_2(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Wrap a command's ``main``: an incomplete root is a refusal (exit code 2), not a crash."""
+    """Wrap a command's ``main``: an incomplete root, or a configuration that cannot run
+    (:class:`csmn.config.ConfigError`: the config file, a field, a value), is one line and
+    exit code 2, as argparse answers a bad flag, not a traceback: a scheduler can tell a
+    refusal from a crash."""
+    from csmn.config import ConfigError
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -131,6 +135,9 @@ def exit_code_2(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]
                 return main(*args, **kwargs)
             except IncompleteRoot as err:
                 print(f"{prog}: refused: {err}", file=sys.stderr, flush=True)
+                return 2
+            except ConfigError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
                 return 2
 
         return wrapper

@@ -121,9 +121,9 @@ class AblationConfig:
     learning_rate: float = 0.001
     small: bool = field(default=True, metadata={
         "help": "small network (embed/memory/cnn sizes below); false: the paper's sizes"})
-    embed_dim: int = 64
-    memory_dim: int = 128
-    cnn_depth: int = 32
+    embed_dim: int = field(default=64, metadata={"help": "with --small (the default) only"})
+    memory_dim: int = field(default=128, metadata={"help": "with --small (the default) only"})
+    cnn_depth: int = field(default=32, metadata={"help": "with --small (the default) only"})
     model: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "more ModelConfig overrides, e.g. '{max_length: 16}'"})
     val_sample_size: int = field(default=1000, metadata={
@@ -176,6 +176,11 @@ class AblationConfig:
         if self.beam_width < 1:
             raise ValueError("beam_width must be >= 1")
         task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
+        # Each training's config is checked now, not after Ray started, res5c was extracted
+        # and the baselines ran.
+        for variant in self.variant_names:
+            for family in self.split_families:
+                train_config(self, variant, family, self.seed)
 
     @property
     def split_families(self) -> list[str]:

@@ -42,6 +42,7 @@ from csmn.config import (
     redact_text,
 )
 from csmn.data import layout, storage
+from csmn.data.completeness import exit_code_2
 from csmn.data.layout import (
     BY_POSTS_TASK,
     HASHTAG,
@@ -427,6 +428,7 @@ def _run_job(config: DemoConfig) -> dict[str, Any]:
     return result
 
 
+@exit_code_2("jobs/demo.py")
 def job_main(argv: list[str] | None = None) -> int:
     """The job's entry point (``jobs/demo.py``): the pipeline, on the cluster it runs in."""
     from csmn.pipeline.runtime import setup_logging
@@ -501,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_code_2("csmn demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One --config file may hold the launch's fields (in_process, head_cpus) beside the demo's.

@@ -70,7 +70,8 @@ class EvaluateConfig:
         default="",
         metadata={"help": "models:/name@alias | models:/name/version | runs:/... | checkpoint"},
     )
-    split: str = field(default="test", metadata={"help": "test | val | test_by_posts | ..."})
+    split: str = field(default="test", metadata={
+        "help": f"{' | '.join(EVALUATION_SPLITS)} (by posts: the hashtag task only)"})
     task: str = field(default="hashtag", metadata={"help": "hashtag | post (caption: post)"})
     baselines: str = field(
         default="1nn-im,1nn-usr,1nn-usrim", metadata={"help": "comma list, or 'none'"}
@@ -98,6 +99,13 @@ class EvaluateConfig:
         if is_by_posts(self.split) and self.task != BY_POSTS_TASK:
             raise ValueError("the split by posts exists for the hashtag task only")
         task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
+        # Here, not in the decoding actors, where a bad value comes back as an actor's death.
+        for name, least in (("batch_size", 1), ("actors", 1), ("beam_width", 1),
+                            ("report_examples", 0), ("report_users", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not self.cpus_per_actor > 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
 
     @property
     def decoding(self) -> str:

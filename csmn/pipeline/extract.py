@@ -56,6 +56,7 @@ from csmn.core.image_decode import (
     ImageRejected,
     PreprocessConfig,
     check_decode,
+    check_precision,
     decode_image_or_reason,
     decodes_in_actor,
     read_image_bytes,
@@ -107,7 +108,8 @@ class ExtractConfig:
                           "(--actors, at least 1) to join an autoscaling cluster"},
     )
     precision: str = field(
-        default="auto", metadata={"help": "auto (bf16/fp16 autocast on GPU, fp32 on CPU) | ..."}
+        default="auto", metadata={"help": "auto (bf16/fp16 autocast on GPU, fp32 on CPU) | "
+                                          "fp32 | bf16 | fp16"}
     )
     torch_threads: int = field(
         default=0, metadata={"help": "intra-op threads of a CPU actor; 0 = the node's cores"}
@@ -147,11 +149,20 @@ class ExtractConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         check_decode(self.decode)
+        # Before --overwrite deletes anything: a typo must not cost the features.
+        check_precision(self.precision)
         if self.gpu_wait_s < 0:
             raise ValueError("gpu_wait_s must be >= 0")
-        for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads"):
+        for name in ("batch_size", "decode_batch_size", "rows_per_part", "io_threads",
+                     "max_pixels", "max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("actors", "torch_threads", "resize_size", "crop_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("decode_cpus", "actor_memory_gb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def layers(self) -> tuple[str, ...]:

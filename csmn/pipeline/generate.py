@@ -60,8 +60,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from csmn.config import config_from_args, config_parser, config_to_dict
-from csmn.core.image_decode import DECODE_HELP, check_decode, decodes_in_actor
+from csmn.core.image_decode import (
+    DECODE_HELP,
+    check_decode,
+    check_precision,
+    decodes_in_actor,
+)
 from csmn.data import layout, lease, storage
+from csmn.data.completeness import exit_code_2
 from csmn.data.layout import HASHTAG, POST, REGISTERED_MODEL_NAMES, TASKS
 from csmn.data.rejects import parts_digest, reason_code, reject_row, write_reject_part
 from csmn.data.schemas import conform
@@ -109,12 +115,14 @@ class GenerateConfig:
     archive: str = field(default="", metadata={"help": "archive root (local or s3://), any "
                                                        "layout the readers accept"})
     out: str = field(default="", metadata={"help": "output root: predictions/ and rejects/"})
-    hashtag_model: str = field(default=f"models:/{REGISTERED_MODEL_NAMES[HASHTAG]}@champion",
-                               metadata={"help": "models:/ or runs:/ URI, a checkpoint "
-                                                 "folder, or none"})
-    post_model: str = field(default=f"models:/{REGISTERED_MODEL_NAMES[POST]}@champion",
-                            metadata={"help": "models:/ or runs:/ URI, a checkpoint folder, "
-                                              "or none"})
+    # str | None: an empty YAML value (post_model: ~) turns the model off, as "none" does,
+    # rather than leaving the default champion on.
+    hashtag_model: str | None = field(
+        default=f"models:/{REGISTERED_MODEL_NAMES[HASHTAG]}@champion",
+        metadata={"help": "models:/ or runs:/ URI, a checkpoint folder, or none"})
+    post_model: str | None = field(
+        default=f"models:/{REGISTERED_MODEL_NAMES[POST]}@champion",
+        metadata={"help": "models:/ or runs:/ URI, a checkpoint folder, or none"})
     tracking_uri: str = field(default="", metadata={
         "help": "MLflow tracking URI of the registry; empty: MLFLOW_TRACKING_URI"})
     since: str = field(default="auto", metadata={
@@ -160,10 +168,11 @@ class GenerateConfig:
                 raise ValueError(f"--run-date must be a date, YYYY-MM-DD, got "
                                  f"{self.run_date!r}") from err
         for name in ("feature_actors", "decode_actors", "batch_size", "feature_batch_size",
-                     "commit_every", "read_batch_size"):
+                     "commit_every", "read_batch_size", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         check_decode(self.decode)
+        check_precision(self.precision)
 
     def since_time(self) -> datetime | None:
         if self.since == "auto":
@@ -837,6 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(GenerateConfig, "csmn generate", __doc__.split("\n")[0])
 
 
+@exit_code_2("csmn generate")
 def main(argv: list[str] | None = None) -> int:
     from csmn.pipeline.runtime import quiet_ray_data, setup_logging
 

@@ -132,7 +132,8 @@ class PreprocessConfig:
                 "(0: the number of sources, at most 2 per cluster CPU)"})
     shuffle_strategy: str = field(default="sort_shuffle_pull_based", metadata={
         "help": "Ray Data shuffle of the groupby on users: sort_shuffle_pull_based (plain "
-                "tasks, starts fast) or shuffle_v2 (hash shuffle actors, for very large data)"})
+                "tasks, starts fast) | sort_shuffle_push_based | shuffle_v2 or hash_shuffle "
+                "(hash shuffle actors, for very large data)"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_user_fraction < 1.0:
@@ -149,6 +150,15 @@ class PreprocessConfig:
             raise ValueError("context_size must be positive")
         if self.shuffle_strategy not in SHUFFLE_STRATEGIES:
             raise ValueError(f"shuffle_strategy must be one of {', '.join(SHUFFLE_STRATEGIES)}")
+        for name in ("max_flagged_posts_fraction", "max_test_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ("test_posts", "read_batch_size", "users_per_batch", "min_posts_per_user"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("user_partitions", "max_flagged_posts_min"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def thresholds(self) -> FilterThresholds:
         names = {f.name for f in dataclasses.fields(FilterThresholds)}
@@ -1071,12 +1081,7 @@ def load_manifest(root: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- CLI
 def _load_config(args: argparse.Namespace) -> PreprocessConfig:
-    section = None
-    if args.config:
-        loaded = yaml.safe_load(storage.read_text(args.config)) or {}
-        if isinstance(loaded, dict) and isinstance(loaded.get("preprocess"), dict):
-            section = "preprocess"
-    return config_from_args(PreprocessConfig, args, args.config, section=section)
+    return config_from_args(PreprocessConfig, args, args.config, auto_section="preprocess")
 
 
 def build_parser() -> argparse.ArgumentParser:

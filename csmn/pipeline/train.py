@@ -63,7 +63,7 @@ from csmn.core.tokens import (
 )
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
-from csmn.data.layout import HASHTAG, POST, canonical_task
+from csmn.data.layout import HASHTAG, POST, SPLITS, canonical_task
 from csmn.eval.metrics import hashtag_prf
 from csmn.pipeline.train_data import (
     MATERIALIZE_MODES,
@@ -86,6 +86,7 @@ from csmn.text.vocab import Vocabulary, load_vocab
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = {HASHTAG: "val_f1", POST: "val_bleu1"}
+_MAX_LENGTH = ModelConfig.max_length  # 16: 15 words and _EOS (3.1)
 FAILURE_MARKER = "_csmn_injected_failure"
 
 
@@ -118,7 +119,7 @@ class TrainConfig:
         "help": "share of each training example's user-context words hidden at each step "
                 "(not in the paper, which has 0): a new user's context never holds the "
                 "words only one training user writes, so the model must not lean on any one"})
-    max_length: int = field(default=16, metadata={"help": "output tokens incl. _EOS"})
+    max_length: int = field(default=_MAX_LENGTH, metadata={"help": "output tokens incl. _EOS"})
     train_split: str = "train"
     val_split: str = "val"
     val_sample_size: int = field(default=1000, metadata={
@@ -172,6 +173,43 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         task_rules(self.task, self.repeats, self.stop)  # refuses an unknown rule now
+        # Checked here, not where a worker first uses them: after the MLflow run started, or
+        # epochs in (a decay factor of 0 divides by zero at the first decay).
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.lr_decay_factor) and self.lr_decay_factor > 0):
+            raise ValueError(f"lr_decay_factor must be > 0, got {self.lr_decay_factor}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0):
+            raise ValueError(f"grad_clip_norm must be >= 0 (0: off), got {self.grad_clip_norm}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        for name in ("train_split", "val_split"):
+            if getattr(self, name) not in SPLITS:
+                raise ValueError(f"{name} must be one of {', '.join(SPLITS)}, got "
+                                 f"{getattr(self, name)!r}")
+        # --model sets the network's sizes. The vocabulary's size is the data's (another would
+        # index past the output layer) and the image layer the variant's (R5C); max_length
+        # and context_size have flags of their own, which --model may only agree with.
+        fixed = sorted({"vocab_size", "image_layer"} & set(self.model))
+        if fixed:
+            raise ValueError(f"--model may not set {', '.join(fixed)}: the vocabulary's size "
+                             "is the data's, the image layer the variant's (R5C)")
+        for name, default in (("max_length", _MAX_LENGTH), ("context_size", None)):
+            if name in self.model:
+                value = self.model.pop(name)
+                if getattr(self, name) not in (default, value):
+                    raise ValueError(f"--model sets {name} {value}, --{name.replace('_', '-')} "
+                                     f"{getattr(self, name)}: give one")
+                setattr(self, name, value)
         if not 0.0 <= self.context_dropout < 1.0:
             raise ValueError(f"context_dropout must be in [0, 1), got {self.context_dropout}")
         if self.materialize not in MATERIALIZE_MODES:

@@ -174,16 +174,6 @@ def write_archive(config: SynthConfig) -> dict[str, Any]:
             "posts_per_second": round(posts / elapsed, 1) if elapsed > 0 else None}
 
 
-def _yaml_section(path: str | None) -> str | None:
-    """Use the ``synth:`` section of a multi-stage YAML file when it has one."""
-    if not path:
-        return None
-    import yaml
-
-    loaded = yaml.safe_load(storage.read_text(path)) or {}
-    return "synth" if isinstance(loaded, dict) and isinstance(loaded.get("synth"), dict) else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="csmn synth", description="Write a synthetic Instagram-like archive."
@@ -193,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = config_from_args(
-            SynthConfig, args, args.config, section=_yaml_section(args.config)
-        )
+        # The synth: section of a multi-stage YAML file, where it has one.
+        config = config_from_args(SynthConfig, args, args.config, auto_section="synth")
         summary = write_archive(config)
     except (ValueError, FileExistsError) as err:
         print(f"csmn synth: {err}", file=sys.stderr)
