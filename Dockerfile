@@ -20,3 +20,5 @@ RUN pip install --no-cache-dir -e .
 
 RUN useradd --create-home ray
 USER ray
+# The cluster launcher mounts ~/.ray/auth_token at the image's HOME: without it, /root.
+ENV HOME=/home/ray

@@ -182,6 +182,35 @@ def test_plain_kubernetes_objects_validate():
     assert container["image"] == f"csmn:{VERSION}"
 
 
+def test_every_service_account_the_pods_name_is_in_the_cluster_files():
+    """A pod that names a missing ServiceAccount is never created."""
+    defined = {d["metadata"]["name"] for _, d in _kubernetes_manifests()
+               if d["kind"] == "ServiceAccount"}
+    def names(node: object) -> set[str]:
+        if isinstance(node, dict):
+            own = {node["serviceAccountName"]} if "serviceAccountName" in node else set()
+            return own.union(*(names(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(names(v) for v in node))
+        return set()
+
+    named = set().union(*(names(d) for path in sorted((REPO / "cluster").glob("*.yaml"))
+                          for d in yaml.safe_load_all(path.read_text())))
+    assert named and named <= defined, (named, defined)
+
+
+def test_the_heads_that_listen_beyond_loopback_take_traffic_from_their_namespace_only():
+    """KubeRay's heads bind 0.0.0.0 (their Service needs it): a NetworkPolicy keeps other
+    namespaces' pods away from them (KubeRay labels every head pod ray.io/node-type: head)."""
+    wide = [path.name for path, d in _kuberay_manifests() for spec in _cluster_specs(d)
+            if spec["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host") != "127.0.0.1"]
+    assert wide
+    policy = next(d for _, d in _kubernetes_manifests() if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/node-type": "head"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+
+
 def test_kubernetes_validation_catches_a_misspelled_field():
     import kubernetes_validate
 

@@ -11,7 +11,7 @@ class SynthConfig:
     """What to generate. Rates are per post unless named ``*_users_rate`` (per user)."""
 
     out: str = field(default="", metadata={"help": "archive root: a local folder or s3://"})
-    users: int = field(default=100, metadata={"help": "number of users (~7,400 for 1.1M posts)"})
+    users: int = field(default=100, metadata={"help": "number of users (~5,800 for 1.1M posts)"})
     seed: int = field(default=0, metadata={"help": "same seed, byte-identical archive"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing archive"})
     posts_per_shard: int = field(default=10_000, metadata={"help": "lines per posts/ shard"})
