@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -81,9 +81,16 @@ def _check_nulls(table: pa.Table, schema: pa.Schema, name: str) -> None:
             raise SchemaError(f"{name}: column {field.name!r} has nulls but is not nullable")
 
 
-def validate(table: pa.Table, name: str) -> pa.Table:
-    """Check a table read back from storage: same columns and types, no forbidden nulls."""
+def validate(table: pa.Table, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Check a table read back from storage: same columns and types, no forbidden nulls.
+    ``columns``: only these of the schema's (a reader that reads some of them), in that
+    order."""
     schema = load_schema(name)
+    if columns is not None:
+        unknown = [c for c in columns if c not in schema.names]
+        if unknown:
+            raise SchemaError(f"{name}: no column(s) {unknown} in the schema")
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"{name}: missing column(s) {missing}")

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from csmn.data import layout
+from csmn.data.schemas import validate
 
 BASELINES = ("1nn-im", "1nn-usr", "1nn-usrim")
 # The paper matches users by the overlap of their 60 context words, whatever D the data was
@@ -287,9 +288,9 @@ def load_training_set(root: str, task: str, split: str = "train") -> NeighbourTr
     """
     from csmn.data import storage
 
-    examples = storage.read_parquet(
-        layout.examples_dir(root, task, split), columns=["user_id", "text", "image"]
-    )
+    columns = ["user_id", "text", "image"]
+    examples = validate(storage.read_parquet(layout.examples_dir(root, task, split),
+                                             columns=columns), "example", columns)
     known = features_by_image(root)
     images = examples.column("image").to_pylist()
     keep = [i for i, image in enumerate(images) if image in known]
@@ -299,7 +300,7 @@ def load_training_set(root: str, task: str, split: str = "train") -> NeighbourTr
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} is missing: the data root was preprocessed before "
                                 "the by-posts contexts existed; preprocess it again")
-    contexts = storage.read_parquet(uri)
+    contexts = validate(storage.read_parquet(uri), "user_context", ["user_id", "context_words"])
     user_contexts = dict(
         zip(
             contexts.column("user_id").to_pylist(),

@@ -53,6 +53,7 @@ from csmn.data.layout import (
     is_by_posts,
     train_split_of,
 )
+from csmn.data.schemas import validate
 
 log = logging.getLogger(__name__)
 
@@ -295,10 +296,7 @@ def load_examples(config: EvaluateConfig) -> pa.Table:
     if not storage.list_files(examples_dir, ".parquet"):
         raise FileNotFoundError(f"no examples at {examples_dir}: run preprocessing first")
     examples = storage.read_parquet(examples_dir, columns=EXAMPLE_COLUMNS).combine_chunks()
-    missing_columns = set(EXAMPLE_COLUMNS) - set(examples.column_names)
-    if missing_columns:
-        raise ValueError(f"{examples_dir}: missing columns {sorted(missing_columns)}")
-    return examples
+    return validate(examples, "example", EXAMPLE_COLUMNS)
 
 
 def _pinned(config: EvaluateConfig) -> EvaluateConfig:

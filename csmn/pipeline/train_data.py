@@ -45,6 +45,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from csmn.core.tokens import GO_ID, PAD_ID
 from csmn.data import layout, storage
+from csmn.data.schemas import validate
 
 if TYPE_CHECKING:
     import ray.data
@@ -97,7 +98,7 @@ def read_examples(root: str, task: str, split: str, limit: int | None = None,
     if not storage.list_files(uri, suffix=".parquet"):
         raise FileNotFoundError(f"no examples at {uri}: run preprocessing first")
     read = list(columns) if limit is None else list(dict.fromkeys([*columns, "post_id"]))
-    table = storage.read_parquet(uri, columns=read)
+    table = validate(storage.read_parquet(uri, columns=read), "example", read)
     if limit is not None:
         table = table.take(sample_rows(table.column("post_id").to_pylist(), limit, seed))
     return table.select(list(columns)).combine_chunks()

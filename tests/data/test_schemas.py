@@ -89,3 +89,30 @@ def test_reject_rows_round_trip_and_count_by_code(tmp_path):
     assert rejects.write_rejects(root, "read", []) is None
     long = rejects.reject_row("read", "too_long: x", payload="y" * 5000)
     assert len(long["payload"]) <= rejects.PAYLOAD_LIMIT + 1
+
+
+def test_examples_and_contexts_are_validated_when_read(tmp_path):
+    """A part another tool wrote with other types or nulls is refused where it is read, not
+    turned into a wrong training input (int64 ids, float contexts, null ids)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from csmn.data import layout
+    from csmn.data.schemas import SchemaError
+    from csmn.eval.baselines import load_training_set
+    from csmn.pipeline.train_data import read_examples
+
+    root = str(tmp_path)
+    folder = tmp_path / layout.examples_dir(root, "hashtag", "train")[len(root) + 1:]
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "user_id": ["u1", None], "post_id": [None, "p2"], "image": ["a.jpg", None],
+        "text": ["#a", "#b"], "token_ids": pa.array([[4, 2], [5, 2]], pa.list_(pa.int64())),
+        "context_ids": pa.array([[1.0], [2.0]], pa.list_(pa.float64())),
+        "context_words": [["#a"], ["#b"]]}), folder / "part-0.parquet")
+    with pytest.raises(SchemaError, match="token_ids|context_ids"):
+        read_examples(root, "hashtag", "train")
+    with pytest.raises(SchemaError, match="has nulls"):
+        read_examples(root, "hashtag", "train", columns=("image", "text"))
+    with pytest.raises(SchemaError, match="has nulls"):
+        load_training_set(root, "hashtag")
