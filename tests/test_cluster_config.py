@@ -200,7 +200,7 @@ def test_every_service_account_the_pods_name_is_in_the_cluster_files():
 
 
 def test_the_heads_that_listen_beyond_loopback_take_traffic_from_their_namespace_only():
-    """KubeRay's heads bind 0.0.0.0 (their Service needs it): a NetworkPolicy keeps other
+    """KubeRay's heads bind every address (their Service needs it): a NetworkPolicy keeps other
     namespaces' pods away from them (KubeRay labels every head pod ray.io/node-type: head)."""
     wide = [path.name for path, d in _kuberay_manifests() for spec in _cluster_specs(d)
             if spec["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host") != "127.0.0.1"]
