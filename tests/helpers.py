@@ -172,7 +172,7 @@ def write_tagged_root(root: str, train_posts: int = 320, val_posts: int = 64,
         write_examples(root, layout.HASHTAG, split, rows[split], parts=example_parts)
     missing = [image for image, _ in features[:missing_features]]
     write_features(root, features[missing_features:], parts=feature_parts)
-    finish_root(root)
+    finish_root(root, context_size=context_size)
     return TaggedArchive(root=root, vocab=vocab, rows=rows, features_missing=missing)
 
 

@@ -136,6 +136,10 @@ def test_train_config_takes_max_length_from_model_only_where_the_flags_agree():
     assert (config.max_length, config.context_size, config.model) == (12, 20, {"embed_dim": 16})
     with pytest.raises(ValueError, match="--max-length 10: give one"):
         TrainConfig(max_length=10, model={"max_length": 12})
+    with pytest.raises(ValueError, match="each with its own vocabulary"):
+        TrainConfig(train_split="train_by_posts")  # val_split left at val
+    assert TrainConfig(train_split="train_by_posts", val_split="val_by_posts").val_split == \
+        "val_by_posts"
     for bad in (dict(learning_rate=float("nan")), dict(adam_beta2=1.0), dict(val_split="tset"),
                 dict(cpus_per_worker=0), dict(shuffle_buffer=0), dict(adam_epsilon=0),
                 dict(model={"image_layer": "res5c"})):

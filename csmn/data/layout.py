@@ -91,6 +91,16 @@ def manifest_uri(root: str) -> str:
     return storage.join(root, MANIFEST_FILE)
 
 
+def manifest_context_size(root: str) -> int | None:
+    """D the data root's contexts were preprocessed with (None: no manifest, or none said)."""
+    uri = manifest_uri(root)
+    if not storage.exists(uri):
+        return None
+    manifest = storage.read_json(uri)
+    value = manifest.get("context_size") or (manifest.get("config") or {}).get("context_size")
+    return int(value) if value else None
+
+
 def examples_root(root: str) -> str:
     return storage.join(root, "examples")
 

@@ -402,14 +402,6 @@ def _run_baselines(config: AblationConfig, names: list[str], family: str, seed: 
         "finished_at": datetime.now(UTC).isoformat()} for n in names}
 
 
-def _context_size(data: str) -> int | None:
-    manifest_uri = layout.manifest_uri(data)
-    if not storage.exists(manifest_uri):
-        return None
-    manifest = storage.read_json(manifest_uri)
-    value = manifest.get("context_size") or (manifest.get("config") or {}).get("context_size")
-    return int(value) if value else None
-
 
 def _baseline_options(config: AblationConfig) -> list[str]:
     text = config.baselines.strip().lower()
@@ -545,7 +537,7 @@ def run_ablation(config: AblationConfig) -> dict[str, Any]:
         if skipped:
             notes.append(skipped)
             variants = [v for v in variants if "R5C" not in v]
-    data_context = _context_size(config.data)
+    data_context = layout.manifest_context_size(config.data)
     for variant in variants:
         wanted = ModelConfig.for_variant(variant, vocab_size=10).context_size
         if data_context is not None and wanted > data_context:

@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 import time
 from collections import Counter
@@ -47,7 +48,7 @@ from typing import Any, Self
 import torch
 
 from csmn.config import coerce_values, config_from_args, config_parser, redact
-from csmn.core.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from csmn.core.checkpoint import TRAIN_STATE_FILE, load_checkpoint, save_checkpoint, unwrap
 from csmn.core.model import CSMN, ModelConfig
 from csmn.core.tokens import (
     BLOCK,
@@ -63,7 +64,7 @@ from csmn.core.tokens import (
 )
 from csmn.data import layout, storage
 from csmn.data.completeness import exit_code_2, require_data_root
-from csmn.data.layout import HASHTAG, POST, SPLITS, canonical_task
+from csmn.data.layout import HASHTAG, POST, SPLITS, canonical_task, family_of
 from csmn.eval.metrics import hashtag_prf
 from csmn.pipeline.train_data import (
     MATERIALIZE_MODES,
@@ -196,6 +197,12 @@ class TrainConfig:
             if getattr(self, name) not in SPLITS:
                 raise ValueError(f"{name} must be one of {', '.join(SPLITS)}, got "
                                  f"{getattr(self, name)!r}")
+        # Each family has its own vocabulary (the hashtag task's by posts): the validation
+        # split's ids would name other words in the model's.
+        if family_of(self.train_split) != family_of(self.val_split):
+            raise ValueError(f"train_split {self.train_split} and val_split {self.val_split} "
+                             "are of two splits (by users, by posts), each with its own "
+                             "vocabulary: give both of one")
         # --model sets the network's sizes. The vocabulary's size is the data's (another would
         # index past the output layer) and the image layer the variant's (R5C); max_length
         # and context_size have flags of their own, which --model may only agree with.
@@ -791,6 +798,11 @@ def log_best_model(config: TrainConfig, result: Any, tracking_uri: str, run_id: 
         return LoggedModel()
     with tempfile.TemporaryDirectory() as directory:
         best.to_directory(directory)
+        # Adam's state is twice the model's size and only resuming reads it, from Ray
+        # Train's own checkpoints: the logged model (every download of @champion) leaves it.
+        train_state = os.path.join(directory, TRAIN_STATE_FILE)
+        if os.path.exists(train_state):
+            os.remove(train_state)
         best_metrics = load_checkpoint(directory).metrics
         tracking.log_metrics(tracking_uri, run_id,
                              {f"best_{k}": v for k, v in best_metrics.items()},
@@ -824,6 +836,14 @@ def train(config: TrainConfig) -> TrainSummary:
     train_ds, val_ds, data = training_datasets(config, model_config.image_layer)
     inputs = training_inputs(config.data, vocabulary, model_config.image_layer)
     provenance = features_provenance(config.data, model_config.image_layer)
+    data_context = layout.manifest_context_size(config.data)
+    if data_context is not None:
+        provenance["csmn.data_context_size"] = str(data_context)
+        if model_config.context_size > data_context:
+            log.warning("%s reads %d context words, the data root's contexts hold at most %d: "
+                        "%d slots stay empty (preprocess with --context-size %d to fill them)",
+                        config.variant, model_config.context_size, data_context,
+                        model_config.context_size - data_context, model_config.context_size)
     tracking_uri, run_id = _start_run(config, model_config, data, provenance)
     with tracking.finished_or_failed(tracking_uri, run_id):
         _check_cluster_fits(config)

@@ -233,6 +233,10 @@ MATERIALIZE_SHARE = 0.3
 # Bumped when the cached files change form: an older cache is then never read.
 JOIN_CACHE_VERSION = 1
 JOIN_COMMIT_FILE = "_joined.json"
+# When a training last started streaming a cache: a superseded cache read within the grace
+# is left to a later commit, as a training that started on it may still be reading it.
+LAST_READ_FILE = "_last_read.json"
+SUPERSEDED_GRACE_S = 24 * 3600.0
 # Bytes (in memory) one read task of a streamed split reads: a few res5c files, or
 # a hundred pool5 ones, so that task overheads stay small against the reading.
 STREAM_READ_TASK_BYTES = 64 * 2**20
@@ -327,6 +331,8 @@ def streamed_dataset(root: str, task: str, split: str, layer: str, block_rows: i
         log.info("%s/%s: streaming the join written to %s", task, split, cache)
     else:
         commit = _write_join(root, spec, feature_files, cache, spec_digest)
+    storage.write_bytes(storage.join(cache, LAST_READ_FILE),
+                        json.dumps({"time": time.time()}).encode())
     fs, paths = _paths([storage.join(cache, name) for name in commit["files"]])
     # Ray 2.60's Parquet reader V2 lists the files and reads their footers again at every
     # execution, in 32 new actors: 20 s an epoch for 157 files on a 2-core node, where V1
@@ -408,9 +414,10 @@ def _delete_all_but(folder: str, keep: tuple[str, ...]) -> None:
             storage.delete(storage.join(folder, info.base_name))
 
 
-def _delete_superseded(cache: str, spec_digest: str) -> None:
+def _delete_superseded(cache: str, spec_digest: str, now: float | None = None) -> None:
     """Delete the finished caches of the same join from older inputs (a paper-size res5c
-    join is hundreds of GB); other joins and unfinished folders stay."""
+    join is hundreds of GB); other joins, unfinished folders, and caches a training started
+    streaming within :data:`SUPERSEDED_GRACE_S` (it may be reading them still) stay."""
     import pyarrow.fs as pafs
 
     parent = cache.rstrip("/").rsplit("/", 1)[0]
@@ -421,9 +428,26 @@ def _delete_superseded(cache: str, spec_digest: str) -> None:
         if (info.type != pafs.FileType.Directory or sibling.rstrip("/") == cache.rstrip("/")
                 or not storage.exists(commit_uri)):
             continue
-        if storage.read_json(commit_uri).get("spec_digest") == spec_digest:
-            storage.delete(commit_uri)  # first: a half-deleted cache is never read
-            storage.delete(sibling)
+        if storage.read_json(commit_uri).get("spec_digest") != spec_digest:
+            continue
+        age = _since_last_read(sibling, time.time() if now is None else now)
+        if age is not None and age < SUPERSEDED_GRACE_S:
+            log.info("kept the superseded join %s: a training started streaming it %.1f h "
+                     "ago; a later commit deletes it", sibling, age / 3600)
+            continue
+        storage.delete(commit_uri)  # first: a half-deleted cache is never read
+        storage.delete(sibling)
+
+
+def _since_last_read(cache: str, now: float) -> float | None:
+    """Seconds since a training last started streaming ``cache``; None if none ever did."""
+    uri = storage.join(cache, LAST_READ_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return max(0.0, now - float(storage.read_json(uri)["time"]))
+    except (ValueError, KeyError, TypeError):
+        return 0.0  # unreadable: as if just read, the safe side
 
 
 _PART_NAME = re.compile(r"part-(\d+)-[0-9a-f]+-(\d+)\.parquet$")

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -362,7 +363,7 @@ def test_streamed_cache_is_reused_finished_only_and_rebuilt_for_new_features(
                                   winner["spec_digest"])
     assert late == winner and json.loads(commits[0].read_text()) == winner
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        {JOIN_COMMIT_FILE, winner["files"][0].split("/")[0]})
+        {JOIN_COMMIT_FILE, train_data.LAST_READ_FILE, winner["files"][0].split("/")[0]})
     dataset, again, _ = stream()
     assert again == stats and sum(Counter(_images(dataset)).values()) == 318
 
@@ -377,14 +378,20 @@ def test_streamed_cache_is_reused_finished_only_and_rebuilt_for_new_features(
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
     assert sum(Counter(_images(dataset)).values()) == 318
 
-    # Extraction rewrote a feature file (one image fewer): a new join, the old one deleted.
+    # Extraction rewrote a feature file (one image fewer): a new join. The old one was
+    # streamed moments ago, by a training that may read it still: it stays until a commit
+    # finds its last read older than the grace.
     part = sorted((root / "features" / "pool5").glob("part-*.parquet"))[0]  # train images
     table = pq.read_table(part)
     pq.write_table(table.slice(0, table.num_rows - 1), part)
     dataset, changed, commits = stream()
     assert (changed.examples, changed.joined, changed.skipped_no_features) == (320, 317, 3)
-    assert len(commits) == 1 and commits[0].parent != cache and not cache.exists()
+    assert len(commits) == 2 and cache.exists()
     assert len(_images(dataset)) == 317
+    new_cache = next(c.parent for c in commits if c.parent != cache)
+    train_data._delete_superseded(str(new_cache), winner["spec_digest"],
+                                  now=time.time() + train_data.SUPERSEDED_GRACE_S + 1)
+    assert not cache.exists() and new_cache.exists()
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -447,6 +454,13 @@ def test_one_worker_trains_logs_and_serves(one_worker_run, mlflow_tracking_uri, 
     assert float(version.tags["best_val_loss"]) == pytest.approx(
         summary.best_metrics["val_loss"])
     assert "final_val_f1" in version.tags
+    assert version.tags["csmn.data_context_size"] == "8"  # write_data_root's D
+    # The logged model is the model: Adam's state (twice its size) stays in Ray Train's
+    # checkpoints, which resuming reads.
+    logged = mlflow.artifacts.download_artifacts(summary.model_uri)
+    files = {name for _, _, names in os.walk(logged) for name in names}
+    assert ckpt.MODEL_FILE in files and ckpt.TRAIN_STATE_FILE not in files, files
+    assert ckpt.TRAIN_STATE_FILE in os.listdir(summary.best_checkpoint)
 
     # The checkpoint rebuilds the model without Ray, with weights_only loading.
     loaded = ckpt.load_checkpoint(summary.best_checkpoint)
