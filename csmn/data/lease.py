@@ -34,6 +34,10 @@ class LeaseHeld(TimeoutError):
     """Another holder kept the lease for longer than we were willing to wait."""
 
 
+class LeaseLost(RuntimeError):
+    """The lease expired while held and another holder broke it."""
+
+
 @dataclass(frozen=True)
 class Lease:
     uri: str
@@ -42,11 +46,15 @@ class Lease:
 
 
 def _read(uri: str) -> dict[str, Any] | None:
+    """The lease's body, None when there is none. A store that cannot answer raises: a lease
+    that could not be read is never taken for an expired one (breaking a live lease lets two
+    runs commit at once). A body that is not JSON, which the atomic writes never leave, reads
+    as expired."""
     try:
         return json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         return None
-    except (ValueError, OSError):  # half-visible or garbled: treat it as expired
+    except ValueError:
         return {}
 
 
@@ -61,7 +69,11 @@ def acquire(uri: str, ttl_s: float, wait_s: float, poll_s: float = 0.5,
         body = json.dumps({"owner": owner, "expires_at": expires_at}).encode()
         if storage.create_if_absent(uri, body):
             return Lease(uri, owner, expires_at)
-        current = _read(uri)
+        try:
+            current = _read(uri)
+        except OSError as err:  # unknown: as if held, until the store answers or we give up
+            log.warning("could not read the lease %s (%s); waiting", uri, err)
+            current = {"owner": "unknown (unreadable)", "expires_at": float("inf")}
         if current is not None and float(current.get("expires_at", 0)) < time.time():
             log.warning("breaking the expired lease %s of %s", uri, current.get("owner"))
             storage.delete(uri)
@@ -78,8 +90,28 @@ def still_held(lease: Lease) -> bool:
         lease.expires_at > time.time()
 
 
+def renewed(lease: Lease, ttl_s: float) -> Lease:
+    """``lease`` with ``ttl_s`` from now, rewritten once a third of it has passed: a holder
+    with a long critical section calls this between steps. Raises when it is no longer
+    ours (it expired and another run broke it): the step must not be done."""
+    if not still_held(lease):
+        raise LeaseLost(f"lost the lease {lease.uri} (it expired and another run broke it): "
+                        "raise the lease's time to live")
+    if lease.expires_at - time.time() > ttl_s * 2 / 3:
+        return lease
+    expires_at = time.time() + ttl_s
+    storage.write_bytes(lease.uri, json.dumps({"owner": lease.owner,
+                                               "expires_at": expires_at}).encode())
+    return Lease(lease.uri, lease.owner, expires_at)
+
+
 def release(lease: Lease) -> None:
-    current = _read(lease.uri)
+    try:
+        current = _read(lease.uri)
+    except OSError as err:  # it expires by itself
+        log.warning("could not release the lease %s (%s): it expires at %.0f", lease.uri, err,
+                    lease.expires_at)
+        return
     if current and current.get("owner") == lease.owner:
         storage.delete(lease.uri)
 
@@ -93,4 +125,5 @@ def held(uri: str, ttl_s: float = 600.0, wait_s: float = 900.0) -> Iterator[Leas
         release(lease)
 
 
-__all__ = ["Lease", "LeaseHeld", "acquire", "held", "release", "still_held"]
+__all__ = ["Lease", "LeaseHeld", "LeaseLost", "acquire", "held", "release", "renewed",
+           "still_held"]

@@ -239,6 +239,8 @@ def load_champion(task: str, uri: str, tracking_uri: str | None) -> Champion:
             if not tracking_uri:
                 raise ValueError(f"{uri}: set MLFLOW_TRACKING_URI to read models from the "
                                  "registry")
+            # An alias or /latest, pinned to the version it names now.
+            uri = tracking.pinned_model_uri(uri, tracking_uri)
             source = tracking.model_source(uri, tracking_uri)
             if source.name and source.version:
                 name, version = source.name, source.version
@@ -529,8 +531,13 @@ def _keys(uris: Iterable[str]) -> set[tuple[str, str]]:
 class Committer:
     """Moves staged parts into the run's partition, each post once across all runs."""
 
-    def __init__(self, config: GenerateConfig, run_date: str, versions: dict[str, str]):
+    def __init__(self, config: GenerateConfig, run_date: str, versions: dict[str, str],
+                 names: dict[str, str] | None = None):
+        """``versions`` (and ``names``): task -> the model version (and registered name) of
+        this run; a staged row of another model is dropped, not committed. Version numbers
+        alone repeat across registered models (and a model deleted and made again)."""
         self.config, self.run_date, self.versions = config, run_date, versions
+        self.names = names or {}
         self.partition = layout.predictions_partition(config.out, run_date)
         self.seen = set(_part_files(config.out))
         self.committed: set[tuple[str, str]] = set()  # by others since we listed, or by us
@@ -550,16 +557,20 @@ class Committer:
         if not staged:
             return 0
         written = 0
+        if known_all:
+            # Committed parts never change: their keys are read before the lease, which
+            # then covers only what was committed since (reading every part of a large
+            # output under it outlasted its expiry).
+            before = _part_files(self.config.out)
+            self.committed |= _keys([u for u in before if u not in self.seen])
+            self.seen.update(before)
         with lease.held(layout.predictions_lease_uri(self.config.out),
                         self.config.lease_ttl_s, self.config.lease_wait_s) as held:
             current = _part_files(self.config.out)
-            fresh = [u for u in current if u not in self.seen] if not known_all else current
-            self.committed |= _keys(fresh)
+            self.committed |= _keys([u for u in current if u not in self.seen])
             self.seen.update(current)
             for uri in staged:
-                if not lease.still_held(held):
-                    raise RuntimeError("lost the commit lease (another run broke it as "
-                                       "expired): raise --lease-ttl-s")
+                held = lease.renewed(held, self.config.lease_ttl_s)
                 written += self._commit_part(uri, (staged_rows or {}).get(uri, 0))
         return written
 
@@ -577,6 +588,9 @@ class Committer:
         for task, version in self.versions.items():
             column = table.column(f"{task}_model_version").to_pylist()
             same_models &= np.array([v == version for v in column], dtype=bool)
+        for task, name in self.names.items():
+            column = table.column(f"{task}_model").to_pylist()
+            same_models &= np.array([v == name for v in column], dtype=bool)
         for i, key in enumerate(zip(users, posts, strict=True)):
             if not same_models[i]:
                 self.dropped_other_models += 1
@@ -736,7 +750,8 @@ def run_generate(config: GenerateConfig) -> dict[str, Any]:
 
     init_ray()
     versions = {task: c.version for task, c in champions.items()}
-    committer = Committer(config, run_date, versions)
+    committer = Committer(config, run_date, versions,
+                          names={task: c.name for task, c in champions.items()})
     recovered = recover_staged(committer, config.out)
     committer.reset_counts()
     committed_files = sorted(committer.seen)

@@ -195,10 +195,10 @@ def _record(config: PromoteConfig, client: Any, candidate: str, decision: dict[s
         k: decision[k] for k in ("decision", "candidate", "champion", "metric", "data_digest",
                                  "split", "at", "reason")} | {
         "interval": [decision["comparison"].get("low"), decision["comparison"].get("high")]})
-    if config.allow_random_features and decision["random_features"]:
-        registry.tag_version(client, config.name, candidate,
-                             {"csmn.promoted_with_random_features": "true"})
     if decision["decision"] == "promoted":
+        if config.allow_random_features and decision["random_features"]:
+            registry.tag_version(client, config.name, candidate,
+                                 {"csmn.promoted_with_random_features": "true"})
         registry.move_champion(client, config.name, candidate, against, "promote")
 
 
@@ -231,6 +231,8 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
         mine = _predictions(config, client, candidate, digest, work_dir)
         for _ in range(MAX_COMPARISONS):
             current = registry.champion(client, config.name)
+            if current is None:
+                registry.check_first_champion(client, config.name)
             against = str(current.version) if current else None
             if against == number:
                 raise Refused(f"{config.name} v{number} is already the champion")

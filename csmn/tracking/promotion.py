@@ -84,6 +84,18 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         raise
 
 
+def check_first_champion(client: MlflowClient, name: str) -> None:
+    """A model without ``champion`` is promoted without a comparison only if it never had
+    one: MLflow drops the alias with a deleted version, and the next candidate would
+    otherwise pass the gate unopposed."""
+    earlier = champion_stack(history(client, name))
+    if earlier:
+        raise Refused(f"{name} has no @{CHAMPION}, but its history records champions (latest "
+                      f"v{earlier[-1]}): the version was deleted or the alias removed outside "
+                      f"csmn promote. Set @{CHAMPION} to the version to compare against "
+                      f"(client.set_registered_model_alias), then promote again")
+
+
 def uses_random_features(client: MlflowClient, version: ModelVersion) -> bool:
     """The version's tag, else its training run's (older versions carry it on the run only)."""
     if version.tags.get(RANDOM_FEATURES_TAG) is not None:
@@ -129,6 +141,13 @@ def rollback_target(client: MlflowClient, name: str) -> tuple[str, str]:
     if stack[-1] != str(current.version):
         raise Refused(f"{name}: champion v{current.version} was set outside csmn promote; "
                       "its history cannot say what came before")
+    try:
+        client.get_model_version(name, stack[-2])
+    except MlflowException as err:
+        if _missing(err):
+            raise Refused(f"{name}: the champion before v{stack[-1]}, v{stack[-2]}, was "
+                          "deleted: nothing to roll back to") from err
+        raise
     return stack[-2], stack[-1]
 
 

@@ -449,3 +449,83 @@ def test_a_part_an_overlapping_run_recovered_first_is_accounted_for(tmp_path):
                        Counter(staged=3), run1, 0, {}, 1.0, 1.0, Counter())
     assert summary["balance"]["balanced"] and summary["counts"]["taken_by_another_run"] == 3
     assert len(_rows(out)) == 3
+
+
+def test_a_lease_the_store_cannot_read_is_waited_for_not_broken(tmp_path, monkeypatch):
+    uri = str(tmp_path / "lease")
+    first = lease.acquire(uri, ttl_s=600, wait_s=0)
+    real_read = storage.read_bytes
+
+    def failing(target):
+        if target == uri:
+            raise storage.TransientStorageError(5, "SlowDown: the store is busy")
+        return real_read(target)
+
+    monkeypatch.setattr(storage, "read_bytes", failing)
+    with pytest.raises(lease.LeaseHeld, match="unknown"):
+        lease.acquire(uri, ttl_s=600, wait_s=0.3, poll_s=0.1)
+    monkeypatch.setattr(storage, "read_bytes", real_read)
+    assert lease.still_held(first)  # never broken
+    lease.release(first)
+
+
+def test_a_held_lease_is_renewed_and_a_lost_one_is_said_so(tmp_path):
+    uri = str(tmp_path / "lease")
+    held = lease.acquire(uri, ttl_s=0.6, wait_s=0)
+    assert lease.renewed(held, 0.6) == held  # most of its time left: not rewritten
+    time.sleep(0.3)
+    renewed = lease.renewed(held, 0.6)
+    assert renewed.expires_at > held.expires_at and lease.still_held(renewed)
+    time.sleep(0.7)  # expired: another run breaks it
+    other = lease.acquire(uri, ttl_s=60, wait_s=1)
+    with pytest.raises(lease.LeaseLost):
+        lease.renewed(renewed, 0.6)
+    lease.release(other)
+
+
+def test_recovery_reads_committed_parts_outside_the_lease_and_drops_other_models(
+        tmp_path, monkeypatch):
+    """A large output's committed parts are read before the lease is taken (read under it,
+    they outlasted its time to live); a staged row of another registered model with the same
+    version number is dropped, not committed."""
+    import pyarrow as pa
+
+    from csmn.data.schemas import conform
+    from csmn.pipeline import generate
+    from csmn.pipeline.generate import Committer, recover_staged
+
+    out = str(tmp_path / "out")
+    config = GenerateConfig(archive=str(tmp_path / "a"), out=out, post_model="none",
+                            lease_ttl_s=1.0)
+
+    def rows(model: str, posts: range) -> pa.Table:
+        return conform(pa.Table.from_pylist([
+            {"user_id": "u", "post_id": f"p{i}", "image": "/x.jpg", "created_at": None,
+             "hashtags": ["#a"], "post_text": None, "hashtag_model": model,
+             "hashtag_model_version": "3", "hashtag_used_context": False, "post_model": None,
+             "post_model_version": None, "post_used_context": None, "history_posts": 0,
+             "generated_at": datetime.now(UTC), "attempt": "A"} for i in posts]),
+            "generated_post")
+
+    partition = layout.predictions_partition(out, "2026-11-30")
+    for i in range(6):  # committed by earlier nights
+        storage.write_parquet(storage.join(partition, f"part-{i}.parquet"),
+                              rows("csmn-hashtag", range(i, i + 1)))
+    staging = layout.predictions_staging_dir(out, "A")
+    storage.write_parquet(storage.join(staging, "part-a.parquet"), rows("csmn-hashtag",
+                                                                        range(10, 13)))
+    storage.write_parquet(storage.join(staging, "part-b.parquet"),
+                          rows("csmn-hashtag-experiment", range(20, 22)))
+    real_keys = generate._keys
+
+    def slow_keys(parts):
+        time.sleep(0.2 * len(parts))
+        return real_keys(parts)
+
+    monkeypatch.setattr(generate, "_keys", slow_keys)
+    committer = Committer(config, "2026-12-01", {HASHTAG: "3"},
+                          names={HASHTAG: "csmn-hashtag"})
+    committer.seen.clear()  # as a run whose listing predates the earlier nights' parts
+    assert recover_staged(committer, out) == 3
+    assert committer.dropped_other_models == 2
+    assert {r["post_id"] for r in _rows(out)} == {f"p{i}" for i in (*range(6), 10, 11, 12)}

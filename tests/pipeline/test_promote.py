@@ -233,6 +233,42 @@ def test_promotion_lock_excludes_and_expires(tmp_path):
     assert client.search_registered_models() == []
 
 
+def test_a_deleted_champion_stops_the_gate_and_a_deleted_predecessor_the_rollback(tmp_path):
+    """MLflow drops @champion with its version: the next candidate must not pass unopposed
+    as if it were the first; and a rollback to a version since deleted is a refusal."""
+    from csmn.pipeline.promote import _record
+    from csmn.tracking.promotion import (
+        check_first_champion,
+        move_champion,
+        rollback,
+        rollback_target,
+    )
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_registered_model(NAME)
+    versions = [client.create_model_version(NAME, source=str(tmp_path)).version
+                for _ in range(4)]
+    check_first_champion(client, NAME)  # no history: the first promotion needs no rival
+    move_champion(client, NAME, "1", None, "promote")
+    move_champion(client, NAME, "2", "1", "promote")
+    assert rollback_target(client, NAME) == ("1", "2")
+    client.delete_model_version(NAME, "1")
+    with pytest.raises(Refused, match="was deleted: nothing to roll back to"):
+        rollback(client, NAME, lock_timeout_s=5)
+    client.delete_model_version(NAME, "2")  # the champion: its alias goes with it
+    assert not client.get_registered_model(NAME).aliases
+    with pytest.raises(Refused, match="history records champions"):
+        check_first_champion(client, NAME)
+    # A refused candidate with random features is not tagged as promoted with them.
+    config = PromoteConfig(name=NAME, data=str(tmp_path), allow_random_features=True)
+    _record(config, client, versions[3], {
+        "decision": "refused", "candidate": versions[3], "champion": None, "metric": "f1",
+        "data_digest": "d", "split": "test", "at": "now", "reason": "lost",
+        "comparison": {}, "random_features": True})
+    assert "csmn.promoted_with_random_features" not in client.get_model_version(
+        NAME, versions[3]).tags
+
+
 def test_post_comparison_per_post_with_cider_beside():
     """Posts are compared on METEOR per post by default (real pycocoevalcap, Java), CIDEr of
     the split beside it; a candidate that writes the references wins."""
