@@ -82,7 +82,7 @@ def _present(uri: str) -> bool:
     return bool(storage.list_files(uri, suffix=".parquet"))
 
 
-def _features_problem(root: str, layer: str) -> str | None:
+def features_problem(root: str, layer: str) -> str | None:
     uri = layout.features_meta_uri(root, layer)
     if not storage.exists(uri):
         if storage.list_files(layout.features_dir(root, layer), suffix=".parquet"):
@@ -111,7 +111,7 @@ def require_data_root(root: str, stage: str, layers: Iterable[str] = ()) -> dict
                              f"Rerun preprocess (csmn preprocess --out {_shown(root)}), then "
                              f"{stage}.")
     for layer in dict.fromkeys(layers):
-        problem = _features_problem(root, layout.check_layer(layer))
+        problem = features_problem(root, layout.check_layer(layer))
         if problem:
             raise IncompleteRoot(
                 f"{stage}: the data root {_shown(root)} is incomplete: {problem}. Rerun "

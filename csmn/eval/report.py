@@ -177,11 +177,18 @@ def build_report(
 
 
 def _cell(value: Any) -> str:
+    """A markdown table's cell: text escaped for markdown."""
+    plain = _plain_cell(value)
+    return plain if value is None or isinstance(value, float) else md_text(value)
+
+
+def _plain_cell(value: Any) -> str:
+    """A cell as text on one line (an HTML table escapes it for HTML)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.3f}"
-    return md_text(value)
+    return " ".join(str(value).split())
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -291,7 +298,7 @@ th:first-child,td:first-child{text-align:left}
 def _html_table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_plain_cell(v))}</td>" for v in row) + "</tr>"
         for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -334,11 +341,12 @@ def render_html(report: dict[str, Any], users_shown: int = 10) -> str:
         _html_table(["method", *paper_columns],
                     [[m, *(r.get(c) for c in paper_columns)] for m, r in paper.items()]),
     ]
+    variant = (report.get("model") or {}).get("variant")
     section = {"task": task, "results": report["results"], "title": title,
-               "by_posts": layout.is_by_posts(report["split"])}
+               "by_posts": layout.is_by_posts(report["split"]), "variant": variant}
     charts = [("methods", methods_bar_png([section])),
               ("per user", per_user_histogram_png(report["per_user"], PAPER_COLUMNS[task][0],
-                                                  title))]
+                                                  title, variant))]
     parts += [f"<img class='chart' alt='{alt}' src='{uri}'>" for alt, uri in charts if uri]
     parts += [
         "<h2>Example predictions</h2>",
@@ -417,7 +425,8 @@ def write_report(
 # gallery with the attention split of every decoding step. Charts are matplotlib PNGs embedded
 # as data URIs, images too: the page is one file that opens anywhere, offline.
 
-METHOD_NAMES = {"csmn": "CSMN-P5", "1nn-im": "1NN-Im", "1nn-usr": "1NN-Usr",
+MODEL_METHOD = "csmn"
+METHOD_NAMES = {MODEL_METHOD: "CSMN-P5", "1nn-im": "1NN-Im", "1nn-usr": "1NN-Usr",
                 "1nn-usrim": "1NN-UsrIm"}
 # The paper's columns per task (Tables 2 and 3); hashtags split by posts are Table 3's right
 # column, ``f1_by_posts``.
@@ -426,16 +435,35 @@ MEMORY_TYPES = ("image", "context", "output")
 MLFLOW_UI = "http://127.0.0.1:5000"
 
 
-def method_name(method: str) -> str:
+def method_name(method: str, variant: str | None = None) -> str:
+    """The paper's name of a method; the model's by its variant (``NoUC-P5`` ->
+    ``CSMN-NoUC-P5``), CSMN-P5 when the variant is not known."""
+    if method == MODEL_METHOD and variant:
+        return csmn_variant_name(variant)
     return METHOD_NAMES.get(method, method)
+
+
+def csmn_variant_name(variant: str) -> str:
+    """The paper's name of a CSMN variant: ``CSMN-`` + its parts, W<D> before the layer, the
+    layer always named (``W20`` -> ``CSMN-W20-P5``, ``nouc-p5`` -> ``CSMN-NoUC-P5``)."""
+    parts = [p for p in variant.strip().replace("_", "-").split("-") if p]
+    parts = [p for p in parts if p.lower() != "csmn"]
+    canonical = {"p5": "P5", "r5c": "R5C", "nocnn": "NoCNN", "nouc": "NoUC", "nowo": "NoWO"}
+    named = [canonical.get(p.lower(), p.upper() if p.lower().startswith("w") else p)
+             for p in parts]
+    if not any(p in ("P5", "R5C") for p in named):
+        named.append("P5")
+    layers = [p for p in named if p in ("P5", "R5C")]
+    others = [p for p in named if p not in ("P5", "R5C")]
+    return "-".join(["CSMN", *others, *layers])
 
 
 def paper_key(column: str, by_posts: bool) -> str:
     return f"{column}_by_posts" if by_posts and column == "f1" else column
 
 
-def comparison_table(task: str, by_posts: bool,
-                     results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+def comparison_table(task: str, by_posts: bool, results: dict[str, dict[str, Any]],
+                     variant: str | None = None) -> tuple[list[str], list[list[Any]]]:
     """The paper's table layout, each metric as ours beside the paper's (None where the paper
     has no such row)."""
     columns = PAPER_COLUMNS[task]
@@ -443,7 +471,7 @@ def comparison_table(task: str, by_posts: bool,
     paper = PAPER_RESULTS[task]
     rows = []
     for method, scores in results.items():
-        name = method_name(method)
+        name = method_name(method, variant)
         row: list[Any] = [name]
         for column in columns:
             row += [scores.get(column), paper.get(name, {}).get(paper_key(column, by_posts))]
@@ -453,7 +481,7 @@ def comparison_table(task: str, by_posts: bool,
 
 def text_table(header: list[str], rows: list[list[Any]]) -> str:
     """A fixed-width table for a terminal."""
-    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    cells = [header] + [[_plain_cell(v) for v in row] for row in rows]
     widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
                                for i, (v, w) in enumerate(zip(r, widths, strict=True)))
@@ -516,7 +544,7 @@ def methods_bar_png(sections: list[dict[str, Any]]) -> str | None:
     for axis, section in zip(axes, sections, strict=True):
         column = PAPER_COLUMNS[section["task"]][0]
         methods = list(section["results"])
-        names = [method_name(m) for m in methods]
+        names = [method_name(m, section.get("variant")) for m in methods]
         ours = [section["results"][m].get(column) or 0.0 for m in methods]
         paper = [PAPER_RESULTS[section["task"]].get(n, {})
                  .get(paper_key(column, section["by_posts"])) or 0.0 for n in names]
@@ -530,9 +558,9 @@ def methods_bar_png(sections: list[dict[str, Any]]) -> str | None:
 
 
 def per_user_histogram_png(per_user: dict[str, list[dict[str, Any]]], metric: str,
-                           title: str) -> str | None:
+                           title: str, variant: str | None = None) -> str | None:
     """How the per-user metric spreads, for our model and the strongest baseline."""
-    series = {method_name(m): [u[metric] for u in users if u.get(metric) is not None]
+    series = {method_name(m, variant): [u[metric] for u in users if u.get(metric) is not None]
               for m, users in per_user.items() if m in ("csmn", "1nn-usrim")}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -590,10 +618,10 @@ def _gallery_html(section: dict[str, Any], archive: str) -> str:
                  f"<span class='muted'>user {html.escape(example['user_id'])}</span>",
                  f"GT: {html.escape(example['truth'])}"]
         for method, text in example["predictions"].items():
-            lines.append(f"{html.escape(method_name(method))}: "
+            lines.append(f"{html.escape(method_name(method, section.get('variant')))}: "
                          f"{_marked_html(text, truth, set(used.get(method, [])))}")
         attention = _attention_html(example.get("attention", []),
-                                    example["predictions"].get("csmn", "").split())
+                                    example["predictions"].get(MODEL_METHOD, "").split())
         parts.append(f"<div class='example'>{picture}<div>{'<br>'.join(lines)}{attention}"
                      "</div></div>")
     return "".join(parts)

@@ -199,21 +199,15 @@ class AblationConfig:
 
 
 def paper_name(variant: str) -> str:
-    """``NoUC-P5`` -> ``CSMN-NoUC-P5``; the paper writes W<D> before the layer and always
-    names the layer (``W20`` -> ``CSMN-W20-P5``)."""
+    """``NoUC-P5`` -> ``CSMN-NoUC-P5`` (:func:`csmn.eval.report.csmn_variant_name`), the
+    variant checked first."""
     from csmn.core.model import ModelConfig
+    from csmn.eval.report import csmn_variant_name
 
     parts = [p for p in variant.strip().replace("_", "-").split("-") if p]
     parts = [p for p in parts if p.lower() != "csmn"]
     ModelConfig.for_variant("-".join(parts), vocab_size=10)  # refuses unknown parts early
-    canonical = {"p5": "P5", "r5c": "R5C", "nocnn": "NoCNN", "nouc": "NoUC", "nowo": "NoWO"}
-    named = [canonical.get(p.lower(), p.upper() if p.lower().startswith("w") else p)
-             for p in parts]
-    if not any(p in ("P5", "R5C") for p in named):
-        named.append("P5")
-    layers = [p for p in named if p in ("P5", "R5C")]
-    others = [p for p in named if p not in ("P5", "R5C")]
-    return "-".join(["CSMN", *others, *layers])
+    return csmn_variant_name(variant)
 
 
 # ------------------------------------------------------------------------------ features
@@ -223,12 +217,15 @@ def ensure_res5c(config: AblationConfig) -> str | None:
     """None when res5c features are there (extracting them if asked), else why R5C is
     skipped. Extraction uses the weights and seed recorded for pool5, so both layers come
     from the same network."""
+    from csmn.data.completeness import features_problem
     from csmn.pipeline.extract import ExtractConfig, run_extract
 
-    if storage.list_files(layout.features_dir(config.data, "res5c"), ".parquet"):
+    problem = features_problem(config.data, "res5c")
+    if problem is None:
         return None
     if config.res5c == "skip":
-        return "R5C skipped: no res5c features under the data root and --res5c skip"
+        return f"R5C skipped: {problem} under the data root, and --res5c skip"
+    # An extraction that was stopped resumes: its finished parts are kept.
     pool5_meta_uri = layout.features_meta_uri(config.data, "pool5")
     pool5 = storage.read_json(pool5_meta_uri) if storage.exists(pool5_meta_uri) else {}
     extract_config = (pool5.get("config") or {})
@@ -374,8 +371,10 @@ def _run_variant(config: AblationConfig, variant: str, family: str, seed: int, k
         data=config.data, model=trained["model_uri"], task=config.task,
         split=SPLIT_FAMILIES[family][2], baselines="none",
         repeats=config.repeats, stop=config.stop, beam_width=config.beam_width,
-        out=storage.join(out, "reports", name + (f"-beam{config.beam_width}"
-                                                 if config.beam_width > 1 else "")),
+        # Named by the result's key too: a record reused later points at its own report,
+        # never at one a run of another config wrote over it.
+        out=storage.join(out, "reports", f"{name}-{key[:10]}" + (
+            f"-beam{config.beam_width}" if config.beam_width > 1 else "")),
         cpus_per_actor=config.cpus_per_actor,
         use_gpu=config.use_gpu, seed=seed, report_examples=4))
     return {**trained, "results": report["results"]["csmn"], "counts": report["counts"],
@@ -394,7 +393,8 @@ def _run_baselines(config: AblationConfig, names: list[str], family: str, seed: 
     report = evaluate(EvaluateConfig(
         data=config.data, task=config.task, split=SPLIT_FAMILIES[family][2],
         baselines=",".join(names), seed=seed, report_examples=4,
-        out=storage.join(out, "reports", f"baselines-{family}-seed{seed}")))
+        out=storage.join(out, "reports", f"baselines-{family}-seed{seed}-"
+                         f"{_digest(sorted(keys[n][0] for n in names))[:10]}")))
     seconds = round(time.perf_counter() - started, 1)
     return {BASELINE_NAMES.get(n, n): {
         "results": report["results"][n], "counts": report["counts"], "report": report["out"],
@@ -679,7 +679,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     if result["truth"]:
         lines.append(f"Truth ceiling and reference predictors: {result['truth_source']} "
                      "(csmn.synth.truth; by users the niche x category mode, by posts the "
-                     "user x category mode), on the clean test posts:")
+                     "user x category mode), on the data root's test posts (noisy ones the "
+                     "filters kept included):")
         lines += [f"{family.replace('_', ' ')} {s['test_posts']} posts of {s['test_users']} "
                   f"users, {s['tag_list_size']} tags per prediction"
                   for family, s in result["truth"].items()]

@@ -103,6 +103,10 @@ def validate_config(config: SynthConfig) -> None:
         raise ValueError("bad synth config: " + "; ".join(problems))
 
 
+# Written first: an archive whose writing was stopped is still known to be one.
+_STARTED = "_started.json"
+
+
 def _prepare_output(config: SynthConfig) -> None:
     existing = [
         storage.join(config.out, sub) for sub in ("posts", "images", "truth")
@@ -113,8 +117,16 @@ def _prepare_output(config: SynthConfig) -> None:
             f"{config.out} already holds an archive ({', '.join(existing)}); "
             "pass --overwrite true to replace it"
         )
+    # --overwrite replaces an archive this command wrote (finished, or stopped half way),
+    # never folders of those names that something else keeps there (a photo folder images/).
+    ours = [storage.join(config.out, "truth", name) for name in ("summary.json", _STARTED)]
+    if existing and not any(storage.exists(uri) for uri in ours):
+        raise FileExistsError(
+            f"{config.out} holds {', '.join(existing)} but no truth/summary.json: not an "
+            "archive csmn synth wrote, so --overwrite leaves it alone; choose another --out")
     for uri in existing:
         storage.delete(uri)
+    storage.write_json(ours[1], {"config": config_to_dict(config)})
 
 
 def write_archive(config: SynthConfig) -> dict[str, Any]:

@@ -70,6 +70,20 @@ def test_comparison_table_puts_ours_beside_the_papers():
         "CSMN-P5  0.500"
 
 
+def test_a_variant_is_named_as_the_paper_names_it_with_its_own_figures():
+    _, rows = report.comparison_table("hashtag", False, {"csmn": {"f1": 0.2}}, "NoUC-P5")
+    assert rows == [["CSMN-NoUC-P5", 0.2, None]]  # Table 3 has no NoUC by users: no figure
+    assert report.method_name("csmn", "w20") == "CSMN-W20-P5"
+    assert report.method_name("csmn") == "CSMN-P5" and report.method_name("1nn-im", "R5C") == \
+        "1NN-Im"
+
+
+def test_html_tables_escape_for_html_only():
+    table = report._html_table(["user"], [["jane_doe&co*"]])
+    assert "<td>jane_doe&amp;co*</td>" in table
+    assert report._table(["user"], [["jane_doe&co*"]])[2] == "| jane\\_doe&amp;co\\* |"
+
+
 def test_training_curves_skip_empty_histories():
     assert report.training_curves_png({"train_loss": []}, "val_f1", "t") is None
     assert report.training_curves_png({"train_loss": [[1, 2.0]], "val_f1": []}, "val_f1", "t")

@@ -209,8 +209,11 @@ def test_paper_ordering_on_hashtags_split_by_users(ordering, data_root, mlflow_t
         assert run.data.tags["csmn.model_uri"].startswith("models:/")
         assert "csmn/f1" in run.data.metrics
     # the HTML report embeds thumbnails and marks the context words a prediction used
-    html = storage.read_text(storage.join(out, "reports", "CSMN-P5-by_users-seed0",
-                                          "report.html"))
+    p5_report = result["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"]["report"]
+    key = result["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"]["key"]
+    # Named by the result's key: a later run of another config writes a folder of its own.
+    assert p5_report == storage.join(out, "reports", f"CSMN-P5-by_users-seed0-{key[:10]}")
+    html = storage.read_text(storage.join(p5_report, "report.html"))
     assert "data:image/jpeg;base64," in html and 'class="ctx"' in html
 
 
@@ -277,7 +280,7 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     p5 = beam["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"]
     assert p5["mlflow_run_id"] == first["methods"]["CSMN-P5"]["by_users"]["seeds"]["0"][
         "mlflow_run_id"]
-    assert p5["report"].endswith("CSMN-P5-by_users-seed0-beam2")
+    assert p5["report"].endswith(f"CSMN-P5-by_users-seed0-{p5['key'][:10]}-beam2")
     assert "beam search of width 2" in storage.read_text(storage.join(config.out,
                                                                       "ablation.md"))
     with pytest.raises(ValueError, match="beam_width must be >= 1"):
@@ -302,3 +305,16 @@ def test_a_rerun_reuses_finished_results_and_new_seeds_run_alone(ordering, data_
     assert f"| 1NN-Usr | {cell} |" in markdown, markdown
     assert "seeds 0..2" in markdown
     assert markdown == storage.read_text(storage.join(seeds["out"], "ablation.md"))
+
+
+def test_res5c_parts_of_an_unfinished_extraction_are_not_taken_for_features(tmp_path):
+    from csmn.experiments.ablation import ensure_res5c
+
+    root = str(tmp_path / "data")
+    folder = layout.features_dir(root, "res5c")
+    storage.write_bytes(storage.join(folder, "part-000000.parquet"), b"a finished part")
+    storage.write_bytes(layout.features_meta_uri(root, "res5c"), b'{"status": "running"}')
+    skipped = ensure_res5c(AblationConfig(data=root, res5c="skip", variants="P5"))
+    assert skipped and "did not finish" in skipped and "--res5c skip" in skipped
+    storage.write_bytes(layout.features_meta_uri(root, "res5c"), b'{"status": "complete"}')
+    assert ensure_res5c(AblationConfig(data=root, res5c="skip", variants="P5")) is None

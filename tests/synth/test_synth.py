@@ -333,6 +333,13 @@ def test_cli_refuses_to_mix_archives_and_bad_knobs(tmp_path, capsys):
     assert "posts_median > 0" in capsys.readouterr().err
     assert (tmp_path / "cli" / "truth").exists()
     assert main(["--users", "2"]) == 2  # no --out
+    # --overwrite replaces an archive it wrote, never a folder of photos called images/.
+    photos = tmp_path / "photos"
+    (photos / "images" / "holiday").mkdir(parents=True)
+    (photos / "images" / "holiday" / "me.jpg").write_bytes(b"\xff\xd8 mine")
+    assert main(["--out", str(photos), "--users", "2", "--overwrite", "true"]) == 2
+    assert "not an archive csmn synth wrote" in capsys.readouterr().err
+    assert (photos / "images" / "holiday" / "me.jpg").exists()
     config_file = tmp_path / "synth.yaml"
     config_file.write_text(f"synth:\n  out: {out}\n  users: 1\n  posts_median: 25\n"
                            "  posts_min: 20\n  posts_max: 30\n  write_images: false\n"
