@@ -461,6 +461,20 @@ def test_niche_ceiling_tops_another_post_and_the_category_mode(tmp_path):
         reference_scores(str(tmp_path), split="by_images")
 
 
+def test_the_ceiling_spends_no_slot_on_another_users_signature_tags(tmp_path, monkeypatch):
+    """Only its user writes a signature tag: for a new user it always misses. Counted in the
+    niche's mode (a training user writes theirs often), it made the ceiling no ceiling."""
+    from csmn.synth import truth
+
+    # Many categories: few members per niche, so a member's own tags rank in its mode.
+    write_archive(_niche_config(tmp_path, users=60, categories=27))
+    options = dict(train_fraction=0.7, test_posts=10**6, max_test_share=1.0)
+    ceiling = reference_scores(str(tmp_path), **options)["niche_category_mode"]["f1"]
+    monkeypatch.setattr(truth, "_signature_tags", lambda archive: frozenset())
+    counted = reference_scores(str(tmp_path), **options)["niche_category_mode"]["f1"]
+    assert ceiling > counted + 0.01, (ceiling, counted)
+
+
 def test_the_truth_still_reads_an_archive_whose_newest_posts_were_held_back(tmp_path):
     """The demo moves the newest posts out of the posts files (hold_back_newest) and leaves
     the truth tables as written: the truth's line numbers then point past moved lines, so
