@@ -9,7 +9,8 @@ They say what the archive lets a model learn, to print beside the results of Tab
   category's posts outside any niche). The learnable ceiling for a new user, split by users
   (section 5.1): the user's context can tell the niche, but signature tags unique to the user
   are never in the training vocabulary and a member's own preferences over the niche's pool
-  are unknown.
+  are unknown. Split by users, both modes leave out the training users' signature tags,
+  which a new user never writes.
 - ``another_post``: the tags of another post of the same user in the same category. The best
   1NN-UsrIm (section 5.2) can do: it copies one post of the nearest user, and no user is nearer
   than the user themselves.
