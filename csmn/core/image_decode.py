@@ -266,12 +266,15 @@ def _read_local(path: str, max_bytes: int) -> bytes:
 
 def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first).
-    Only regular files are read: a FIFO or a device is ``not_a_file``, without blocking."""
-    from csmn.data import storage
-
+    Only regular files are read: a FIFO or a device is ``not_a_file``, without blocking.
+    A local file is read without the storage layer (pyarrow): the feature benchmark reads
+    local JPEGs on a GPU box that has torch alone."""
     try:
-        if not storage.is_s3(uri):
-            return _read_local(storage.resolve(uri)[1], max_bytes)
+        if "://" not in uri or uri.startswith("file://"):
+            path = uri[len("file://"):] if uri.startswith("file://") else uri
+            return _read_local(os.path.abspath(os.path.expanduser(path)), max_bytes)
+        from csmn.data import storage
+
         fs, path = storage.resolve(uri)
         # One metadata request gives the size, so an oversized file is never downloaded.
         with fs.open_input_file(path) as stream:
@@ -284,6 +287,8 @@ def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     except (FileNotFoundError, IsADirectoryError) as err:
         raise ImageRejected("missing_image", f"{type(err).__name__}: {err}") from err
     except OSError as err:
+        from csmn.data import storage
+
         if storage.is_transient(err):  # the store, not the image: a later run may read it
             from csmn.data.rejects import TRANSIENT_IO
 

@@ -56,7 +56,7 @@ from csmn.core.image_decode import (  # noqa: F401
     read_image_bytes,
     resized_size,
 )
-from csmn.data.layout import FEATURE_DIM, LAYERS
+from csmn.data.names import FEATURE_DIM, LAYERS
 
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: these features come from a randomly initialised ResNet-101, not from "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csmn.core.tokens import PAD_ID, SPECIAL_TOKENS
-from csmn.data.layout import IMAGE_SLOTS
+from csmn.data.names import IMAGE_SLOTS
 
 MEMORY_TYPES = ("image", "context", "output")
 

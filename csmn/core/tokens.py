@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from csmn.data.layout import HASHTAG
+from csmn.data.names import HASHTAG
 
 PAD, GO, EOS, UNK = "_PAD", "_GO", "_EOS", "_UNK"
 SPECIAL_TOKENS = (PAD, GO, EOS, UNK)
