@@ -50,7 +50,9 @@ from csmn.core.image_features import (  # noqa: E402
     load_trunk,
 )
 
-RESNET101_GFLOP = 7.8  # multiply-adds x 2 of one 224 x 224 forward pass, conv1..layer4
+# FLOPs (2 x the 7.8 G multiply-adds) of one 224 x 224 forward pass, conv1..layer4: the unit
+# of matmul_peak, which counts 2 n^3 per product.
+RESNET101_GFLOP = 15.6
 
 
 def photo_like_jpeg(seed: int, width: int, height: int, quality: int = 90) -> bytes:
@@ -170,6 +172,10 @@ def ray_job(
         decode_batch_size=args.decode_batch_size,
         rows_per_part=256,
         precision=args.precision,
+        # The plain loop's work: the model on --device, JPEGs decoded by PIL on CPUs (Ray
+        # would find a GPU by itself, and on one decode in the actors with nvJPEG).
+        device=args.device,
+        decode="tasks",
     )
     stats: list[str] = []
     summary = run_extract(config, stats=stats)

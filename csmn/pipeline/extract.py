@@ -489,8 +489,10 @@ def _read_image_columns(groups: dict[str, list[str]]) -> dict[str, list[str | No
     return out
 
 
-def _check_meta(root: str, layer: str, info: WeightsInfo, preprocess: PreprocessConfig) -> None:
-    """Refuse to mix features of different weights or preprocessing in one folder."""
+def _check_meta(root: str, layer: str, info: WeightsInfo, preprocess: PreprocessConfig,
+                precision: str) -> None:
+    """Refuse to mix features of different weights, preprocessing or precision in one
+    folder (a run resumed on CPUs in fp32 after GPUs in bf16 differs by about 1e-2)."""
     directory = layout.features_dir(root, layer)
     parts = storage.list_files(directory, suffix=".parquet")
     if not parts:
@@ -516,6 +518,12 @@ def _check_meta(root: str, layer: str, info: WeightsInfo, preprocess: Preprocess
         raise ValueError(
             f"{directory} holds features made with other preprocessing ({', '.join(changed)}). "
             f"Pass --overwrite true to replace them, or the same settings."
+        )
+    if meta.get("precision") not in (None, precision):
+        raise ValueError(
+            f"{directory} holds features computed in {meta['precision']}, this run computes "
+            f"{precision}. Pass --precision {meta['precision']} (on the same kind of device) "
+            f"or --overwrite true to replace them."
         )
 
 
@@ -710,7 +718,7 @@ def _load_weights(config: ExtractConfig) -> WeightsInfo:
 
 
 def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
-                     preprocess: PreprocessConfig) -> set[str]:
+                     preprocess: PreprocessConfig, precision: str) -> set[str]:
     """Delete what ``--overwrite`` / ``--retry-rejects`` ask to, refuse features made
     otherwise; returns the images rejected by earlier runs."""
     from csmn.data.rejects import forget_transient_rejects, read_rejects
@@ -725,7 +733,7 @@ def _prepare_outputs(config: ExtractConfig, info: WeightsInfo,
         log.warning("--overwrite: deleting %s", layout.rejects_dir(root, STAGE))
         storage.delete(layout.rejects_dir(root, STAGE))
     for layer in config.layers:
-        _check_meta(root, layer, info, preprocess)
+        _check_meta(root, layer, info, preprocess, precision)
     if config.retry_rejects:
         forget_transient_rejects(root, STAGE)
     return {row["record_id"] for row in read_rejects(root, STAGE)}
@@ -902,15 +910,15 @@ def run_extract(config: ExtractConfig, stats: list[str] | None = None) -> dict[s
     files = example_files(root)
     if not files:
         raise ValueError(f"no examples under {layout.examples_root(root)}/<task>/<split>/")
-    rejected_before = _prepare_outputs(config, info, preprocess)
-
     init_ray()
-    # Before the scan: a missing GPU fails (or is waited for) first.
+    # Before anything is deleted or scanned: a missing GPU fails (or is waited for) first,
+    # and --overwrite then costs nothing when the run cannot go on.
     use_gpu, actors, threads, cpus = _cluster_plan(config)
+    precision = _precision_name(config.precision, use_gpu)
+    rejected_before = _prepare_outputs(config, info, preprocess, precision)
     plan = _plan_images(root, layers, files, rejected_before)
     decode_in_actor = decodes_in_actor(config.decode, use_gpu)
-    resources = Resources(use_gpu, actors, threads, cpus,
-                          _precision_name(config.precision, use_gpu), decode_in_actor)
+    resources = Resources(use_gpu, actors, threads, cpus, precision, decode_in_actor)
     for layer in layers:
         _write_meta(root, layer, config, info, preprocess, resources.precision, "running")
     log.info(

@@ -173,9 +173,18 @@ def test_job_writes_features_rejects_and_resumes(ray_session, tmp_path, capsys) 
     last = json.loads(out.strip().splitlines()[-1])
     assert last["to_compute"] == 0 and last["images"] == len(good) + len(bad)
 
-    # other weights never mix into the same folder
+    # other weights never mix into the same folder, nor another precision
     with pytest.raises(ValueError, match="overwrite"):
         run_extract(_config(root, layer="pool5", seed=6))
+    with pytest.raises(ValueError, match="computed in fp32, this run computes bf16"):
+        run_extract(_config(root, layer="pool5", precision="bf16"))
+    # --overwrite deletes nothing when the run cannot go on (GPU actors, no GPU here)
+    from csmn.pipeline.extract import GpuUnavailable
+
+    before = sorted(os.listdir(layout.features_dir(root, "pool5")))
+    with pytest.raises(GpuUnavailable):
+        run_extract(_config(root, layer="pool5", overwrite=True, device="cuda", gpu_wait_s=0))
+    assert sorted(os.listdir(layout.features_dir(root, "pool5"))) == before
 
     # --overwrite recomputes everything, the images rejected before too (once each)
     again = run_extract(_config(root, layer="both", rows_per_part=2, overwrite=True))
