@@ -154,7 +154,8 @@ def _section_of(loaded: dict[str, Any], section: str, yaml_path: str | Path) -> 
     if section not in loaded:
         raise ConfigError(f"{yaml_path} has no section {section!r} (its top-level keys: "
                           f"{', '.join(map(str, loaded)) or 'none'})")
-    beside = sorted(str(k) for k, v in loaded.items() if not isinstance(v, dict))
+    # An empty value (``train:`` with nothing under it) is an empty section, not a field.
+    beside = sorted(str(k) for k, v in loaded.items() if not isinstance(v, dict | None))
     if beside:
         raise ConfigError(f"{yaml_path}: field(s) {', '.join(beside)} beside the section "
                           f"{section!r} would be ignored; move them into a section")

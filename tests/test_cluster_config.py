@@ -208,7 +208,12 @@ def test_the_heads_that_listen_beyond_loopback_take_traffic_from_their_namespace
     policy = next(d for _, d in _kubernetes_manifests() if d["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/node-type": "head"}}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+    own_namespace, operator = policy["spec"]["ingress"]
+    assert own_namespace == {"from": [{"podSelector": {}}]}
+    # ... and the operator, from its own namespace, to the dashboard it polls jobs through
+    assert operator["from"] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
 
 
 def test_kubernetes_validation_catches_a_misspelled_field():

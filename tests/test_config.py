@@ -91,6 +91,10 @@ def test_a_section_the_file_lacks_or_fields_beside_sections_are_refused(tmp_path
     beside.write_text("epochs: 7\ntrain:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="epochs beside the section 'train'"):
         load_config(ExampleConfig, beside, section="train")
+    # An empty section is a section, not a field beside them.
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("train:\n  epochs: 4\nsynth:\n")
+    assert load_config(ExampleConfig, empty, section="train").epochs == 4
     # auto_section: the job's own section where the file has one, else the whole file.
     assert load_config(ExampleConfig, sections, auto_section="train").epochs == 5
     flat = tmp_path / "flat.yaml"

@@ -264,6 +264,14 @@ def _read_local(path: str, max_bytes: int) -> bytes:
     return data
 
 
+def _store_was_busy(err: OSError) -> bool:
+    try:
+        from csmn.data import storage
+    except ImportError:  # a box with torch alone reads local files only
+        return False
+    return storage.is_transient(err)
+
+
 def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     """Bytes of a local or ``s3://`` image, never more than ``max_bytes`` (checked first).
     Only regular files are read: a FIFO or a device is ``not_a_file``, without blocking.
@@ -287,9 +295,7 @@ def read_image_bytes(uri: str, max_bytes: int) -> bytes:
     except (FileNotFoundError, IsADirectoryError) as err:
         raise ImageRejected("missing_image", f"{type(err).__name__}: {err}") from err
     except OSError as err:
-        from csmn.data import storage
-
-        if storage.is_transient(err):  # the store, not the image: a later run may read it
+        if _store_was_busy(err):  # the store, not the image: a later run may read it
             from csmn.data.rejects import TRANSIENT_IO
 
             raise ImageRejected(TRANSIENT_IO, f"{type(err).__name__}: {err}") from err

@@ -466,7 +466,9 @@ _JSON_ERRORS = (ValueError, RecursionError)
 
 def _json_error(err: BaseException) -> str:
     if isinstance(err, json.JSONDecodeError):
-        return f"{err.msg} at column {err.colno}"
+        where = f"line {err.lineno} column {err.colno}" if err.lineno > 1 else \
+            f"column {err.colno}"
+        return f"{err.msg} at {where}"
     if isinstance(err, RecursionError):
         return "nested too deeply"
     return str(err)
@@ -976,7 +978,7 @@ def _links_out(source_uri: str, archive_uri: str) -> str | None:
 
 
 def _local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return storage.resolve(uri)[1]
 
 
 def count_records(source_uri: str, archive_uri: str | None = None) -> int:

@@ -234,7 +234,8 @@ def list_files(uri: str, suffix: str | tuple[str, ...] | None = None, recursive:
         out.append(_to_uri(uri, path, item_path))
     if undecoded:
         names = [name for name in _undecodable_names(path, recursive)
-                 if not suffix or name.endswith(suffix)]
+                 if (not suffix or name.endswith(suffix))
+                 and not posixpath.basename(name).startswith(skip_prefixes or ())]
         if names and undecodable == "raise":
             raise UndecodableName(
                 f"{uri}: {len(names)} file name(s) are not UTF-8 and cannot be read: "

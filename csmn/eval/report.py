@@ -170,7 +170,8 @@ def build_report(
         "notes": [
             "CIDEr takes its document frequencies from the evaluated split: it is reported "
             "per split only, never per user or post.",
-            "Emoji are scored as their escape text (\\U0001f60d), as the authors did.",
+            "Emoji are scored as their escape text, as the authors did, but one token each "
+            "and without the backslash (u0001f60d; docs/method.md).",
             "context_share: share of predicted tokens found in the post's context words.",
         ],
     }

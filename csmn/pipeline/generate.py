@@ -538,6 +538,7 @@ class Committer:
         alone repeat across registered models (and a model deleted and made again)."""
         self.config, self.run_date, self.versions = config, run_date, versions
         self.names = names or {}
+        self.keys_read: set[str] = set()  # committed parts whose keys are in committed
         self.partition = layout.predictions_partition(config.out, run_date)
         self.seen = set(_part_files(config.out))
         self.committed: set[tuple[str, str]] = set()  # by others since we listed, or by us
@@ -561,18 +562,22 @@ class Committer:
             # Committed parts never change: their keys are read before the lease, which
             # then covers only what was committed since (reading every part of a large
             # output under it outlasted its expiry).
-            before = _part_files(self.config.out)
-            self.committed |= _keys([u for u in before if u not in self.seen])
-            self.seen.update(before)
+            self._read_keys(_part_files(self.config.out))
         with lease.held(layout.predictions_lease_uri(self.config.out),
                         self.config.lease_ttl_s, self.config.lease_wait_s) as held:
             current = _part_files(self.config.out)
-            self.committed |= _keys([u for u in current if u not in self.seen])
+            self._read_keys(current if known_all else
+                            [u for u in current if u not in self.seen])
             self.seen.update(current)
             for uri in staged:
                 held = lease.renewed(held, self.config.lease_ttl_s)
                 written += self._commit_part(uri, (staged_rows or {}).get(uri, 0))
         return written
+
+    def _read_keys(self, parts: Sequence[str]) -> None:
+        new = [u for u in parts if u not in self.keys_read]
+        self.committed |= _keys(new)
+        self.keys_read.update(new)
 
     def _commit_part(self, uri: str, staged_rows: int = 0) -> int:
         try:
@@ -605,6 +610,7 @@ class Committer:
             target = storage.join(self.partition, f"part-{name}.parquet")
             storage.write_parquet(target, kept)
             self.seen.add(target)
+            self.keys_read.add(target)
             self.committed |= seen_here
         storage.delete(uri)
         self.rows += len(keep)

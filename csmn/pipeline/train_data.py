@@ -329,6 +329,8 @@ def streamed_dataset(root: str, task: str, split: str, layer: str, block_rows: i
     if storage.exists(commit_uri):
         commit = storage.read_json(commit_uri)
         log.info("%s/%s: streaming the join written to %s", task, split, cache)
+        # What an earlier commit kept (read within the grace then) goes once it is older.
+        _delete_superseded(cache, spec_digest)
     else:
         commit = _write_join(root, spec, feature_files, cache, spec_digest)
     storage.write_bytes(storage.join(cache, LAST_READ_FILE),
@@ -433,7 +435,7 @@ def _delete_superseded(cache: str, spec_digest: str, now: float | None = None) -
         age = _since_last_read(sibling, time.time() if now is None else now)
         if age is not None and age < SUPERSEDED_GRACE_S:
             log.info("kept the superseded join %s: a training started streaming it %.1f h "
-                     "ago; a later commit deletes it", sibling, age / 3600)
+                     "ago; a later training of this join deletes it", sibling, age / 3600)
             continue
         storage.delete(commit_uri)  # first: a half-deleted cache is never read
         storage.delete(sibling)

@@ -339,12 +339,33 @@ def test_names_that_start_with_an_underscore_are_read_and_hidden_files_are_not(t
     assert readers.list_sources(str(jsonl)) == [str(jsonl / "posts" / "_2019.jsonl")]
 
 
+def test_sources_that_link_out_are_found_under_a_home_relative_archive(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "secret.jsonl").write_text('{"user_id": "u", "post_id": "x"}\n')
+    (tmp_path / "arch" / "posts").mkdir(parents=True)
+    (tmp_path / "arch" / "posts" / "a.jsonl").symlink_to(tmp_path / "secret.jsonl")
+    (tmp_path / "arch" / "posts" / "b.jsonl").write_text(json.dumps(GOOD_LINES[0]) + "\n")
+    rejects = [r for source in readers.list_sources("~/arch")
+               for _, batch in readers.parse_source(source, "~/arch") for r in batch]
+    assert [r["reason"] for r in rejects] == ["bad_path: posts/a.jsonl links outside the archive"]
+
+
+def test_a_whole_json_file_that_does_not_parse_says_where(tmp_path):
+    (tmp_path / "insta.json").write_text('{\n  "u1": {\n    "p1": {"caption": "a",,}\n  }\n}\n')
+    _, rejects = collect(str(tmp_path))
+    assert len(rejects) == 1 and "at line 3 column" in rejects[0]["reason"]
+
+
 def test_a_posts_file_whose_name_is_not_utf8_is_a_clear_error(tmp_path):
     (tmp_path / "posts").mkdir()
     (tmp_path / "posts" / "ok.jsonl").write_text(json.dumps(GOOD_LINES[0]) + "\n")
     (tmp_path / "posts" / os.fsdecode(b"caf\xe9.jsonl")).write_text("{}\n")
     with pytest.raises(readers.ReadError, match=r"not UTF-8.*caf\\xe9\.jsonl"):
         readers.list_sources(str(tmp_path))
+    # A hidden one is left out, as hidden files are.
+    os.rename(tmp_path / "posts" / os.fsdecode(b"caf\xe9.jsonl"),
+              tmp_path / "posts" / os.fsdecode(b".caf\xe9.jsonl"))
+    assert readers.list_sources(str(tmp_path)) == [str(tmp_path / "posts" / "ok.jsonl")]
 
 
 def test_a_byte_order_mark_and_huge_integers(tmp_path):

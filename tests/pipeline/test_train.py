@@ -389,9 +389,11 @@ def test_streamed_cache_is_reused_finished_only_and_rebuilt_for_new_features(
     assert len(commits) == 2 and cache.exists()
     assert len(_images(dataset)) == 317
     new_cache = next(c.parent for c in commits if c.parent != cache)
-    train_data._delete_superseded(str(new_cache), winner["spec_digest"],
-                                  now=time.time() + train_data.SUPERSEDED_GRACE_S + 1)
-    assert not cache.exists() and new_cache.exists()
+    # A day later, the next training of this join (on the new cache) deletes the old one.
+    (cache / train_data.LAST_READ_FILE).write_text(json.dumps(
+        {"time": time.time() - train_data.SUPERSEDED_GRACE_S - 1}))
+    _, _, commits = stream()
+    assert not cache.exists() and [c.parent for c in commits] == [new_cache]
 
 
 # ---- training --------------------------------------------------------------------------------
