@@ -426,7 +426,7 @@ def write_report(
 # gallery with the attention split of every decoding step. Charts are matplotlib PNGs embedded
 # as data URIs, images too: the page is one file that opens anywhere, offline.
 
-MODEL_METHOD = "csmn"
+MODEL_METHOD = "csmn"  # the model's key among an evaluation's methods
 METHOD_NAMES = {MODEL_METHOD: "CSMN-P5", "1nn-im": "1NN-Im", "1nn-usr": "1NN-Usr",
                 "1nn-usrim": "1NN-UsrIm"}
 # The paper's columns per task (Tables 2 and 3); hashtags split by posts are Table 3's right
@@ -562,7 +562,7 @@ def per_user_histogram_png(per_user: dict[str, list[dict[str, Any]]], metric: st
                            title: str, variant: str | None = None) -> str | None:
     """How the per-user metric spreads, for our model and the strongest baseline."""
     series = {method_name(m, variant): [u[metric] for u in users if u.get(metric) is not None]
-              for m, users in per_user.items() if m in ("csmn", "1nn-usrim")}
+              for m, users in per_user.items() if m in (MODEL_METHOD, "1nn-usrim")}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None

@@ -54,6 +54,7 @@ from csmn.data.layout import (
     train_split_of,
 )
 from csmn.data.schemas import validate
+from csmn.eval.report import MODEL_METHOD  # the model's key among the methods
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 # The splits a model is evaluated on; the baselines search the training split of the family.
 EVALUATION_SPLITS = (TEST, VAL, TEST_BY_POSTS, VAL_BY_POSTS)
 EXAMPLE_COLUMNS = ["user_id", "post_id", "image", "text", "context_words"]
-MODEL_METHOD = "csmn"  # the model's key among the methods (csmn.eval.report names it)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from csmn.data import layout, storage
 from csmn.data.completeness import require_data_root
 from csmn.eval.bootstrap import paired_bootstrap
 from csmn.eval.metrics import PER_POST_METRICS, CocoScorer, per_post_scores
+from csmn.eval.report import MODEL_METHOD
 from csmn.tracking import promotion as registry
 from csmn.tracking import resolve_tracking_uri
 
@@ -45,7 +46,6 @@ TASK_OF_MODEL = {name: task for task, name in layout.REGISTERED_MODEL_NAMES.item
 DEFAULT_METRIC = {layout.HASHTAG: "f1", layout.POST: "meteor"}
 # How often a candidate is compared again when other promotions keep moving the alias.
 MAX_COMPARISONS = 5
-MODEL_METHOD = "csmn"
 Refused = registry.Refused
 
 
